@@ -1,0 +1,448 @@
+//! Framing and encoding of messages. The only module that calls bincode.
+//!
+//! A message is a 12-byte preamble then a body:
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic     "SLPS"
+//!      4     2  major     u16 little-endian
+//!      6     2  minor     u16 little-endian
+//!      8     4  body_len  u32 little-endian, bytes that follow the preamble
+//!     12     n  body      bincode 2, fixed-width little-endian integers
+//! ```
+//!
+//! Forward compatibility: a newer minor version may append fields to the end
+//! of the body. An older peer decodes the fields it knows and skips the rest,
+//! which `body_len` bounds; a peer of the same or an older minor gets no such
+//! slack, and trailing body bytes are an error.
+#![forbid(unsafe_code)]
+
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
+
+use crate::limits::{MAX_BODY_LEN, MAX_MESSAGE_LEN, PREAMBLE_LEN};
+use crate::message::{FieldError, Message, RejectReason};
+
+/// The four bytes every message starts with.
+pub const MAGIC: [u8; 4] = *b"SLPS";
+
+/// A protocol version. Peers of one major interoperate; minors only append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    /// Incompatible changes.
+    pub major: u16,
+    /// Compatible additions.
+    pub minor: u16,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// The version this crate speaks.
+pub const VERSION: Version = Version { major: 1, minor: 0 };
+
+type BodyConfig = Configuration<LittleEndian, Fixint, Limit<MAX_BODY_LEN>>;
+
+const fn body_config() -> BodyConfig {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_fixed_int_encoding()
+        .with_limit::<MAX_BODY_LEN>()
+}
+
+/// A message this side refuses to put on the wire.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EncodeError {
+    /// A field breaks a rule of the protocol.
+    #[error("message breaks a protocol rule: {0}")]
+    Field(#[from] FieldError),
+    /// The encoded body is over the limit.
+    #[error("encoded message would be over the {MAX_MESSAGE_LEN}-byte limit: {0}")]
+    TooLarge(bincode::error::EncodeError),
+}
+
+/// Why bytes received are not a message of this protocol. Each variant keeps
+/// the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Fewer bytes than a preamble.
+    #[error("message of {len} bytes is shorter than the {PREAMBLE_LEN}-byte preamble")]
+    ShortPreamble {
+        /// Bytes received.
+        len: usize,
+    },
+    /// The first four bytes are not [`MAGIC`].
+    #[error("bad magic {found:02x?}; expected {MAGIC:02x?} (\"SLPS\")")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+    },
+    /// A major version this side does not speak.
+    #[error("unsupported protocol version {found}; this side speaks {}.x", VERSION.major)]
+    UnsupportedVersion {
+        /// The version found.
+        found: Version,
+    },
+    /// The preamble declares a body over the limit.
+    #[error("declared body of {declared} bytes; expected at most {MAX_BODY_LEN}")]
+    BodyTooLarge {
+        /// The declared length.
+        declared: u32,
+    },
+    /// Fewer body bytes arrived than the preamble declares.
+    #[error("declared body of {declared} bytes but only {actual} arrived")]
+    TruncatedBody {
+        /// The declared length.
+        declared: u32,
+        /// The bytes that arrived after the preamble.
+        actual: usize,
+    },
+    /// More bytes arrived than the preamble declares.
+    #[error("declared body of {declared} bytes but {actual} arrived")]
+    TrailingBytes {
+        /// The declared length.
+        declared: u32,
+        /// The bytes that arrived after the preamble.
+        actual: usize,
+    },
+    /// The body is not a v1 message.
+    #[error("body is not a valid message: {detail}")]
+    Body {
+        /// What bincode reported.
+        detail: String,
+    },
+    /// The body holds bytes after the message, and the peer's minor version is
+    /// not newer than ours (so it may not append fields).
+    #[error("{extra} bytes after the end of the message in a version {version} body")]
+    TrailingBodyBytes {
+        /// The bytes left over.
+        extra: usize,
+        /// The peer's version.
+        version: Version,
+    },
+    /// A field breaks a rule of the protocol.
+    #[error(transparent)]
+    Field(#[from] FieldError),
+}
+
+impl DecodeError {
+    /// The reason a receiver gives when a message fails to decode this way.
+    pub fn reject_reason(&self) -> RejectReason {
+        match self {
+            DecodeError::ShortPreamble { .. } | DecodeError::TruncatedBody { .. } => {
+                RejectReason::Truncated
+            }
+            DecodeError::BadMagic { .. } => RejectReason::BadMagic,
+            DecodeError::UnsupportedVersion { .. } => RejectReason::UnsupportedVersion,
+            DecodeError::BodyTooLarge { .. } => RejectReason::TooLarge,
+            DecodeError::TrailingBytes { .. } => RejectReason::TrailingBytes,
+            DecodeError::Body { .. } | DecodeError::TrailingBodyBytes { .. } => {
+                RejectReason::Malformed
+            }
+            DecodeError::Field(field) => field.reject_reason(),
+        }
+    }
+
+    /// Whether the connection must close after the reject: a peer of another
+    /// major version cannot be expected to understand anything further.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, DecodeError::UnsupportedVersion { .. })
+    }
+}
+
+/// A decoded message and the version its sender wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// The sender's version, from the preamble.
+    pub version: Version,
+    /// The message.
+    pub message: Message,
+}
+
+/// Encodes `message` into `out`, replacing what `out` held. Reusing `out`
+/// across messages avoids an allocation per message.
+pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    message.validate()?;
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.major.to_le_bytes());
+    out.extend_from_slice(&VERSION.minor.to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // body_len, patched below
+    bincode::serde::encode_into_std_write(message, out, body_config())
+        .map_err(EncodeError::TooLarge)?;
+    let body_len = out.len() - PREAMBLE_LEN;
+    let too_large = || {
+        EncodeError::TooLarge(bincode::error::EncodeError::Other(
+            "body over the protocol's limit",
+        ))
+    };
+    if body_len > MAX_BODY_LEN {
+        return Err(too_large());
+    }
+    let body_len = u32::try_from(body_len).map_err(|_| too_large())?;
+    if let Some(field) = out.get_mut(8..PREAMBLE_LEN) {
+        field.copy_from_slice(&body_len.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Encodes `message` into a new buffer.
+pub fn encode(message: &Message) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::new();
+    encode_into(message, &mut out)?;
+    Ok(out)
+}
+
+/// A checked cursor over untrusted bytes: every read says how much it needs
+/// and fails rather than reading past the end.
+#[derive(Debug)]
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { rest: bytes }
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.rest.split_first_chunk::<N>()?;
+        self.rest = rest;
+        Some(*head)
+    }
+
+    fn u16_le(&mut self) -> Option<u16> {
+        self.take().map(u16::from_le_bytes)
+    }
+
+    fn u32_le(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    fn rest(self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+/// Decodes one whole message (everything one `recvmsg` returned), checking in
+/// this order: preamble length, magic, major version, declared body length
+/// against the limit, declared against actual length, body, field rules.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let short = || DecodeError::ShortPreamble { len: bytes.len() };
+    let mut reader = Reader::new(bytes);
+    let magic = reader.take::<4>().ok_or_else(short)?;
+    let major = reader.u16_le().ok_or_else(short)?;
+    let minor = reader.u16_le().ok_or_else(short)?;
+    let declared = reader.u32_le().ok_or_else(short)?;
+    let body = reader.rest();
+
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic { found: magic });
+    }
+    let version = Version { major, minor };
+    if major != VERSION.major {
+        return Err(DecodeError::UnsupportedVersion { found: version });
+    }
+    if declared as usize > MAX_BODY_LEN {
+        return Err(DecodeError::BodyTooLarge { declared });
+    }
+    if body.len() < declared as usize {
+        return Err(DecodeError::TruncatedBody {
+            declared,
+            actual: body.len(),
+        });
+    }
+    if body.len() > declared as usize {
+        return Err(DecodeError::TrailingBytes {
+            declared,
+            actual: body.len(),
+        });
+    }
+
+    let (message, used): (Message, usize) = bincode::serde::decode_from_slice(body, body_config())
+        .map_err(|error| DecodeError::Body {
+            detail: error.to_string(),
+        })?;
+    let extra = body.len().saturating_sub(used);
+    if extra > 0 && minor <= VERSION.minor {
+        return Err(DecodeError::TrailingBodyBytes { extra, version });
+    }
+    message.validate()?;
+    Ok(Decoded { version, message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Ack, Reject, Segment, Transfer};
+    use crate::seals::Seals;
+
+    fn transfer() -> Message {
+        Message::Transfer(Transfer {
+            id: 7,
+            segments: vec![
+                Segment {
+                    name: "shma".into(),
+                    size: 4 << 20,
+                    seals: Seals::SENDER_DEFAULT,
+                },
+                Segment {
+                    name: "shmb".into(),
+                    size: 0,
+                    seals: Seals::WRITE,
+                },
+            ],
+        })
+    }
+
+    fn with_preamble(major: u16, minor: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&major.to_le_bytes());
+        out.extend_from_slice(&minor.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn body_of(message: &Message) -> Vec<u8> {
+        encode(message).unwrap()[PREAMBLE_LEN..].to_vec()
+    }
+
+    #[test]
+    fn round_trip() {
+        for message in [
+            transfer(),
+            Message::Ack(Ack { id: 7 }),
+            Message::Reject(Reject::new(7, RejectReason::MissingSeals, "no WRITE")),
+            Message::Reject(Reject::new(0, RejectReason::Unknown(4242), "")),
+        ] {
+            let bytes = encode(&message).unwrap();
+            let decoded = decode(&bytes).unwrap();
+            assert_eq!(decoded.message, message);
+            assert_eq!(decoded.version, VERSION);
+        }
+    }
+
+    fn check_decode(input: &[u8], expected: DecodeError) {
+        assert_eq!(decode(input), Err(expected), "input {input:02x?}");
+    }
+
+    #[test]
+    fn decode_error_table() {
+        let good = encode(&transfer()).unwrap();
+        let body = body_of(&transfer());
+
+        check_decode(&[], DecodeError::ShortPreamble { len: 0 });
+        check_decode(&good[..11], DecodeError::ShortPreamble { len: 11 });
+
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        check_decode(&bad_magic, DecodeError::BadMagic { found: *b"XLPS" });
+
+        check_decode(
+            &with_preamble(2, 0, &body),
+            DecodeError::UnsupportedVersion {
+                found: Version { major: 2, minor: 0 },
+            },
+        );
+        check_decode(
+            &with_preamble(0, 9, &body),
+            DecodeError::UnsupportedVersion {
+                found: Version { major: 0, minor: 9 },
+            },
+        );
+
+        let mut over_limit = with_preamble(1, 0, &[]);
+        over_limit[8..12].copy_from_slice(&(MAX_BODY_LEN as u32 + 1).to_le_bytes());
+        check_decode(
+            &over_limit,
+            DecodeError::BodyTooLarge {
+                declared: MAX_BODY_LEN as u32 + 1,
+            },
+        );
+
+        check_decode(
+            &good[..good.len() - 1],
+            DecodeError::TruncatedBody {
+                declared: body.len() as u32,
+                actual: body.len() - 1,
+            },
+        );
+        let mut longer = good.clone();
+        longer.push(0);
+        check_decode(
+            &longer,
+            DecodeError::TrailingBytes {
+                declared: body.len() as u32,
+                actual: body.len() + 1,
+            },
+        );
+
+        let mut same_minor_extra = body.clone();
+        same_minor_extra.extend_from_slice(&[1, 2, 3]);
+        check_decode(
+            &with_preamble(1, 0, &same_minor_extra),
+            DecodeError::TrailingBodyBytes {
+                extra: 3,
+                version: VERSION,
+            },
+        );
+
+        let mut zero_id = Vec::new();
+        zero_id.extend_from_slice(&0u32.to_le_bytes()); // Transfer
+        zero_id.extend_from_slice(&0u64.to_le_bytes()); // id
+        zero_id.extend_from_slice(&0u64.to_le_bytes()); // no segments
+        check_decode(
+            &with_preamble(1, 0, &zero_id),
+            DecodeError::Field(FieldError::ZeroTransferId),
+        );
+    }
+
+    #[test]
+    fn unknown_variant_and_bad_utf8_are_malformed() {
+        let mut unknown = 3u32.to_le_bytes().to_vec();
+        unknown.extend_from_slice(&1u64.to_le_bytes());
+        let error = decode(&with_preamble(1, 0, &unknown)).unwrap_err();
+        assert_eq!(error.reject_reason(), RejectReason::Malformed, "{error}");
+
+        let mut bad_name = body_of(&transfer());
+        // name bytes of segment 0 start after tag(4) id(8) count(8) len(8)
+        bad_name[28] = 0xff;
+        let error = decode(&with_preamble(1, 0, &bad_name)).unwrap_err();
+        assert_eq!(error.reject_reason(), RejectReason::Malformed, "{error}");
+    }
+
+    #[test]
+    fn huge_declared_counts_fail_without_allocating() {
+        let mut body = 0u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&u64::MAX.to_le_bytes()); // segment count
+        let error = decode(&with_preamble(1, 0, &body)).unwrap_err();
+        assert!(matches!(error, DecodeError::Body { .. }), "{error}");
+    }
+
+    #[test]
+    fn newer_minor_may_append_fields() {
+        let mut body = body_of(&transfer());
+        body.extend_from_slice(b"future field");
+        let decoded = decode(&with_preamble(1, 3, &body)).unwrap();
+        assert_eq!(decoded.message, transfer());
+        assert_eq!(decoded.version, Version { major: 1, minor: 3 });
+    }
+
+    #[test]
+    fn encode_refuses_invalid_fields() {
+        let message = Message::Transfer(Transfer {
+            id: 0,
+            segments: vec![],
+        });
+        assert!(matches!(
+            encode(&message),
+            Err(EncodeError::Field(FieldError::ZeroTransferId))
+        ));
+    }
+}

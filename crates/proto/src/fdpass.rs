@@ -1,0 +1,444 @@
+//! Moving fds through `AF_UNIX` `SOCK_SEQPACKET` sockets: the only module of
+//! sealpass that calls `sendmsg`/`recvmsg`, used by sender and receiver both.
+//!
+//! Every socket is created `SOCK_CLOEXEC`, every received fd arrives
+//! `MSG_CMSG_CLOEXEC` and becomes an [`OwnedFd`] at once, so nothing leaks
+//! into a child process and an fd nobody claims is closed when dropped. Every
+//! send uses `MSG_NOSIGNAL`: a vanished peer is an `EPIPE` error, not SIGPIPE.
+//!
+//! `recvmsg` is called through libc rather than nix because nix refuses to
+//! walk the control data when `MSG_CTRUNC` is set, and the fds the kernel did
+//! install then would leak.
+#![allow(unsafe_code)]
+
+use std::mem;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::ptr;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::time::TimeVal;
+
+use crate::limits::MAX_SEGMENTS;
+
+/// The system call that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Op {
+    /// `socket(2)`.
+    Socket,
+    /// `bind(2)`.
+    Bind,
+    /// `listen(2)`.
+    Listen,
+    /// `accept4(2)`.
+    Accept,
+    /// `connect(2)`.
+    Connect,
+    /// `sendmsg(2)`.
+    Send,
+    /// `recvmsg(2)`.
+    Receive,
+    /// `setsockopt(2)`.
+    SetOption,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Socket => "socket",
+            Op::Bind => "bind",
+            Op::Listen => "listen",
+            Op::Accept => "accept",
+            Op::Connect => "connect",
+            Op::Send => "sendmsg",
+            Op::Receive => "recvmsg",
+            Op::SetOption => "setsockopt",
+        })
+    }
+}
+
+/// A transport failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A system call failed.
+    #[error("{op} failed: {errno}")]
+    Sys {
+        /// Which call.
+        op: Op,
+        /// What the kernel said.
+        errno: Errno,
+    },
+    /// A socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO`) ran out.
+    #[error("{op} timed out")]
+    TimedOut {
+        /// Which call.
+        op: Op,
+    },
+    /// The socket path does not fit in `sockaddr_un`.
+    #[error("socket path {path:?} is too long for a unix socket address (at most 107 bytes)")]
+    PathTooLong {
+        /// The path.
+        path: String,
+    },
+    /// More fds than one message can carry.
+    #[error("{count} fds in one message; the kernel carries at most {MAX_SEGMENTS}")]
+    TooManyFds {
+        /// How many were given.
+        count: usize,
+    },
+}
+
+impl TransportError {
+    fn sys(op: Op, errno: Errno) -> TransportError {
+        match errno {
+            Errno::EAGAIN => TransportError::TimedOut { op },
+            errno => TransportError::Sys { op, errno },
+        }
+    }
+
+    /// The errno, for a failed system call.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            TransportError::Sys { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+fn unix_addr(path: &Path) -> Result<UnixAddr, TransportError> {
+    UnixAddr::new(path).map_err(|_| TransportError::PathTooLong {
+        path: path.display().to_string(),
+    })
+}
+
+fn seqpacket_socket() -> Result<OwnedFd, TransportError> {
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| TransportError::sys(Op::Socket, e))
+}
+
+/// Binds a listening `SOCK_SEQPACKET` socket at `path`. The caller decides
+/// what to do about a file already there.
+pub fn listen(path: &Path, backlog: i32) -> Result<OwnedFd, TransportError> {
+    let addr = unix_addr(path)?;
+    let listener = seqpacket_socket()?;
+    socket::bind(listener.as_raw_fd(), &addr).map_err(|e| TransportError::sys(Op::Bind, e))?;
+    let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
+    socket::listen(&listener, backlog).map_err(|e| TransportError::sys(Op::Listen, e))?;
+    Ok(listener)
+}
+
+/// Accepts one connection, close-on-exec.
+pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, TransportError> {
+    loop {
+        match socket::accept4(listener, SockFlag::SOCK_CLOEXEC) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map_err(|e| TransportError::sys(Op::Accept, e)),
+        }
+    }
+}
+
+/// Connects a `SOCK_SEQPACKET` socket to `path`.
+pub fn connect(path: &Path) -> Result<OwnedFd, TransportError> {
+    let addr = unix_addr(path)?;
+    let sock = seqpacket_socket()?;
+    loop {
+        match socket::connect(sock.as_raw_fd(), &addr) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(TransportError::sys(Op::Connect, e)),
+            Ok(()) => return Ok(sock),
+        }
+    }
+}
+
+/// Sets the receive and send timeouts of `sock` (`None`: wait forever). A
+/// call that runs out fails with [`TransportError::TimedOut`].
+pub fn set_timeouts(
+    sock: BorrowedFd<'_>,
+    receive: Option<Duration>,
+    send: Option<Duration>,
+) -> Result<(), TransportError> {
+    let timeval = |d: Option<Duration>| {
+        TimeVal::from(d.map_or(
+            libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
+            |d| {
+                libc::timeval {
+                    tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                    // Never 0 for a nonzero duration: a zero timeval means forever.
+                    tv_usec: libc::suseconds_t::from(
+                        d.subsec_micros().max(u32::from(d.as_secs() == 0)),
+                    ),
+                }
+            },
+        ))
+    };
+    socket::setsockopt(&sock, sockopt::ReceiveTimeout, &timeval(receive))
+        .and_then(|()| socket::setsockopt(&sock, sockopt::SendTimeout, &timeval(send)))
+        .map_err(|e| TransportError::sys(Op::SetOption, e))
+}
+
+/// `CMSG_SPACE` for `MAX_SEGMENTS` fds.
+const CONTROL_LEN: usize = {
+    // SAFETY: CMSG_SPACE only computes a length; it touches no memory.
+    (unsafe { libc::CMSG_SPACE((MAX_SEGMENTS * size_of::<RawFd>()) as u32) }) as usize
+};
+
+/// Room for the control data of one message carrying the most fds the
+/// protocol allows, aligned for `cmsghdr`. Allocated once and reused.
+#[repr(C, align(8))]
+#[derive(Debug)]
+pub struct ControlBuffer {
+    bytes: [u8; CONTROL_LEN],
+}
+
+impl ControlBuffer {
+    /// A zeroed buffer.
+    pub fn new() -> Box<ControlBuffer> {
+        Box::new(ControlBuffer {
+            bytes: [0; CONTROL_LEN],
+        })
+    }
+}
+
+/// One message as `recvmsg` returned it.
+#[derive(Debug)]
+pub struct Received {
+    /// Payload bytes written to the buffer.
+    pub len: usize,
+    /// Every fd the kernel installed, in order, each owned exactly once.
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_TRUNC`: the payload did not fit the buffer; the rest is lost.
+    pub payload_truncated: bool,
+    /// `MSG_CTRUNC`: the control data did not fit; fds beyond it were not
+    /// installed (the kernel closed them).
+    pub control_truncated: bool,
+}
+
+impl Received {
+    /// A zero-byte read with no fds: the peer closed the connection.
+    pub fn is_end_of_stream(&self) -> bool {
+        self.len == 0 && self.fds.is_empty() && !self.payload_truncated
+    }
+}
+
+/// Sends one message: `payload` as the data, `fds` as one `SCM_RIGHTS`
+/// control message, with `MSG_NOSIGNAL`.
+pub fn send(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), TransportError> {
+    if fds.len() > MAX_SEGMENTS {
+        return Err(TransportError::TooManyFds { count: fds.len() });
+    }
+    let mut control = ControlBuffer {
+        bytes: [0; CONTROL_LEN],
+    };
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: msghdr is a plain C struct for which all-zero bytes are valid
+    // (null pointers, zero lengths).
+    let mut header: libc::msghdr = unsafe { mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let data_len = (fds.len() * size_of::<RawFd>()) as u32;
+        header.msg_control = control.bytes.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a length.
+        header.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        // SAFETY: msg_control points at `control`, which is aligned for
+        // cmsghdr and CONTROL_LEN >= msg_controllen bytes long, so the first
+        // header and its data (CMSG_LEN(data_len) <= msg_controllen) lie
+        // inside it. The fds are written unaligned, as CMSG_DATA may be.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+            }
+        }
+    }
+    loop {
+        // SAFETY: `header` points at `iov` (over `payload`, which the kernel
+        // only reads) and at `control`, all alive for the call; the fds in
+        // the control data are borrowed and so open.
+        let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+        match Errno::result(sent) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(TransportError::sys(Op::Send, e)),
+            // SOCK_SEQPACKET sends a record whole or not at all.
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Receives one message into `buffer`, with `MSG_CMSG_CLOEXEC`. Every fd the
+/// kernel installed comes back owned, whatever else is wrong with the
+/// message, so dropping the result closes them all.
+pub fn receive(
+    sock: BorrowedFd<'_>,
+    buffer: &mut [u8],
+    control: &mut ControlBuffer,
+) -> Result<Received, TransportError> {
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: as in `send`, all-zero is a valid msghdr.
+    let mut header: libc::msghdr = unsafe { mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.bytes.as_mut_ptr().cast();
+    header.msg_controllen = CONTROL_LEN;
+    let len = loop {
+        // SAFETY: `header` points at `iov` (over `buffer`) and `control`,
+        // both writable and alive for the call, with their true lengths.
+        let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+        match Errno::result(got) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(TransportError::sys(Op::Receive, e)),
+            Ok(n) => break usize::try_from(n).unwrap_or(0),
+        }
+    };
+
+    let mut fds = Vec::new();
+    // SAFETY: after a successful recvmsg, msg_control/msg_controllen describe
+    // control data the kernel wrote into `control`; CMSG_FIRSTHDR/NXTHDR stay
+    // within msg_controllen and return null past it. Even under MSG_CTRUNC
+    // each header's cmsg_len covers only the fds actually installed.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let data_len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
+                for i in 0..data_len / size_of::<RawFd>() {
+                    let raw = ptr::read_unaligned(data.add(i));
+                    // SAFETY: SCM_RIGHTS just installed `raw` in this
+                    // process's fd table for us alone; nothing else owns it.
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+        }
+    }
+    Ok(Received {
+        len,
+        fds,
+        payload_truncated: header.msg_flags & libc::MSG_TRUNC != 0,
+        control_truncated: header.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// A connected pair of `SOCK_SEQPACKET` sockets, close-on-exec (for tests and
+/// in-process peers).
+pub fn pair() -> Result<(OwnedFd, OwnedFd), TransportError> {
+    socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| TransportError::sys(Op::Socket, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn control_len_matches_libc() {
+        assert_eq!(CONTROL_LEN, 16 + 1016);
+    }
+
+    #[test]
+    fn fds_and_payload_arrive_in_order() {
+        let (a, b) = pair().unwrap();
+        let (r1, w1) = nix::unistd::pipe().unwrap();
+        send(a.as_fd(), b"hello", &[r1.as_fd(), w1.as_fd()]).unwrap();
+        let mut buffer = [0u8; 64];
+        let mut control = ControlBuffer::new();
+        let got = receive(b.as_fd(), &mut buffer, &mut control).unwrap();
+        assert_eq!(&buffer[..got.len], b"hello");
+        assert_eq!(got.fds.len(), 2);
+        assert!(!got.payload_truncated && !got.control_truncated);
+        let flags = nix::fcntl::fcntl(&got.fds[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received fds must be close-on-exec"
+        );
+    }
+
+    #[test]
+    fn the_most_fds_fit_and_are_all_closed_when_dropped() {
+        let (a, b) = pair().unwrap();
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let fds = vec![r.as_fd(); MAX_SEGMENTS];
+        assert!(matches!(
+            send(a.as_fd(), b"x", &vec![r.as_fd(); MAX_SEGMENTS + 1]),
+            Err(TransportError::TooManyFds { count: 254 })
+        ));
+        let before = open_fds();
+        send(a.as_fd(), b"x", &fds).unwrap();
+        let mut buffer = [0u8; 8];
+        let got = receive(b.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap();
+        assert_eq!(got.fds.len(), MAX_SEGMENTS);
+        assert!(!got.control_truncated);
+        drop(got);
+        assert_eq!(open_fds(), before);
+    }
+
+    #[test]
+    fn truncated_payload_is_flagged() {
+        let (a, b) = pair().unwrap();
+        send(a.as_fd(), &[7; 100], &[]).unwrap();
+        let mut buffer = [0u8; 10];
+        let got = receive(b.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap();
+        assert!(got.payload_truncated);
+        assert_eq!(got.len, 10);
+    }
+
+    #[test]
+    fn end_of_stream_and_broken_pipe() {
+        let (a, b) = pair().unwrap();
+        drop(a);
+        let mut buffer = [0u8; 8];
+        let got = receive(b.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap();
+        assert!(got.is_end_of_stream());
+        // MSG_NOSIGNAL: an error, not a SIGPIPE that kills the test process.
+        let error = send(b.as_fd(), b"x", &[]).unwrap_err();
+        assert_eq!(error.errno(), Some(Errno::EPIPE));
+    }
+
+    #[test]
+    fn receive_timeout_is_typed() {
+        let (_a, b) = pair().unwrap();
+        set_timeouts(b.as_fd(), Some(Duration::from_millis(20)), None).unwrap();
+        let mut buffer = [0u8; 8];
+        let error = receive(b.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap_err();
+        assert_eq!(error, TransportError::TimedOut { op: Op::Receive });
+    }
+}

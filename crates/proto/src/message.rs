@@ -1,0 +1,393 @@
+//! The messages of protocol v1 and the rules on their fields.
+//!
+//! These types are the body of a message; [`crate::codec`] frames and encodes
+//! them. Field order is wire order: a newer minor version may only append
+//! fields after the last field of the message body (see PROTOCOL.md).
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::limits::{MAX_NAME_LEN, MAX_REJECT_MESSAGE_LEN, MAX_SEGMENTS};
+use crate::seals::Seals;
+
+/// One protocol message. On the wire the variant is a `u32` tag: 0, 1, 2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Sender to receiver: the fds of this `sendmsg` are these segments, in order.
+    Transfer(Transfer),
+    /// Receiver to sender: every segment of transfer `id` was verified and consumed.
+    Ack(Ack),
+    /// Receiver to sender: transfer `id` was refused; its fds were closed.
+    Reject(Reject),
+}
+
+/// A message carrying one memfd per segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// Chosen by the sender, unique on its connection, never 0.
+    pub id: u64,
+    /// One per fd of the message, in the order of the fds.
+    pub segments: Vec<Segment>,
+}
+
+/// What a sender declares about one memfd. The receiver checks every field
+/// against what the kernel reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// The name given to `memfd_create`: UTF-8, at most [`MAX_NAME_LEN`] bytes, no NUL.
+    pub name: String,
+    /// The file's size in bytes.
+    pub size: u64,
+    /// Seals the memfd carries at least.
+    pub seals: Seals,
+}
+
+/// The receiver verified and consumed transfer `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The id of the transfer.
+    pub id: u64,
+}
+
+/// The receiver refused a transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The id of the refused transfer, or 0 when the message was too broken
+    /// for its id to be read.
+    pub id: u64,
+    /// Why, as a stable code.
+    pub reason: RejectReason,
+    /// Why, for a person: what was expected and what was found.
+    pub message: String,
+}
+
+impl Reject {
+    /// A reject whose message is cut, on a character boundary, to the
+    /// protocol's limit.
+    pub fn new(id: u64, reason: RejectReason, message: impl Into<String>) -> Reject {
+        let mut message = message.into();
+        if message.len() > MAX_REJECT_MESSAGE_LEN {
+            let mut end = MAX_REJECT_MESSAGE_LEN;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Reject {
+            id,
+            reason,
+            message,
+        }
+    }
+}
+
+macro_rules! reject_reasons {
+    ($($(#[doc = $doc:literal])* $name:ident = $code:literal,)*) => {
+        /// Why a receiver refused a transfer. On the wire a `u16` code; codes
+        /// are never reused. A code this version does not know decodes as
+        /// [`RejectReason::Unknown`], so a newer receiver's reasons still reach
+        /// an older sender.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum RejectReason {
+            $($(#[doc = $doc])* $name,)*
+            /// A code this version does not know.
+            Unknown(u16),
+        }
+
+        impl RejectReason {
+            /// Every reason this version knows, in code order.
+            pub const ALL: &'static [RejectReason] = &[$(RejectReason::$name,)*];
+
+            /// The wire code.
+            pub fn code(self) -> u16 {
+                match self {
+                    $(RejectReason::$name => $code,)*
+                    RejectReason::Unknown(code) => code,
+                }
+            }
+
+            /// The reason for a wire code.
+            pub fn from_code(code: u16) -> RejectReason {
+                match code {
+                    $($code => RejectReason::$name,)*
+                    other => RejectReason::Unknown(other),
+                }
+            }
+
+            /// The reason's name as PROTOCOL.md spells it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(RejectReason::$name => stringify!($name),)*
+                    RejectReason::Unknown(_) => "Unknown",
+                }
+            }
+        }
+    };
+}
+
+reject_reasons! {
+    /// The body could not be decoded as a v1 message.
+    Malformed = 1,
+    /// The message does not start with the protocol's magic.
+    BadMagic = 2,
+    /// The major version is not one the receiver speaks.
+    UnsupportedVersion = 3,
+    /// The message is shorter than its preamble or than the body length it declares.
+    Truncated = 4,
+    /// The message is longer than the body length it declares.
+    TrailingBytes = 5,
+    /// The message is over the size limit.
+    TooLarge = 6,
+    /// The control data was cut (`MSG_CTRUNC`).
+    ControlTruncated = 7,
+    /// A message other than `Transfer` reached the receiver.
+    UnexpectedMessage = 8,
+    /// More segments than the limit.
+    TooManySegments = 9,
+    /// A field breaks a rule of the protocol (a name, an id, a message length).
+    InvalidField = 10,
+    /// The number of fds differs from the number of segments.
+    FdCountMismatch = 11,
+    /// An fd is not a memfd.
+    NotMemfd = 12,
+    /// A memfd's name differs from the declared name.
+    NameMismatch = 13,
+    /// A memfd's size differs from the declared size.
+    SizeMismatch = 14,
+    /// A memfd lacks a declared seal or a seal the receiver requires.
+    MissingSeals = 15,
+    /// A verified memfd could not be mapped.
+    MapFailed = 16,
+    /// The receiving application refused the transfer.
+    ApplicationRejected = 17,
+    /// The receiver ran short of a resource (fds, memory) for this transfer.
+    ResourceExhausted = 18,
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RejectReason::Unknown(code) => write!(f, "Unknown({code})"),
+            known => f.write_str(known.name()),
+        }
+    }
+}
+
+impl Serialize for RejectReason {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u16(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for RejectReason {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u16::deserialize(deserializer).map(RejectReason::from_code)
+    }
+}
+
+impl Serialize for Seals {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u32(self.bits())
+    }
+}
+
+impl<'de> Deserialize<'de> for Seals {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u32::deserialize(deserializer).map(Seals::from_bits_retain)
+    }
+}
+
+/// A field that breaks a rule of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FieldError {
+    /// A transfer's id is 0, which is reserved for "unknown".
+    #[error("transfer id is 0; expected a nonzero id (0 is reserved)")]
+    ZeroTransferId,
+    /// Too many segments.
+    #[error("{count} segments; expected at most {MAX_SEGMENTS}")]
+    TooManySegments {
+        /// How many the message has.
+        count: usize,
+    },
+    /// A segment name is too long.
+    #[error("segment {index}: name of {len} bytes; expected at most {MAX_NAME_LEN}")]
+    NameTooLong {
+        /// The segment's position.
+        index: usize,
+        /// The name's length in bytes.
+        len: usize,
+    },
+    /// A segment name holds a NUL byte, which no memfd name can.
+    #[error("segment {index}: name {name:?} holds a NUL byte")]
+    NameHasNul {
+        /// The segment's position.
+        index: usize,
+        /// The name.
+        name: String,
+    },
+    /// A reject message is too long.
+    #[error("reject message of {len} bytes; expected at most {MAX_REJECT_MESSAGE_LEN}")]
+    RejectMessageTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+}
+
+impl FieldError {
+    /// The reason a receiver gives when a transfer breaks this rule.
+    pub fn reject_reason(&self) -> RejectReason {
+        match self {
+            FieldError::TooManySegments { .. } => RejectReason::TooManySegments,
+            _ => RejectReason::InvalidField,
+        }
+    }
+}
+
+/// Checks a segment name against the protocol's rules.
+pub fn validate_name(index: usize, name: &str) -> Result<(), FieldError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(FieldError::NameTooLong {
+            index,
+            len: name.len(),
+        });
+    }
+    if name.contains('\0') {
+        return Err(FieldError::NameHasNul {
+            index,
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl Message {
+    /// Checks every field against the protocol's rules. Both encoding and
+    /// decoding call this, so neither side puts a message on the wire that the
+    /// other must refuse for its fields.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        match self {
+            Message::Transfer(transfer) => {
+                if transfer.id == 0 {
+                    return Err(FieldError::ZeroTransferId);
+                }
+                if transfer.segments.len() > MAX_SEGMENTS {
+                    return Err(FieldError::TooManySegments {
+                        count: transfer.segments.len(),
+                    });
+                }
+                for (index, segment) in transfer.segments.iter().enumerate() {
+                    validate_name(index, &segment.name)?;
+                }
+                Ok(())
+            }
+            Message::Ack(_) => Ok(()),
+            Message::Reject(reject) => {
+                if reject.message.len() > MAX_REJECT_MESSAGE_LEN {
+                    return Err(FieldError::RejectMessageTooLong {
+                        len: reject.message.len(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The transfer id this message concerns.
+    pub fn id(&self) -> u64 {
+        match self {
+            Message::Transfer(t) => t.id,
+            Message::Ack(a) => a.id,
+            Message::Reject(r) => r.id,
+        }
+    }
+
+    /// The message kind as PROTOCOL.md names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Transfer(_) => "Transfer",
+            Message::Ack(_) => "Ack",
+            Message::Reject(_) => "Reject",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for &reason in RejectReason::ALL {
+            assert!(
+                seen.insert(reason.code()),
+                "duplicate code {}",
+                reason.code()
+            );
+            assert_eq!(RejectReason::from_code(reason.code()), reason);
+        }
+        assert_eq!(RejectReason::from_code(999), RejectReason::Unknown(999));
+        assert_eq!(RejectReason::Unknown(999).code(), 999);
+    }
+
+    #[test]
+    fn reject_message_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_REJECT_MESSAGE_LEN);
+        let reject = Reject::new(1, RejectReason::Malformed, long);
+        assert!(reject.message.len() <= MAX_REJECT_MESSAGE_LEN);
+        assert_eq!(reject.message.len(), MAX_REJECT_MESSAGE_LEN);
+        assert_eq!(Message::Reject(reject).validate(), Ok(()));
+    }
+
+    fn transfer(id: u64, names: &[&str]) -> Message {
+        Message::Transfer(Transfer {
+            id,
+            segments: names
+                .iter()
+                .map(|name| Segment {
+                    name: (*name).to_owned(),
+                    size: 1,
+                    seals: Seals::empty(),
+                })
+                .collect(),
+        })
+    }
+
+    fn check_validate(message: Message, expected: Result<(), FieldError>) {
+        assert_eq!(message.validate(), expected, "{message:?}");
+    }
+
+    #[test]
+    fn validate_table() {
+        let longest = "n".repeat(MAX_NAME_LEN);
+        let too_long = "n".repeat(MAX_NAME_LEN + 1);
+        check_validate(transfer(1, &["shma", "", &longest]), Ok(()));
+        check_validate(transfer(0, &["shma"]), Err(FieldError::ZeroTransferId));
+        check_validate(
+            transfer(1, &["ok", &too_long]),
+            Err(FieldError::NameTooLong { index: 1, len: 250 }),
+        );
+        check_validate(
+            transfer(1, &["a\0b"]),
+            Err(FieldError::NameHasNul {
+                index: 0,
+                name: "a\0b".into(),
+            }),
+        );
+        check_validate(
+            transfer(1, &["s"; MAX_SEGMENTS + 1]),
+            Err(FieldError::TooManySegments { count: 254 }),
+        );
+        check_validate(transfer(1, &["s"; MAX_SEGMENTS]), Ok(()));
+        check_validate(
+            Message::Reject(Reject {
+                id: 0,
+                reason: RejectReason::Malformed,
+                message: "x".repeat(MAX_REJECT_MESSAGE_LEN + 1),
+            }),
+            Err(FieldError::RejectMessageTooLong { len: 1025 }),
+        );
+    }
+}

@@ -1,0 +1,412 @@
+//! The receiver's decision rules: given what the kernel reported about each
+//! fd, is it the memfd the header declares, sealed as the receiver requires?
+//!
+//! No I/O happens here. The receiver gathers [`FdFacts`] with `F_GET_SEALS`,
+//! `fstat` and a `readlink` of `/proc/self/fd/N`, in that order: once SHRINK
+//! and GROW are read as set, the size read after them is final.
+#![forbid(unsafe_code)]
+
+use crate::message::{RejectReason, Segment};
+use crate::seals::Seals;
+
+/// The type of file an fd refers to, from `fstat`'s `st_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// `S_IFREG`: what a memfd is.
+    Regular,
+    /// `S_IFDIR`.
+    Directory,
+    /// `S_IFIFO`: a pipe.
+    Fifo,
+    /// `S_IFSOCK`.
+    Socket,
+    /// `S_IFCHR`, such as `/dev/null`.
+    CharDevice,
+    /// `S_IFBLK`.
+    BlockDevice,
+    /// `S_IFLNK` (only through `O_PATH`).
+    Symlink,
+    /// Anything else, such as an anonymous inode (eventfd, epoll).
+    Other,
+}
+
+impl std::fmt::Display for FileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileKind::Regular => "regular file",
+            FileKind::Directory => "directory",
+            FileKind::Fifo => "pipe",
+            FileKind::Socket => "socket",
+            FileKind::CharDevice => "character device",
+            FileKind::BlockDevice => "block device",
+            FileKind::Symlink => "symbolic link",
+            FileKind::Other => "special file",
+        })
+    }
+}
+
+/// What the kernel reported about one received fd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdFacts {
+    /// From `fstat`.
+    pub kind: FileKind,
+    /// From `F_GET_SEALS`; `None` where it failed (the file does not support sealing).
+    pub seals: Option<Seals>,
+    /// From `fstat`, read after the seals.
+    pub size: u64,
+    /// The target of `/proc/self/fd/N`; for a memfd, `/memfd:NAME (deleted)`.
+    pub link: Vec<u8>,
+}
+
+/// What the kernel says a memfd link looks like: `/memfd:` + name + ` (deleted)`.
+const MEMFD_LINK_PREFIX: &[u8] = b"/memfd:";
+const MEMFD_LINK_SUFFIX: &[u8] = b" (deleted)";
+
+impl FdFacts {
+    /// The memfd name in the link, if the link is a memfd's.
+    pub fn memfd_name(&self) -> Option<&[u8]> {
+        self.link
+            .strip_prefix(MEMFD_LINK_PREFIX)?
+            .strip_suffix(MEMFD_LINK_SUFFIX)
+    }
+}
+
+/// The seals a receiver requires of every segment, beyond those declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    required: Seals,
+}
+
+impl Policy {
+    /// A policy requiring `required` plus [`Seals::MAPPING_FLOOR`], which no
+    /// policy can drop: the receiver hands out `&[u8]` over the mapping.
+    pub fn new(required: Seals) -> Policy {
+        Policy {
+            required: required | Seals::MAPPING_FLOOR,
+        }
+    }
+
+    /// The seals every segment must carry.
+    pub fn required(&self) -> Seals {
+        self.required
+    }
+}
+
+impl Default for Policy {
+    /// SHRINK, GROW and WRITE.
+    fn default() -> Policy {
+        Policy::new(Seals::RECEIVER_DEFAULT)
+    }
+}
+
+/// Why one fd is not the segment its header declares. Each variant keeps
+/// what was expected and what was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentError {
+    /// Not a regular file, so not a memfd.
+    #[error("segment {index} ({name:?}): fd is a {found}; expected a memfd")]
+    NotRegularFile {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+        /// What the fd is.
+        found: FileKind,
+    },
+    /// A regular file that does not support seals: not a memfd.
+    #[error(
+        "segment {index} ({name:?}): fd is a regular file without seal support; expected a memfd"
+    )]
+    NotSealable {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+    },
+    /// A sealable file whose link is not a memfd's (a file on tmpfs, say).
+    #[error("segment {index} ({name:?}): fd is {link:?}; expected a memfd")]
+    NotMemfdLink {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+        /// The link as read.
+        link: String,
+    },
+    /// The memfd's name differs from the declared one.
+    #[error("segment {index}: memfd is named {found:?}; header declares {declared:?}")]
+    NameMismatch {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        declared: String,
+        /// The name the kernel reports.
+        found: String,
+    },
+    /// The memfd's size differs from the declared one.
+    #[error("segment {index} ({name:?}): memfd is {found} bytes; header declares {declared}")]
+    SizeMismatch {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+        /// The declared size.
+        declared: u64,
+        /// The size the kernel reports.
+        found: u64,
+    },
+    /// The memfd lacks seals it must carry.
+    #[error(
+        "segment {index} ({name:?}): memfd is sealed {found}; missing {missing} \
+         (declared {declared}, receiver requires {required})"
+    )]
+    MissingSeals {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+        /// The declared seals.
+        declared: Seals,
+        /// The receiver's required seals.
+        required: Seals,
+        /// The seals the kernel reports.
+        found: Seals,
+        /// Required or declared, but absent.
+        missing: Seals,
+    },
+}
+
+impl SegmentError {
+    /// The reason a receiver gives for this failure.
+    pub fn reject_reason(&self) -> RejectReason {
+        match self {
+            SegmentError::NotRegularFile { .. }
+            | SegmentError::NotSealable { .. }
+            | SegmentError::NotMemfdLink { .. } => RejectReason::NotMemfd,
+            SegmentError::NameMismatch { .. } => RejectReason::NameMismatch,
+            SegmentError::SizeMismatch { .. } => RejectReason::SizeMismatch,
+            SegmentError::MissingSeals { .. } => RejectReason::MissingSeals,
+        }
+    }
+}
+
+/// Judges one fd against its declared segment, checking in this order: it
+/// is a regular file; it supports seals; its link is a memfd's; the name; the
+/// size; the seals (actual ⊇ declared ∪ required, never equality: a memfd
+/// made with `MFD_NOEXEC_SEAL` also carries `F_SEAL_EXEC`).
+pub fn check_segment(
+    index: usize,
+    declared: &Segment,
+    facts: &FdFacts,
+    policy: &Policy,
+) -> Result<(), SegmentError> {
+    let name = || declared.name.clone();
+    if facts.kind != FileKind::Regular {
+        return Err(SegmentError::NotRegularFile {
+            index,
+            name: name(),
+            found: facts.kind,
+        });
+    }
+    let Some(found_seals) = facts.seals else {
+        return Err(SegmentError::NotSealable {
+            index,
+            name: name(),
+        });
+    };
+    let Some(found_name) = facts.memfd_name() else {
+        return Err(SegmentError::NotMemfdLink {
+            index,
+            name: name(),
+            link: String::from_utf8_lossy(&facts.link).into_owned(),
+        });
+    };
+    if found_name != declared.name.as_bytes() {
+        return Err(SegmentError::NameMismatch {
+            index,
+            declared: name(),
+            found: String::from_utf8_lossy(found_name).into_owned(),
+        });
+    }
+    if facts.size != declared.size {
+        return Err(SegmentError::SizeMismatch {
+            index,
+            name: name(),
+            declared: declared.size,
+            found: facts.size,
+        });
+    }
+    let missing = (declared.seals | policy.required()) - found_seals;
+    if !missing.is_empty() {
+        return Err(SegmentError::MissingSeals {
+            index,
+            name: name(),
+            declared: declared.seals,
+            required: policy.required(),
+            found: found_seals,
+            missing,
+        });
+    }
+    Ok(())
+}
+
+/// The number of fds must equal the number of segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("message carries {fds} fds for {segments} declared segments; expected one fd per segment")]
+pub struct FdCountMismatch {
+    /// Fds received.
+    pub fds: usize,
+    /// Segments declared.
+    pub segments: usize,
+}
+
+/// Checks that a transfer brought exactly one fd per segment.
+pub fn check_fd_count(fds: usize, segments: usize) -> Result<(), FdCountMismatch> {
+    if fds == segments {
+        Ok(())
+    } else {
+        Err(FdCountMismatch { fds, segments })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEALED: Seals = Seals::SENDER_DEFAULT;
+
+    fn declared() -> Segment {
+        Segment {
+            name: "shma".into(),
+            size: 4096,
+            seals: SEALED,
+        }
+    }
+
+    fn memfd_facts() -> FdFacts {
+        FdFacts {
+            kind: FileKind::Regular,
+            seals: Some(SEALED | Seals::EXEC),
+            size: 4096,
+            link: b"/memfd:shma (deleted)".to_vec(),
+        }
+    }
+
+    fn check(facts: FdFacts, policy: Policy, expected: Result<(), RejectReason>) {
+        let result = check_segment(0, &declared(), &facts, &policy);
+        assert_eq!(
+            result.clone().map_err(|e| e.reject_reason()),
+            expected,
+            "{facts:?}: {result:?}"
+        );
+    }
+
+    #[test]
+    fn decision_table() {
+        let ok = Ok(());
+        let policy = Policy::default();
+        check(memfd_facts(), policy, ok);
+
+        let not_memfd = Err(RejectReason::NotMemfd);
+        for kind in [FileKind::Fifo, FileKind::CharDevice, FileKind::Directory] {
+            check(
+                FdFacts {
+                    kind,
+                    ..memfd_facts()
+                },
+                policy,
+                not_memfd,
+            );
+        }
+        check(
+            FdFacts {
+                seals: None,
+                ..memfd_facts()
+            },
+            policy,
+            not_memfd,
+        );
+        check(
+            FdFacts {
+                link: b"/dev/shm/shma (deleted)".to_vec(),
+                ..memfd_facts()
+            },
+            policy,
+            not_memfd,
+        );
+        check(
+            FdFacts {
+                link: b"/memfd:shmb (deleted)".to_vec(),
+                ..memfd_facts()
+            },
+            policy,
+            Err(RejectReason::NameMismatch),
+        );
+        check(
+            FdFacts {
+                size: 4095,
+                ..memfd_facts()
+            },
+            policy,
+            Err(RejectReason::SizeMismatch),
+        );
+        // Declared SEAL but the memfd lacks it.
+        check(
+            FdFacts {
+                seals: Some(Seals::RECEIVER_DEFAULT),
+                ..memfd_facts()
+            },
+            policy,
+            Err(RejectReason::MissingSeals),
+        );
+        // FUTURE_WRITE does not stand in for WRITE.
+        check(
+            FdFacts {
+                seals: Some(Seals::SHRINK | Seals::GROW | Seals::FUTURE_WRITE | Seals::SEAL),
+                ..memfd_facts()
+            },
+            policy,
+            Err(RejectReason::MissingSeals),
+        );
+    }
+
+    #[test]
+    fn policy_cannot_drop_the_mapping_floor() {
+        assert_eq!(Policy::new(Seals::empty()).required(), Seals::MAPPING_FLOOR);
+        assert_eq!(Policy::default().required(), Seals::RECEIVER_DEFAULT);
+    }
+
+    #[test]
+    fn missing_seals_error_names_what_is_missing() {
+        let facts = FdFacts {
+            seals: Some(Seals::SHRINK | Seals::SEAL),
+            ..memfd_facts()
+        };
+        let error = check_segment(3, &declared(), &facts, &Policy::default()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "segment 3 (\"shma\"): memfd is sealed SEAL|SHRINK; missing GROW|WRITE \
+             (declared SEAL|SHRINK|GROW|WRITE, receiver requires SHRINK|GROW|WRITE)"
+        );
+    }
+
+    #[test]
+    fn names_with_the_suffix_inside_are_read_exactly() {
+        let facts = FdFacts {
+            link: b"/memfd:a (deleted) (deleted)".to_vec(),
+            ..memfd_facts()
+        };
+        assert_eq!(facts.memfd_name(), Some(&b"a (deleted)"[..]));
+    }
+
+    #[test]
+    fn fd_count() {
+        assert_eq!(check_fd_count(2, 2), Ok(()));
+        assert_eq!(
+            check_fd_count(3, 2).unwrap_err().to_string(),
+            "message carries 3 fds for 2 declared segments; expected one fd per segment"
+        );
+    }
+}

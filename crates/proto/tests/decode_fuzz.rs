@@ -1,0 +1,95 @@
+//! Decoding untrusted bytes never panics, and every valid message survives a
+//! round trip.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use proptest::prelude::*;
+use sealpass_proto::limits::{MAX_NAME_LEN, MAX_SEGMENTS};
+use sealpass_proto::{
+    Ack, MAGIC, Message, Reject, RejectReason, Seals, Segment, Transfer, decode, encode,
+};
+
+fn segment() -> impl Strategy<Value = Segment> {
+    (
+        "[a-zA-Z0-9 é_.-]{0,40}",
+        any::<u64>(),
+        any::<u32>().prop_map(Seals::from_bits_retain),
+    )
+        .prop_filter("name within limit", |(name, _, _)| {
+            name.len() <= MAX_NAME_LEN
+        })
+        .prop_map(|(name, size, seals)| Segment { name, size, seals })
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (1..u64::MAX, prop::collection::vec(segment(), 0..20))
+            .prop_map(|(id, segments)| Message::Transfer(Transfer { id, segments })),
+        any::<u64>().prop_map(|id| Message::Ack(Ack { id })),
+        (any::<u64>(), any::<u16>(), ".{0,80}").prop_map(|(id, code, text)| {
+            Message::Reject(Reject::new(id, RejectReason::from_code(code), text))
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bodies_behind_a_valid_preamble_never_panic(
+        minor in any::<u16>(),
+        body in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&minor.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        if let Ok(decoded) = decode(&bytes) {
+            // Whatever decodes also obeys the field rules.
+            prop_assert!(decoded.message.validate().is_ok());
+        }
+    }
+
+    #[test]
+    fn mutated_valid_messages_never_panic(
+        message in message(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+    ) {
+        let mut bytes = encode(&message).unwrap();
+        for (index, value) in flips {
+            let i = index.index(bytes.len());
+            bytes[i] = value;
+        }
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn round_trip(message in message()) {
+        let bytes = encode(&message).unwrap();
+        prop_assert_eq!(decode(&bytes).unwrap().message, message);
+    }
+}
+
+#[test]
+fn the_largest_transfer_encodes_and_decodes() {
+    let longest = "x".repeat(MAX_NAME_LEN);
+    let message = Message::Transfer(Transfer {
+        id: u64::MAX,
+        segments: vec![
+            Segment {
+                name: longest,
+                size: u64::MAX,
+                seals: Seals::all(),
+            };
+            MAX_SEGMENTS
+        ],
+    });
+    let bytes = encode(&message).unwrap();
+    assert_eq!(bytes.len(), 12 + 68_077);
+    assert_eq!(decode(&bytes).unwrap().message, message);
+}

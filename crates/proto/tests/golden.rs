@@ -1,0 +1,68 @@
+//! The wire format, pinned: one message of each kind, byte for byte. A change
+//! to the encoding fails here. To change the format on purpose, run with
+//! `SEALPASS_BLESS=1`, then update PROTOCOL.md and the version.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use sealpass_proto::{
+    Ack, Message, Reject, RejectReason, Seals, Segment, Transfer, decode, encode,
+};
+
+/// The golden messages; PROTOCOL.md shows the same bytes.
+fn golden_messages() -> Vec<(&'static str, Message)> {
+    vec![
+        (
+            "transfer",
+            Message::Transfer(Transfer {
+                id: 1,
+                segments: vec![
+                    Segment {
+                        name: "shma".into(),
+                        size: 0x40_0000,
+                        seals: Seals::SENDER_DEFAULT,
+                    },
+                    Segment {
+                        name: "shmb".into(),
+                        size: 0x40_0000,
+                        seals: Seals::SENDER_DEFAULT | Seals::EXEC,
+                    },
+                ],
+            }),
+        ),
+        ("ack", Message::Ack(Ack { id: 1 })),
+        (
+            "reject",
+            Message::Reject(Reject::new(
+                1,
+                RejectReason::MissingSeals,
+                "segment 0 lacks WRITE",
+            )),
+        ),
+    ]
+}
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.bin"))
+}
+
+#[test]
+fn encoding_matches_the_golden_bytes() {
+    let bless = std::env::var_os("SEALPASS_BLESS").is_some();
+    for (name, message) in golden_messages() {
+        let bytes = encode(&message).unwrap();
+        let path = golden_path(name);
+        if bless {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let golden = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (SEALPASS_BLESS=1 writes it)", path.display()));
+        assert_eq!(
+            bytes, golden,
+            "encoding of {name} changed; if on purpose, bless and update PROTOCOL.md"
+        );
+        assert_eq!(decode(&golden).unwrap().message, message, "{name}");
+    }
+}
