@@ -1,1 +1,31 @@
+//! The sending side of sealpass: put bytes into memfds, seal them, and hand
+//! them to a receiver in one message.
+//!
+//! ```no_run
+//! use sealpass_sender::{SealedSegment, Sender, Verdict};
+//! use sealpass_proto::Seals;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let frame = SealedSegment::with_mapping("frame-0001", 4 << 20, Seals::SENDER_DEFAULT, |pixels| {
+//!     pixels.fill(0x80); // render straight into the shared memory
+//!     Ok::<(), std::io::Error>(())
+//! })?;
+//! let text = SealedSegment::from_bytes("caption", b"hello", Seals::SENDER_DEFAULT)?;
+//!
+//! let mut sender = Sender::connect("/run/user/1000/sealpass.sock".as_ref())?;
+//! match sender.send(&[frame, text])? {
+//!     Verdict::Accepted { id } => println!("transfer {id} accepted"),
+//!     Verdict::Rejected { reason, message, .. } => eprintln!("rejected: {reason}: {message}"),
+//!     _ => {}
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod client;
+pub mod memfd;
+pub mod size;
+
+pub use client::{SendError, Sender, Verdict};
+pub use memfd::{SealedSegment, SegmentError};
+pub use size::{ParseSizeError, parse_size};

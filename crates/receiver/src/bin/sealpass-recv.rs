@@ -1,0 +1,213 @@
+//! `sealpass-recv`: listen on a unix socket, verify every memfd handed over,
+//! and print, store or describe what arrived.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use sealpass_proto::{Policy, Seals};
+use sealpass_receiver::{Connection, Listener, Outcome, ServeError, VerifiedTransfer};
+use serde::Serialize;
+
+/// Receive sealed memfds over a unix socket. Every fd is checked with the
+/// kernel (memfd? name, size, seals?) before it is mapped read-only; anything
+/// else is rejected with a reason and the receiver keeps serving.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Where to listen. A stale socket left there is replaced; anything else is refused.
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Exit after the first accepted transfer.
+    #[arg(long)]
+    once: bool,
+    /// Write each segment's bytes to stdout, in order (log lines go to stderr).
+    #[arg(long, conflicts_with = "out")]
+    print: bool,
+    /// Write each segment to DIR/NAME (names that could leave DIR are rejected).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// One JSON line per accepted transfer (to stdout; to stderr with --print).
+    #[arg(long)]
+    json: bool,
+    /// Seals every segment must carry. SHRINK and WRITE are always required:
+    /// without them a mapping could fault or change under the reader.
+    #[arg(long, value_name = "LIST", default_value = "shrink,grow,write")]
+    require_seals: Seals,
+    /// Close a connection that sends nothing for this many seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    idle_timeout: u64,
+}
+
+#[derive(Serialize)]
+struct TransferLine<'a> {
+    id: u64,
+    version: String,
+    segments: Vec<SegmentLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct SegmentLine<'a> {
+    name: &'a str,
+    size: u64,
+    seals: String,
+    /// The first bytes, as hex, so a reader can eyeball the content.
+    head: String,
+}
+
+fn describe(transfer: &VerifiedTransfer) -> TransferLine<'_> {
+    TransferLine {
+        id: transfer.id(),
+        version: transfer.version().to_string(),
+        segments: transfer
+            .segments()
+            .iter()
+            .map(|segment| SegmentLine {
+                name: segment.name(),
+                size: segment.size(),
+                seals: segment.seals().to_string(),
+                head: segment
+                    .bytes()
+                    .iter()
+                    .take(16)
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A name that is one plain path component, so DIR/NAME stays in DIR.
+fn safe_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/')
+}
+
+/// Writes every segment to `dir`, each through a temporary file renamed into
+/// place, so a reader of `dir` never sees a half-written segment.
+fn store(dir: &Path, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
+    if let Some(bad) = transfer
+        .segments()
+        .iter()
+        .find(|s| !safe_file_name(s.name()))
+    {
+        bail!(
+            "segment name {:?} could leave {}; expected a plain file name",
+            bad.name(),
+            dir.display()
+        );
+    }
+    for segment in transfer.segments() {
+        let target = dir.join(segment.name());
+        let partial = dir.join(format!(".{}.partial", segment.name()));
+        fs::write(&partial, segment.bytes())
+            .and_then(|()| fs::rename(&partial, &target))
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
+}
+
+fn handle(cli: &Cli, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.out {
+        store(dir, transfer)?;
+    }
+    if cli.print {
+        let mut stdout = io::stdout().lock();
+        for segment in transfer.segments() {
+            stdout
+                .write_all(segment.bytes())
+                .context("writing to stdout")?;
+        }
+        stdout.flush().context("writing to stdout")?;
+    }
+    if cli.json {
+        let line = serde_json::to_string(&describe(transfer))?;
+        if cli.print {
+            eprintln!("{line}");
+        } else {
+            let mut stdout = io::stdout().lock();
+            writeln!(stdout, "{line}")
+                .and_then(|()| stdout.flush())
+                .context("writing to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves one connection until it ends; true once a transfer was accepted
+/// and `--once` asks to stop.
+fn serve(cli: &Cli, mut connection: Connection) -> bool {
+    while connection.is_open() {
+        match connection.serve_one(|transfer| handle(cli, transfer).map_err(|e| format!("{e:#}"))) {
+            Ok(Outcome::Accepted {
+                id,
+                segments,
+                bytes,
+            }) => {
+                eprintln!(
+                    "sealpass-recv: accepted transfer {id}: {segments} segments, {bytes} bytes"
+                );
+                if cli.once {
+                    return true;
+                }
+            }
+            Ok(Outcome::Rejected {
+                id,
+                reason,
+                message,
+            }) => {
+                eprintln!("sealpass-recv: rejected transfer {id}: {reason}: {message}");
+            }
+            Ok(Outcome::Closed) => break,
+            Ok(other) => eprintln!("sealpass-recv: {other:?}"),
+            Err(error @ (ServeError::IdleTimeout(_) | ServeError::Answer { .. })) => {
+                eprintln!("sealpass-recv: connection closed: {error}");
+            }
+            Err(error) => eprintln!("sealpass-recv: connection failed: {error}"),
+        }
+    }
+    false
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.out {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut listener = Listener::bind(&cli.socket)?;
+    listener.set_policy(Policy::new(cli.require_seals));
+    listener
+        .set_idle_timeout((cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)));
+    eprintln!(
+        "sealpass-recv: listening on {} (requiring {})",
+        listener.path().display(),
+        Policy::new(cli.require_seals).required()
+    );
+    loop {
+        let connection = match listener.accept() {
+            Ok(connection) => connection,
+            Err(error) => {
+                // EMFILE and the like pass; a broken listener does not.
+                eprintln!("sealpass-recv: {error}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if serve(cli, connection) {
+            return Ok(());
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sealpass-recv: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Listening, and serving one connection message by message.
+#![forbid(unsafe_code)]
+
+use std::fmt::Display;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use memmap2::Mmap;
+use nix::errno::Errno;
+use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
+use sealpass_proto::limits::MAX_MESSAGE_LEN;
+use sealpass_proto::verify::{check_fd_count, check_segment};
+use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, Version, codec, decode};
+
+use crate::{inspect, mapping};
+
+/// Why the receiver could not start listening.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// Something that is not a socket is at the path; it is left alone.
+    #[error("{path} exists and is not a socket; refusing to remove it")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A receiver is listening at the path already.
+    #[error("{path} is in use: another receiver accepts connections there")]
+    InUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Inspecting or removing the stale socket failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Binding or listening failed.
+    #[error("listening at {path} failed: {source}")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        source: TransportError,
+    },
+}
+
+/// Why serving a connection stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Accepting a connection failed.
+    #[error("accepting a connection failed: {0}")]
+    Accept(#[source] TransportError),
+    /// The peer sent nothing for the idle timeout.
+    #[error("peer sent nothing for {0:?}; closing the connection")]
+    IdleTimeout(Duration),
+    /// Reading from the peer failed.
+    #[error("receiving from the peer failed: {0}")]
+    Receive(#[source] TransportError),
+    /// Encoding an answer failed.
+    #[error("encoding the {answer} failed: {source}")]
+    Encode {
+        /// `Ack` or `Reject`.
+        answer: &'static str,
+        /// The failure.
+        source: sealpass_proto::EncodeError,
+    },
+    /// Answering the peer failed (it may have gone).
+    #[error("answering {answer} to the peer failed: {source}")]
+    Answer {
+        /// `Ack` or `Reject`.
+        answer: &'static str,
+        /// The failure.
+        source: TransportError,
+    },
+}
+
+/// A listening socket. Dropping it removes the socket file, if the file at
+/// the path is still the one it created.
+#[derive(Debug)]
+pub struct Listener {
+    socket: OwnedFd,
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+    policy: Policy,
+    idle_timeout: Option<Duration>,
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
+    let io_error = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io_error(error)),
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(BindError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match fdpass::connect(path) {
+        Ok(_) => Err(BindError::InUse {
+            path: path.to_owned(),
+        }),
+        // Nobody listens: a socket left by a receiver that died.
+        Err(error) if error.errno() == Some(Errno::ECONNREFUSED) => {
+            fs::remove_file(path).map_err(io_error)
+        }
+        Err(source) => Err(BindError::Listen {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn inode_of(path: &Path) -> Option<(u64, u64)> {
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Listener {
+    /// Listens at `path`, first removing a stale socket left there (and
+    /// refusing to touch anything that is not a socket, or a live one).
+    pub fn bind(path: &Path) -> Result<Listener, BindError> {
+        remove_stale_socket(path)?;
+        let socket = fdpass::listen(path, 128).map_err(|source| BindError::Listen {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Listener {
+            socket,
+            path: path.to_owned(),
+            inode: inode_of(path),
+            policy: Policy::default(),
+            idle_timeout: Some(Duration::from_secs(30)),
+        })
+    }
+
+    /// The seals every segment must carry (default: SHRINK, GROW, WRITE).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// How long a connection may stay silent, mid-message or between
+    /// messages, before it is closed (default 30 s; `None`: forever).
+    pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) {
+        self.idle_timeout = timeout;
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> Result<Connection, ServeError> {
+        let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
+        let mut connection = Connection::new(socket, self.policy);
+        connection
+            .set_idle_timeout(self.idle_timeout)
+            .map_err(ServeError::Accept)?;
+        Ok(connection)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Only our own socket: another receiver may have replaced it since.
+        if self.inode.is_some() && inode_of(&self.path) == self.inode {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// One verified memfd, mapped read-only.
+#[derive(Debug)]
+pub struct VerifiedSegment {
+    name: String,
+    size: u64,
+    seals: Seals,
+    mapping: Option<Mmap>,
+}
+
+impl VerifiedSegment {
+    /// The memfd's name, as the kernel reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The size in bytes, as the kernel reports it.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The seals the kernel reports.
+    pub fn seals(&self) -> Seals {
+        self.seals
+    }
+
+    /// The bytes. They cannot change: the memfd is sealed against writes.
+    pub fn bytes(&self) -> &[u8] {
+        self.mapping.as_deref().unwrap_or_default()
+    }
+}
+
+/// A transfer whose every segment the kernel vouched for.
+#[derive(Debug)]
+pub struct VerifiedTransfer {
+    id: u64,
+    version: Version,
+    segments: Vec<VerifiedSegment>,
+}
+
+impl VerifiedTransfer {
+    /// The sender's id for it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The protocol version the sender wrote.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The segments, in the order sent.
+    pub fn segments(&self) -> &[VerifiedSegment] {
+        &self.segments
+    }
+
+    /// The sum of the segment sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.size).sum()
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Verified, handled and acknowledged.
+    Accepted {
+        /// The transfer's id.
+        id: u64,
+        /// Its segments.
+        segments: usize,
+        /// Their total size.
+        bytes: u64,
+    },
+    /// Refused; its fds are closed and the peer was told why.
+    Rejected {
+        /// The transfer's id, or 0 if it could not be read.
+        id: u64,
+        /// The reason code.
+        reason: RejectReason,
+        /// The explanation sent.
+        message: String,
+    },
+    /// The peer closed the connection.
+    Closed,
+}
+
+/// A refusal on its way to the peer.
+struct Refusal {
+    id: u64,
+    reason: RejectReason,
+    message: String,
+}
+
+impl Refusal {
+    fn new(id: u64, reason: RejectReason, message: impl Display) -> Refusal {
+        Refusal {
+            id,
+            reason,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// One peer's connection.
+#[derive(Debug)]
+pub struct Connection {
+    socket: OwnedFd,
+    policy: Policy,
+    idle_timeout: Option<Duration>,
+    incoming: Vec<u8>,
+    outgoing: Vec<u8>,
+    control: Box<ControlBuffer>,
+    open: bool,
+}
+
+impl Connection {
+    /// Serves a connected `SOCK_SEQPACKET` socket under `policy`.
+    pub fn new(socket: OwnedFd, policy: Policy) -> Connection {
+        Connection {
+            socket,
+            policy,
+            idle_timeout: None,
+            incoming: vec![0; MAX_MESSAGE_LEN],
+            outgoing: Vec::new(),
+            control: ControlBuffer::new(),
+            open: true,
+        }
+    }
+
+    /// How long the peer may stay silent (`None`: forever). Also bounds how
+    /// long an answer may wait for room in the peer's queue.
+    pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        fdpass::set_timeouts(self.socket.as_fd(), timeout, timeout)?;
+        self.idle_timeout = timeout;
+        Ok(())
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Whether the connection can carry more messages: false once the peer
+    /// closed it, or after a reject that ends it (unsupported version).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Receives one message, verifies it, hands a valid transfer to `handler`
+    /// and answers: `Ack` once `handler` returns `Ok`, `Reject` with the
+    /// reason otherwise. The fds of a refused message are closed before the
+    /// `Reject` goes out; the mappings of an accepted one are gone before
+    /// the `Ack` does.
+    pub fn serve_one<E: Display>(
+        &mut self,
+        handler: impl FnOnce(&VerifiedTransfer) -> Result<(), E>,
+    ) -> Result<Outcome, ServeError> {
+        if !self.open {
+            return Ok(Outcome::Closed);
+        }
+        let received =
+            match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
+                Ok(received) => received,
+                Err(TransportError::TimedOut { .. }) => {
+                    self.open = false;
+                    return Err(ServeError::IdleTimeout(
+                        self.idle_timeout.unwrap_or_default(),
+                    ));
+                }
+                Err(error) => {
+                    self.open = false;
+                    return Err(ServeError::Receive(error));
+                }
+            };
+        if received.is_end_of_stream() {
+            self.open = false;
+            return Ok(Outcome::Closed);
+        }
+        // `received.fds` is moved into `verify`, which drops (closes) every fd
+        // on every path: mapped segments keep the file alive on their own.
+        let verdict = self.verify(received, handler);
+        match verdict {
+            Ok((id, segments, bytes)) => {
+                self.answer(Message::Ack(Ack { id }))?;
+                Ok(Outcome::Accepted {
+                    id,
+                    segments,
+                    bytes,
+                })
+            }
+            Err(refusal) => {
+                let reject = Reject::new(refusal.id, refusal.reason, refusal.message);
+                let outcome = Outcome::Rejected {
+                    id: reject.id,
+                    reason: reject.reason,
+                    message: reject.message.clone(),
+                };
+                self.answer(Message::Reject(reject))?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    fn verify<E: Display>(
+        &mut self,
+        received: fdpass::Received,
+        handler: impl FnOnce(&VerifiedTransfer) -> Result<(), E>,
+    ) -> Result<(u64, usize, u64), Refusal> {
+        let fds = received.fds;
+        if received.payload_truncated {
+            return Err(Refusal::new(
+                0,
+                RejectReason::TooLarge,
+                format_args!(
+                    "message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"
+                ),
+            ));
+        }
+        if received.control_truncated {
+            return Err(Refusal::new(
+                0,
+                RejectReason::ControlTruncated,
+                "control data was truncated (MSG_CTRUNC); expected one SCM_RIGHTS of at most 253 fds",
+            ));
+        }
+        let bytes = self.incoming.get(..received.len).unwrap_or_default();
+        let decoded = decode(bytes).map_err(|error| {
+            if error.closes_connection() {
+                self.open = false;
+            }
+            Refusal::new(0, error.reject_reason(), &error)
+        })?;
+        let Message::Transfer(transfer) = decoded.message else {
+            return Err(Refusal::new(
+                decoded.message.id(),
+                RejectReason::UnexpectedMessage,
+                format_args!("got {}; expected Transfer", decoded.message.kind()),
+            ));
+        };
+        let id = transfer.id;
+        check_fd_count(fds.len(), transfer.segments.len())
+            .map_err(|e| Refusal::new(id, RejectReason::FdCountMismatch, e))?;
+
+        let mut segments = Vec::with_capacity(fds.len());
+        for (index, (declared, fd)) in transfer.segments.into_iter().zip(&fds).enumerate() {
+            let facts = inspect::facts(fd.as_fd()).map_err(|errno| {
+                Refusal::new(
+                    id,
+                    RejectReason::NotMemfd,
+                    format_args!("segment {index}: inspecting the fd failed: {errno}"),
+                )
+            })?;
+            check_segment(index, &declared, &facts, &self.policy)
+                .map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
+            let mapping = mapping::map_verified(fd.as_fd(), facts.size).map_err(|error| {
+                let reason = match error.kind() {
+                    io::ErrorKind::OutOfMemory => RejectReason::ResourceExhausted,
+                    _ => RejectReason::MapFailed,
+                };
+                Refusal::new(
+                    id,
+                    reason,
+                    format_args!(
+                        "segment {index} ({:?}): mapping {} bytes failed: {error}",
+                        declared.name, facts.size
+                    ),
+                )
+            })?;
+            segments.push(VerifiedSegment {
+                name: declared.name,
+                size: facts.size,
+                seals: facts.seals.unwrap_or(Seals::empty()),
+                mapping,
+            });
+        }
+        drop(fds);
+        let transfer = VerifiedTransfer {
+            id,
+            version: decoded.version,
+            segments,
+        };
+        handler(&transfer).map_err(|e| Refusal::new(id, RejectReason::ApplicationRejected, e))?;
+        Ok((id, transfer.segments.len(), transfer.total_bytes()))
+    }
+
+    fn answer(&mut self, message: Message) -> Result<(), ServeError> {
+        let answer = message.kind();
+        codec::encode_into(&message, &mut self.outgoing)
+            .map_err(|source| ServeError::Encode { answer, source })?;
+        fdpass::send(self.socket.as_fd(), &self.outgoing, &[]).map_err(|source| {
+            self.open = false;
+            ServeError::Answer { answer, source }
+        })
+    }
+}

@@ -1,0 +1,359 @@
+//! Creating, filling and sealing memfds.
+//!
+//! Every fill path ends before sealing: writable mappings are dropped first,
+//! because the kernel refuses `F_SEAL_WRITE` (EBUSY) while one exists, and
+//! because a mapping that outlived the seal would let this process write
+//! under a receiver that trusts the seal.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::unistd::ftruncate;
+use sealpass_proto::{FieldError, Seals, message::validate_name};
+
+/// Why a segment could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentError {
+    /// The name breaks the protocol's rules.
+    #[error("invalid segment name: {0}")]
+    InvalidName(#[from] FieldError),
+    /// `memfd_create` failed.
+    #[error("memfd_create({name:?}) failed: {errno}")]
+    Create {
+        /// The name.
+        name: String,
+        /// What the kernel said.
+        errno: Errno,
+    },
+    /// The size does not fit this machine (`off_t` or the address space).
+    #[error("segment {name:?}: size {size} is too large for this machine")]
+    TooLarge {
+        /// The name.
+        name: String,
+        /// The size asked for.
+        size: u64,
+    },
+    /// `ftruncate` failed.
+    #[error("segment {name:?}: sizing to {size} bytes failed: {errno}")]
+    Resize {
+        /// The name.
+        name: String,
+        /// The size asked for.
+        size: u64,
+        /// What the kernel said.
+        errno: Errno,
+    },
+    /// Mapping the memfd for writing failed.
+    #[error("segment {name:?}: mapping {size} bytes for writing failed: {source}")]
+    Map {
+        /// The name.
+        name: String,
+        /// The size.
+        size: u64,
+        /// The error.
+        source: io::Error,
+    },
+    /// Opening the source file failed.
+    #[error("opening {path}: {source}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Copying bytes into the memfd failed.
+    #[error("segment {name:?}: copying its bytes in failed: {source}")]
+    Copy {
+        /// The name.
+        name: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The caller's fill function failed.
+    #[error("segment {name:?}: filling failed: {source}")]
+    Fill {
+        /// The name.
+        name: String,
+        /// What the fill function returned.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `F_ADD_SEALS` or `F_GET_SEALS` failed.
+    #[error("segment {name:?}: sealing with {seals} failed: {errno}")]
+    Seal {
+        /// The name.
+        name: String,
+        /// The seals asked for.
+        seals: Seals,
+        /// What the kernel said.
+        errno: Errno,
+    },
+}
+
+/// A memfd filled and sealed, ready to send. Dropping it closes the fd.
+#[derive(Debug)]
+pub struct SealedSegment {
+    name: String,
+    fd: OwnedFd,
+    size: u64,
+    seals: Seals,
+}
+
+/// Whether the kernel took `MFD_NOEXEC_SEAL` (Linux 6.3+); cleared at the
+/// first `EINVAL` so older kernels pay for the failed call once.
+static NOEXEC_SEAL_SUPPORTED: AtomicBool = AtomicBool::new(true);
+
+/// `MFD_NOEXEC_SEAL`, which nix does not name.
+const MFD_NOEXEC_SEAL: MFdFlags = MFdFlags::from_bits_retain(nix::libc::MFD_NOEXEC_SEAL);
+
+fn create(name: &str) -> Result<OwnedFd, SegmentError> {
+    validate_name(0, name)?;
+    let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    if NOEXEC_SEAL_SUPPORTED.load(Ordering::Relaxed) {
+        match memfd_create(name, base | MFD_NOEXEC_SEAL) {
+            Err(Errno::EINVAL) => NOEXEC_SEAL_SUPPORTED.store(false, Ordering::Relaxed),
+            other => return other.map_err(|errno| create_error(name, errno)),
+        }
+    }
+    memfd_create(name, base).map_err(|errno| create_error(name, errno))
+}
+
+fn create_error(name: &str, errno: Errno) -> SegmentError {
+    SegmentError::Create {
+        name: name.to_owned(),
+        errno,
+    }
+}
+
+fn resize(name: &str, fd: &OwnedFd, size: u64) -> Result<(), SegmentError> {
+    let length = i64::try_from(size).map_err(|_| SegmentError::TooLarge {
+        name: name.to_owned(),
+        size,
+    })?;
+    ftruncate(fd, length).map_err(|errno| SegmentError::Resize {
+        name: name.to_owned(),
+        size,
+        errno,
+    })
+}
+
+impl SealedSegment {
+    /// A segment holding a copy of `bytes`.
+    pub fn from_bytes(name: &str, bytes: &[u8], seals: Seals) -> Result<Self, SegmentError> {
+        Self::with_mapping(name, bytes.len() as u64, seals, |memory| {
+            memory.copy_from_slice(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        })
+    }
+
+    /// A segment of `size` bytes, each `byte`. A zero byte costs no memory:
+    /// the memfd stays sparse.
+    pub fn filled(name: &str, byte: u8, size: u64, seals: Seals) -> Result<Self, SegmentError> {
+        Self::with_mapping(name, size, seals, |memory| {
+            if byte != 0 {
+                memory.fill(byte);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        })
+    }
+
+    /// A segment of `size` bytes written by `fill` through a writable shared
+    /// mapping of the memfd (zeroed when `fill` starts). The mapping is gone
+    /// before the seals are applied.
+    pub fn with_mapping<E>(
+        name: &str,
+        size: u64,
+        seals: Seals,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Self, SegmentError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let fd = create(name)?;
+        resize(name, &fd, size)?;
+        let fill_error = |e: E| SegmentError::Fill {
+            name: name.to_owned(),
+            source: e.into(),
+        };
+        if size == 0 {
+            fill(&mut []).map_err(fill_error)?;
+        } else {
+            let length = usize::try_from(size).map_err(|_| SegmentError::TooLarge {
+                name: name.to_owned(),
+                size,
+            })?;
+            // SAFETY: the memfd was created just above and has not left this
+            // function: no other process or mapping can truncate it or write
+            // to it while this mapping lives, and `length` is its size.
+            let mut mapping = unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }
+                .map_err(|source| SegmentError::Map {
+                    name: name.to_owned(),
+                    size,
+                    source,
+                })?;
+            fill(&mut mapping).map_err(fill_error)?;
+            drop(mapping);
+        }
+        Self::seal(name.to_owned(), fd, size, seals)
+    }
+
+    /// A segment holding everything `reader` yields until its end (stdin,
+    /// say), streamed into the memfd without holding it on the heap.
+    pub fn from_reader(
+        name: &str,
+        reader: &mut impl Read,
+        seals: Seals,
+    ) -> Result<Self, SegmentError> {
+        let mut file = File::from(create(name)?);
+        let copy_error = |source| SegmentError::Copy {
+            name: name.to_owned(),
+            source,
+        };
+        // std::io::copy splices or uses copy_file_range where the kernel can.
+        let size = io::copy(reader, &mut file).map_err(copy_error)?;
+        // Offset 0, so that a peer that read()s the fd sees the bytes.
+        file.seek(SeekFrom::Start(0)).map_err(copy_error)?;
+        Self::seal(name.to_owned(), OwnedFd::from(file), size, seals)
+    }
+
+    /// A segment holding the bytes of the file at `path`, copied in the
+    /// kernel (`copy_file_range`), never through the heap whole.
+    pub fn from_file(name: &str, path: &Path, seals: Seals) -> Result<Self, SegmentError> {
+        let mut source = File::open(path).map_err(|source| SegmentError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_reader(name, &mut source, seals)
+    }
+
+    fn seal(name: String, fd: OwnedFd, size: u64, seals: Seals) -> Result<Self, SegmentError> {
+        let seal_error = |errno| SegmentError::Seal {
+            name: name.clone(),
+            seals,
+            errno,
+        };
+        // Seal bits are below 2^31, so the cast keeps them.
+        let flags = SealFlag::from_bits_retain(seals.bits() as i32);
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(flags)).map_err(seal_error)?;
+        // Declare what the kernel holds, which may be more than asked
+        // (MFD_NOEXEC_SEAL adds F_SEAL_EXEC).
+        let actual = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(seal_error)?;
+        let seals = Seals::from_bits_retain(actual as u32);
+        Ok(SealedSegment {
+            name,
+            fd,
+            size,
+            seals,
+        })
+    }
+
+    /// The memfd name, as the header declares it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The seals the kernel reports for the memfd.
+    pub fn seals(&self) -> Seals {
+        self.seals
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The segment as its header declares it.
+    pub fn declaration(&self) -> sealpass_proto::Segment {
+        sealpass_proto::Segment {
+            name: self.name.clone(),
+            size: self.size,
+            seals: self.seals,
+        }
+    }
+
+    /// Gives up the memfd.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn read_all(segment: &SealedSegment) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let file = File::from(segment.fd().try_clone_to_owned().unwrap());
+        let mut out = vec![0; segment.size() as usize];
+        file.read_exact_at(&mut out, 0).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_fill_path_yields_the_bytes_and_the_seals() {
+        let seals = Seals::SENDER_DEFAULT;
+        let mut source = tempfile::NamedTempFile::new().unwrap();
+        source.write_all(b"from a file").unwrap();
+        let cases = [
+            (
+                SealedSegment::from_bytes("a", b"bytes", seals).unwrap(),
+                b"bytes".to_vec(),
+            ),
+            (
+                SealedSegment::filled("b", b'B', 3, seals).unwrap(),
+                b"BBB".to_vec(),
+            ),
+            (
+                SealedSegment::from_reader("c", &mut &b"stream"[..], seals).unwrap(),
+                b"stream".to_vec(),
+            ),
+            (
+                SealedSegment::from_file("d", source.path(), seals).unwrap(),
+                b"from a file".to_vec(),
+            ),
+            (
+                SealedSegment::filled("e", b'x', 0, seals).unwrap(),
+                Vec::new(),
+            ),
+        ];
+        for (segment, expected) in cases {
+            assert_eq!(read_all(&segment), expected, "{}", segment.name());
+            assert_eq!(segment.size(), expected.len() as u64);
+            assert!(segment.seals().contains(seals), "{}", segment.seals());
+        }
+    }
+
+    #[test]
+    fn sealed_memfds_refuse_writes_and_truncation() {
+        let segment = SealedSegment::filled("w", b'A', 4096, Seals::SENDER_DEFAULT).unwrap();
+        let file = File::from(segment.fd().try_clone_to_owned().unwrap());
+        let write = std::os::unix::fs::FileExt::write_at(&file, b"x", 0).unwrap_err();
+        assert_eq!(write.raw_os_error(), Some(Errno::EPERM as i32));
+        assert_eq!(ftruncate(&file, 0), Err(Errno::EPERM));
+    }
+
+    #[test]
+    fn fill_errors_are_reported() {
+        let error = SealedSegment::with_mapping("f", 10, Seals::empty(), |_| Err("disk on fire"))
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "segment \"f\": filling failed: disk on fire"
+        );
+        let error = SealedSegment::filled("a\0b", 1, 1, Seals::empty()).unwrap_err();
+        assert!(matches!(error, SegmentError::InvalidName(_)), "{error}");
+    }
+}
