@@ -14,7 +14,7 @@ use sealpass_sender::{SealedSegment, Sender, Verdict, parse_size};
 /// Hand buffers to a receiver as sealed memfds: zero copies, verified by the
 /// kernel. All segments go in one message, in the order given.
 ///
-/// Exit status: 0 accepted, 2 rejected by the receiver, 1 any other failure.
+/// Exit status: 0 accepted, 3 rejected by the receiver, 2 usage error, 1 any other failure.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
@@ -160,7 +160,7 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             message,
         } => {
             eprintln!("sealpass-send: rejected transfer {id}: {reason}: {message}");
-            Ok(ExitCode::from(2))
+            Ok(ExitCode::from(3))
         }
         other => {
             eprintln!("sealpass-send: unexpected verdict {other:?}");
