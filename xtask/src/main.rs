@@ -1,1 +1,42 @@
-fn main() {}
+//! The project's task runner (the cargo-xtask pattern): `cargo xtask <task>`.
+//! Plain Rust, few dependencies; each task is one module.
+
+mod demo;
+mod project;
+mod test;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  demo [--release]   two sealed 4 MiB memfds (shma = 'A', shmb = 'B') from sealpass-send to
+                     sealpass-recv, each its own process; checks every byte, prints a summary
+  test               the whole suite: fmt, clippy, every crate's tests, the demo
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((task, rest)) => (Some(task.as_str()), rest),
+        None => (None, &[][..]),
+    };
+    let result = match task {
+        Some("demo") => demo::run(rest),
+        Some("test") => test::run(rest),
+        Some("help" | "--help" | "-h") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown task {other:?}\n\n{USAGE}")),
+        None => Err(anyhow::anyhow!("no task given\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

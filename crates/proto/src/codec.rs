@@ -268,7 +268,9 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             detail: error.to_string(),
         })?;
     let extra = body.len().saturating_sub(used);
-    if extra > 0 && minor <= VERSION.minor {
+    // Only a newer minor may append fields this version does not know.
+    let peer_is_newer = minor > VERSION.minor;
+    if extra > 0 && !peer_is_newer {
         return Err(DecodeError::TrailingBodyBytes { extra, version });
     }
     message.validate()?;

@@ -29,3 +29,8 @@ pub mod size;
 pub use client::{SendError, Sender, Verdict};
 pub use memfd::{SealedSegment, SegmentError};
 pub use size::{ParseSizeError, parse_size};
+
+/// The README's example is compiled and run as a test of this crate.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;

@@ -1,0 +1,73 @@
+//! Where things are, and running cargo.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask_dir.parent().unwrap_or(xtask_dir).to_owned()
+}
+
+/// `cargo` as the one running this task, run from the workspace root.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+/// Runs `command`, failing if it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the two binaries and returns their paths (sender, receiver).
+pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--bins",
+        "-p",
+        "sealpass-sender",
+        "-p",
+        "sealpass-receiver",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let dir = target.join(if release { "release" } else { "debug" });
+    Ok((dir.join("sealpass-send"), dir.join("sealpass-recv")))
+}
+
+/// A scratch directory removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(label: &str) -> anyhow::Result<Scratch> {
+        let path = std::env::temp_dir().join(format!("sealpass-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Scratch(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
