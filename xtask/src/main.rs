@@ -1,6 +1,7 @@
 //! The project's task runner (the cargo-xtask pattern): `cargo xtask <task>`.
 //! Plain Rust, few dependencies; each task is one module.
 
+mod conformance;
 mod demo;
 mod project;
 mod test;
@@ -13,7 +14,10 @@ usage: cargo xtask <task>
 tasks:
   demo [--release]   two sealed 4 MiB memfds (shma = 'A', shmb = 'B') from sealpass-send to
                      sealpass-recv, each its own process; checks every byte, prints a summary
-  test               the whole suite: fmt, clippy, every crate's tests, the demo
+  conformance [--receiver 'CMD ...'] [--sender 'CMD ...']
+                     checks a receiver and/or a sender executable against PROTOCOL.md
+                     (each started with --socket PATH appended); default: this project's
+  test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
 ";
 
 fn main() -> ExitCode {
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
     let result = match task {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),
+        Some("conformance") => conformance::run(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

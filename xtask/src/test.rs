@@ -27,7 +27,73 @@ const STEPS: &[Step] = &[
         project::run(cargo().args(["test", "--workspace", "--locked"]))
     }),
     ("demo", || crate::demo::run(&[])),
+    ("conformance of this project's binaries", || {
+        crate::conformance::run(&[])
+    }),
+    (
+        "conformance of a receiver written from PROTOCOL.md alone",
+        || crate::conformance::run(&["--receiver".into(), spec_receiver(&[])]),
+    ),
+    (
+        "conformance catches broken receivers",
+        catches_broken_receivers,
+    ),
 ];
+
+/// The Python receiver written from PROTOCOL.md, with `flags`.
+fn spec_receiver(flags: &[&str]) -> String {
+    let script = project::root().join("xtask/peers/spec_receiver.py");
+    format!("python3 {} {}", script.display(), flags.join(" "))
+}
+
+/// Each deliberately broken variant of the spec receiver must fail exactly
+/// the cases that expose its flaw.
+fn catches_broken_receivers() -> anyhow::Result<()> {
+    const BROKEN: &[(&str, &[&str])] = &[
+        (
+            "seals",
+            &[
+                "malformed/missing-write",
+                "malformed/missing-shrink",
+                "malformed/future-write-instead-of-write",
+            ],
+        ),
+        (
+            "name",
+            &["malformed/wrong-name", "malformed/name-prefix-only"],
+        ),
+        (
+            "size",
+            &[
+                "malformed/smaller-than-declared",
+                "malformed/larger-than-declared",
+            ],
+        ),
+        (
+            "fd-count",
+            &[
+                "malformed/more-fds-than-segments",
+                "malformed/header-but-no-fds",
+            ],
+        ),
+    ];
+    for (skipped, exposed_by) in BROKEN {
+        let receiver = spec_receiver(&["--skip-check", skipped]);
+        let command = receiver.split_whitespace().map(str::to_owned).collect();
+        let report = crate::conformance::check(Some(command), None, true)?;
+        for case in *exposed_by {
+            let name = format!("receiver/{case}");
+            if !report.failed().contains(&name) {
+                bail!("a receiver that skips the {skipped} check passed {name}");
+            }
+        }
+        eprintln!(
+            "  skipping the {skipped} check is caught by: {}",
+            report.failed().join(", ")
+        );
+    }
+    Ok(())
+}
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {

@@ -233,8 +233,8 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
 #[test]
 fn every_hostile_sender_is_rejected_and_the_receiver_keeps_serving() {
     let receiver = RecvProcess::start(&[]);
+    let baseline = receiver.idle_fds();
     send_valid(&receiver);
-    let baseline = receiver.open_fds();
 
     for case in cases(receiver.dir()) {
         let connection = fdpass::connect(receiver.socket()).unwrap();
@@ -271,8 +271,8 @@ fn every_hostile_sender_is_rejected_and_the_receiver_keeps_serving() {
 #[test]
 fn silent_and_vanishing_peers_leave_nothing_behind() {
     let receiver = RecvProcess::start(&["--idle-timeout", "1"]);
+    let baseline = receiver.idle_fds();
     send_valid(&receiver);
-    let baseline = receiver.open_fds();
 
     // Connects and closes at once.
     drop(fdpass::connect(receiver.socket()).unwrap());

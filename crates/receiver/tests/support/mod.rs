@@ -19,6 +19,7 @@ pub struct RecvProcess {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    idle_fds: usize,
 }
 
 impl RecvProcess {
@@ -37,8 +38,15 @@ impl RecvProcess {
             .stdout(stdout)
             .spawn()
             .unwrap();
-        let mut process = RecvProcess { child, dir, socket };
+        let mut process = RecvProcess {
+            child,
+            dir,
+            socket,
+            idle_fds: 0,
+        };
         process.wait_until_listening();
+        // Before any connection: the count the receiver returns to when idle.
+        process.idle_fds = process.open_fds();
         process
     }
 
@@ -63,6 +71,11 @@ impl RecvProcess {
 
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
+    }
+
+    /// The receiver's open fds when it serves no connection.
+    pub fn idle_fds(&self) -> usize {
+        self.idle_fds
     }
 
     /// The receiver's open fds, from /proc/PID/fd.

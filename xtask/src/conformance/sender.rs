@@ -1,0 +1,198 @@
+//! A sender under test, against a scripted receiver. The sender is started
+//! with `--socket PATH` appended, once per scenario. Its message is checked
+//! with the kernel, then answered as the scenario says, and its exit status
+//! must follow.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_proto::limits::MAX_MESSAGE_LEN;
+use sealpass_proto::verify::{check_fd_count, check_segment};
+use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, decode, encode};
+use sealpass_receiver::inspect;
+
+use super::Report;
+use super::fixtures::{Fallible, PATIENCE, framed_exact, memfd};
+
+/// How the scripted receiver answers.
+#[derive(Clone, Copy)]
+enum Answering {
+    Ack,
+    AckFromNewerMinor,
+    AckAfterDelay,
+    AckCarryingAnFd,
+    Reject(RejectReason),
+    CloseWithoutAnswer,
+    AckForAnotherId,
+}
+
+const SCENARIOS: &[(&str, Answering, bool)] = &[
+    ("ack", Answering::Ack, true),
+    ("ack-from-a-newer-minor", Answering::AckFromNewerMinor, true),
+    ("ack-after-a-delay", Answering::AckAfterDelay, true),
+    ("ack-carrying-an-fd", Answering::AckCarryingAnFd, true),
+    (
+        "reject",
+        Answering::Reject(RejectReason::MissingSeals),
+        false,
+    ),
+    (
+        "reject-with-an-unknown-reason",
+        Answering::Reject(RejectReason::Unknown(999)),
+        false,
+    ),
+    (
+        "receiver-closes-without-answering",
+        Answering::CloseWithoutAnswer,
+        false,
+    ),
+    (
+        "ack-for-another-transfer",
+        Answering::AckForAnotherId,
+        false,
+    ),
+];
+
+/// Checks the sender's message as a strict receiver would; returns its id.
+fn verify_message(connection: &OwnedFd) -> Fallible<u64> {
+    let mut buffer = vec![0; MAX_MESSAGE_LEN];
+    let received = fdpass::receive(connection.as_fd(), &mut buffer, &mut ControlBuffer::new())
+        .map_err(|e| format!("receiving the sender's message: {e}"))?;
+    if received.payload_truncated {
+        return Err(format!("message over {MAX_MESSAGE_LEN} bytes"));
+    }
+    let bytes = buffer.get(..received.len).unwrap_or_default();
+    let decoded = decode(bytes).map_err(|e| format!("message does not decode: {e}"))?;
+    let Message::Transfer(transfer) = decoded.message else {
+        return Err(format!(
+            "sent {}; expected Transfer",
+            decoded.message.kind()
+        ));
+    };
+    check_fd_count(received.fds.len(), transfer.segments.len()).map_err(|e| e.to_string())?;
+    for (index, (declared, fd)) in transfer.segments.iter().zip(&received.fds).enumerate() {
+        let facts = inspect::facts(fd.as_fd()).map_err(|e| format!("segment {index}: {e}"))?;
+        check_segment(index, declared, &facts, &Policy::new(Seals::empty()))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(transfer.id)
+}
+
+fn answer(connection: &OwnedFd, id: u64, answering: Answering) -> Fallible<()> {
+    let encoded = |message: &Message| encode(message).map_err(|e| e.to_string());
+    let send = |payload: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
+        fdpass::send(connection.as_fd(), payload, fds).map_err(|e| format!("answering: {e}"))
+    };
+    let ack = Message::Ack(Ack { id });
+    match answering {
+        Answering::Ack => send(&encoded(&ack)?, &[]),
+        Answering::AckFromNewerMinor => {
+            let mut body = encoded(&ack)?.split_off(12);
+            body.extend_from_slice(b"a field from version 1.9");
+            send(&framed_exact(1, 9, &body), &[])
+        }
+        Answering::AckAfterDelay => {
+            std::thread::sleep(Duration::from_millis(500));
+            send(&encoded(&ack)?, &[])
+        }
+        Answering::AckCarryingAnFd => send(
+            &encoded(&ack)?,
+            &[memfd("stray", 1, Seals::empty())?.as_fd()],
+        ),
+        Answering::Reject(reason) => send(
+            &encoded(&Message::Reject(Reject::new(
+                id,
+                reason,
+                "scripted refusal",
+            )))?,
+            &[],
+        ),
+        Answering::CloseWithoutAnswer => Ok(()),
+        Answering::AckForAnotherId => send(
+            &encoded(&Message::Ack(Ack {
+                id: id.wrapping_add(1000),
+            }))?,
+            &[],
+        ),
+    }
+}
+
+fn wait(child: &mut Child) -> Fallible<ExitStatus> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "the sender was still running after {PATIENCE:?} (hang)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn scenario(
+    command: &[String],
+    scratch: &Path,
+    index: usize,
+    answering: Answering,
+    succeeds: bool,
+) -> Fallible<()> {
+    let socket = scratch.join(format!("sender-{index}.sock"));
+    let listener = fdpass::listen(&socket, 1).map_err(|e| e.to_string())?;
+    fdpass::set_timeouts(listener.as_fd(), Some(PATIENCE), None).map_err(|e| e.to_string())?;
+    let (program, args) = command.split_first().ok_or("empty sender command")?;
+    let log = scratch.join(format!("sender-{index}.log"));
+    let log_file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let mut child = Command::new(program)
+        .args(args)
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file)
+        .spawn()
+        .map_err(|e| format!("starting {program}: {e}"))?;
+    let served = fdpass::accept(listener.as_fd())
+        .map_err(|e| format!("the sender never connected: {e}"))
+        .and_then(|connection| {
+            let id = verify_message(&connection)?;
+            answer(&connection, id, answering)?;
+            drop(connection);
+            Ok(())
+        });
+    let status = wait(&mut child);
+    let _ = std::fs::remove_file(&socket);
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let with_log = |e: String| {
+        format!(
+            "{e}\n    sender output: {}",
+            log.trim().replace('\n', "\n    ")
+        )
+    };
+    served.map_err(with_log)?;
+    let status = status.map_err(with_log)?;
+    match (succeeds, status.code()) {
+        (true, Some(0)) => Ok(()),
+        (false, Some(code)) if code != 0 => Ok(()),
+        (true, _) => Err(with_log(format!("expected exit status 0; got {status}"))),
+        (false, _) => Err(with_log(format!(
+            "expected a nonzero exit status (not a signal); got {status}"
+        ))),
+    }
+}
+
+pub fn check(command: &[String], scratch: &Path, report: &mut Report) {
+    for (index, (name, answering, succeeds)) in SCENARIOS.iter().enumerate() {
+        report.record(
+            &format!("sender/{name}"),
+            scenario(command, scratch, index, *answering, *succeeds),
+        );
+    }
+}
