@@ -116,21 +116,26 @@ fn unix_addr(path: &Path) -> Result<UnixAddr, TransportError> {
     })
 }
 
-fn seqpacket_socket() -> Result<OwnedFd, TransportError> {
-    socket::socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| TransportError::sys(Op::Socket, e))
+fn unix_socket(kind: SockType) -> Result<OwnedFd, TransportError> {
+    socket::socket(AddressFamily::Unix, kind, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| TransportError::sys(Op::Socket, e))
 }
 
 /// Binds a listening `SOCK_SEQPACKET` socket at `path`. The caller decides
 /// what to do about a file already there.
 pub fn listen(path: &Path, backlog: i32) -> Result<OwnedFd, TransportError> {
+    listen_as(SockType::SeqPacket, path, backlog)
+}
+
+/// Binds a listening `SOCK_STREAM` socket at `path`, for bare fd-passing
+/// peers that speak no sealpass header (compat mode).
+pub fn listen_stream(path: &Path, backlog: i32) -> Result<OwnedFd, TransportError> {
+    listen_as(SockType::Stream, path, backlog)
+}
+
+fn listen_as(kind: SockType, path: &Path, backlog: i32) -> Result<OwnedFd, TransportError> {
     let addr = unix_addr(path)?;
-    let listener = seqpacket_socket()?;
+    let listener = unix_socket(kind)?;
     socket::bind(listener.as_raw_fd(), &addr).map_err(|e| TransportError::sys(Op::Bind, e))?;
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     socket::listen(&listener, backlog).map_err(|e| TransportError::sys(Op::Listen, e))?;
@@ -149,8 +154,17 @@ pub fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, TransportError> {
 
 /// Connects a `SOCK_SEQPACKET` socket to `path`.
 pub fn connect(path: &Path) -> Result<OwnedFd, TransportError> {
+    connect_as(SockType::SeqPacket, path)
+}
+
+/// Connects a `SOCK_STREAM` socket to `path` (compat mode).
+pub fn connect_stream(path: &Path) -> Result<OwnedFd, TransportError> {
+    connect_as(SockType::Stream, path)
+}
+
+fn connect_as(kind: SockType, path: &Path) -> Result<OwnedFd, TransportError> {
     let addr = unix_addr(path)?;
-    let sock = seqpacket_socket()?;
+    let sock = unix_socket(kind)?;
     loop {
         match socket::connect(sock.as_raw_fd(), &addr) {
             Err(Errno::EINTR) => continue,

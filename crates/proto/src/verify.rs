@@ -252,6 +252,66 @@ pub fn check_segment(
     Ok(())
 }
 
+/// What the kernel vouches for about a bare fd: one that came without a
+/// header, from a peer that speaks no sealpass (compat mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BareMemfd {
+    /// The memfd's name, from its link (lossy where it is not UTF-8).
+    pub name: String,
+    /// Its size when inspected. Without SHRINK it may shrink afterwards.
+    pub size: u64,
+    /// Its seals.
+    pub seals: Seals,
+}
+
+/// Judges a bare fd: every check of [`check_segment`] that needs no header.
+/// It must be a memfd and carry at least `required`, which may be empty:
+/// a compat receiver copies bytes out rather than mapping them.
+pub fn check_bare_fd(
+    index: usize,
+    facts: &FdFacts,
+    required: Seals,
+) -> Result<BareMemfd, SegmentError> {
+    let unnamed = || format!("fd {index}");
+    if facts.kind != FileKind::Regular {
+        return Err(SegmentError::NotRegularFile {
+            index,
+            name: unnamed(),
+            found: facts.kind,
+        });
+    }
+    let Some(seals) = facts.seals else {
+        return Err(SegmentError::NotSealable {
+            index,
+            name: unnamed(),
+        });
+    };
+    let Some(name) = facts.memfd_name() else {
+        return Err(SegmentError::NotMemfdLink {
+            index,
+            name: unnamed(),
+            link: String::from_utf8_lossy(&facts.link).into_owned(),
+        });
+    };
+    let name = String::from_utf8_lossy(name).into_owned();
+    let missing = required - seals;
+    if !missing.is_empty() {
+        return Err(SegmentError::MissingSeals {
+            index,
+            name,
+            declared: Seals::empty(),
+            required,
+            found: seals,
+            missing,
+        });
+    }
+    Ok(BareMemfd {
+        name,
+        size: facts.size,
+        seals,
+    })
+}
+
 /// The number of fds must equal the number of segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("message carries {fds} fds for {segments} declared segments; expected one fd per segment")]
@@ -399,6 +459,39 @@ mod tests {
             ..memfd_facts()
         };
         assert_eq!(facts.memfd_name(), Some(&b"a (deleted)"[..]));
+    }
+
+    #[test]
+    fn bare_fds_are_judged_without_a_header() {
+        let unsealed = FdFacts {
+            seals: Some(Seals::empty()),
+            ..memfd_facts()
+        };
+        assert_eq!(
+            check_bare_fd(0, &unsealed, Seals::empty()),
+            Ok(BareMemfd {
+                name: "shma".into(),
+                size: 4096,
+                seals: Seals::empty()
+            })
+        );
+        let check = |facts: &FdFacts, required| {
+            check_bare_fd(0, facts, required).map_err(|e| e.reject_reason())
+        };
+        assert_eq!(
+            check(&unsealed, Seals::WRITE),
+            Err(RejectReason::MissingSeals)
+        );
+        let pipe = FdFacts {
+            kind: FileKind::Fifo,
+            ..memfd_facts()
+        };
+        assert_eq!(check(&pipe, Seals::empty()), Err(RejectReason::NotMemfd));
+        let tmpfs = FdFacts {
+            link: b"/dev/shm/x".to_vec(),
+            ..memfd_facts()
+        };
+        assert_eq!(check(&tmpfs, Seals::empty()), Err(RejectReason::NotMemfd));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! # }
 //! ```
 
+pub mod compat;
 pub mod inspect;
 mod mapping;
 pub mod server;

@@ -117,6 +117,10 @@ fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
         Err(error) if error.errno() == Some(Errno::ECONNREFUSED) => {
             fs::remove_file(path).map_err(io_error)
         }
+        // A live listener of the other socket type.
+        Err(error) if error.errno() == Some(Errno::EPROTOTYPE) => Err(BindError::InUse {
+            path: path.to_owned(),
+        }),
         Err(source) => Err(BindError::Listen {
             path: path.to_owned(),
             source,
@@ -132,8 +136,21 @@ impl Listener {
     /// Listens at `path`, first removing a stale socket left there (and
     /// refusing to touch anything that is not a socket, or a live one).
     pub fn bind(path: &Path) -> Result<Listener, BindError> {
+        Self::bind_with(path, fdpass::listen)
+    }
+
+    /// Listens at `path` on `SOCK_STREAM`, for bare fd-passing peers; accept
+    /// with [`Listener::accept_bare`].
+    pub fn bind_compat(path: &Path) -> Result<Listener, BindError> {
+        Self::bind_with(path, fdpass::listen_stream)
+    }
+
+    fn bind_with(
+        path: &Path,
+        listen: fn(&Path, i32) -> Result<OwnedFd, TransportError>,
+    ) -> Result<Listener, BindError> {
         remove_stale_socket(path)?;
-        let socket = fdpass::listen(path, 128).map_err(|source| BindError::Listen {
+        let socket = listen(path, 128).map_err(|source| BindError::Listen {
             path: path.to_owned(),
             source,
         })?;
@@ -170,6 +187,16 @@ impl Listener {
             .set_idle_timeout(self.idle_timeout)
             .map_err(ServeError::Accept)?;
         Ok(connection)
+    }
+}
+
+impl Listener {
+    /// Waits for the next bare peer (on a listener from [`Listener::bind_compat`]).
+    pub fn accept_bare(&self) -> Result<crate::compat::BareConnection, ServeError> {
+        let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
+        fdpass::set_timeouts(socket.as_fd(), self.idle_timeout, self.idle_timeout)
+            .map_err(ServeError::Accept)?;
+        Ok(crate::compat::BareConnection::new(socket))
     }
 }
 

@@ -95,6 +95,21 @@ pub enum SendError {
     },
 }
 
+/// The filler bytes a bare send carries: plain fd-passing receivers read a
+/// fixed-size payload beside the fds.
+pub const BARE_PAYLOAD_LEN: usize = 256;
+
+/// Sends `segments` the way plain fd-passing programs do, for receivers that
+/// speak no sealpass (compat mode): over `SOCK_STREAM`, with
+/// [`BARE_PAYLOAD_LEN`] zero bytes and no header, and no answer awaited.
+/// Each memfd's file offset is 0, so a receiver that `read()`s it gets the
+/// bytes from the start.
+pub fn send_bare(path: &Path, segments: &[SealedSegment]) -> Result<(), SendError> {
+    let socket = fdpass::connect_stream(path).map_err(SendError::Connect)?;
+    let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();
+    fdpass::send(socket.as_fd(), &[0; BARE_PAYLOAD_LEN], &fds).map_err(SendError::Send)
+}
+
 /// A connection to a receiver. Transfers go one at a time; ids count up from 1.
 #[derive(Debug)]
 pub struct Sender {

@@ -26,7 +26,7 @@ pub mod client;
 pub mod memfd;
 pub mod size;
 
-pub use client::{SendError, Sender, Verdict};
+pub use client::{BARE_PAYLOAD_LEN, SendError, Sender, Verdict, send_bare};
 pub use memfd::{SealedSegment, SegmentError};
 pub use size::{ParseSizeError, parse_size};
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use sealpass_proto::{Policy, Seals};
+use sealpass_receiver::compat::BareSegment;
 use sealpass_receiver::{Connection, Listener, Outcome, ServeError, VerifiedTransfer};
 use serde::Serialize;
 
@@ -34,10 +35,16 @@ struct Cli {
     /// One JSON line per accepted transfer (to stdout; to stderr with --print).
     #[arg(long)]
     json: bool,
-    /// Seals every segment must carry. SHRINK and WRITE are always required:
-    /// without them a mapping could fault or change under the reader.
-    #[arg(long, value_name = "LIST", default_value = "shrink,grow,write")]
-    require_seals: Seals,
+    /// Seals every segment must carry [default: shrink,grow,write; with
+    /// --compat: none]. Outside compat mode SHRINK and WRITE are always
+    /// required: without them a mapping could fault or change under the reader.
+    #[arg(long, value_name = "LIST")]
+    require_seals: Option<Seals>,
+    /// Accept bare fd passing over SOCK_STREAM, as plain programs do it: any
+    /// payload is ignored, each fd must be a memfd, its bytes are copied out
+    /// with pread (never mapped), and no answer is sent.
+    #[arg(long)]
+    compat: bool,
     /// Close a connection that sends nothing for this many seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     idle_timeout: u64,
@@ -172,18 +179,143 @@ fn serve(cli: &Cli, mut connection: Connection) -> bool {
     false
 }
 
+/// The JSON line for a batch of bare fds.
+#[derive(Serialize)]
+struct BareLine<'a> {
+    compat: bool,
+    segments: Vec<BareSegmentLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct BareSegmentLine<'a> {
+    name: &'a str,
+    size: u64,
+    seals: String,
+}
+
+fn store_bare(dir: &Path, segment: &BareSegment) -> anyhow::Result<()> {
+    if !safe_file_name(segment.name()) {
+        bail!(
+            "memfd name {:?} could leave {}; expected a plain file name",
+            segment.name(),
+            dir.display()
+        );
+    }
+    let target = dir.join(segment.name());
+    let partial = dir.join(format!(".{}.partial", segment.name()));
+    let mut file =
+        fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    segment.copy_to(&mut file)?;
+    fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))
+}
+
+fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
+    for segment in batch {
+        if let Some(dir) = &cli.out {
+            store_bare(dir, segment)?;
+        }
+        if cli.print {
+            let mut stdout = io::stdout().lock();
+            segment.copy_to(&mut stdout)?;
+            stdout.flush().context("writing to stdout")?;
+        }
+    }
+    if cli.json {
+        let line = serde_json::to_string(&BareLine {
+            compat: true,
+            segments: batch
+                .iter()
+                .map(|s| BareSegmentLine {
+                    name: s.name(),
+                    size: s.size(),
+                    seals: s.seals().to_string(),
+                })
+                .collect(),
+        })?;
+        if cli.print {
+            eprintln!("{line}");
+        } else {
+            let mut stdout = io::stdout().lock();
+            writeln!(stdout, "{line}")
+                .and_then(|()| stdout.flush())
+                .context("writing to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves bare peers: no header, no answer. Returns after the first batch with `--once`.
+fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result<()> {
+    loop {
+        let mut connection = match listener.accept_bare() {
+            Ok(connection) => connection,
+            Err(error) => {
+                eprintln!("sealpass-recv: {error}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        loop {
+            let batch = match connection.receive(required) {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(error) => {
+                    eprintln!("sealpass-recv: connection closed: {error}");
+                    break;
+                }
+            };
+            let mut accepted = Vec::new();
+            for result in batch {
+                match result {
+                    Ok(segment) => accepted.push(segment),
+                    Err(error) => eprintln!("sealpass-recv: refused {error}"),
+                }
+            }
+            match handle_bare(cli, &accepted) {
+                Ok(()) => eprintln!(
+                    "sealpass-recv: received {} bare memfds: {}",
+                    accepted.len(),
+                    accepted
+                        .iter()
+                        .map(|s| format!("{} ({} bytes, sealed {})", s.name(), s.size(), s.seals()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(error) => eprintln!("sealpass-recv: failed: {error:#}"),
+            }
+            drop(accepted);
+            if cli.once {
+                return Ok(());
+            }
+        }
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(dir) = &cli.out {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    if cli.compat {
+        let mut listener = Listener::bind_compat(&cli.socket)?;
+        listener.set_idle_timeout(
+            (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
+        );
+        let required = cli.require_seals.unwrap_or(Seals::empty());
+        eprintln!(
+            "sealpass-recv: listening on {} in compat mode (SOCK_STREAM, bare fds, requiring {required})",
+            listener.path().display()
+        );
+        return serve_bare(cli, &listener, required);
+    }
+    let policy = Policy::new(cli.require_seals.unwrap_or(Seals::RECEIVER_DEFAULT));
     let mut listener = Listener::bind(&cli.socket)?;
-    listener.set_policy(Policy::new(cli.require_seals));
+    listener.set_policy(policy);
     listener
         .set_idle_timeout((cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)));
     eprintln!(
         "sealpass-recv: listening on {} (requiring {})",
         listener.path().display(),
-        Policy::new(cli.require_seals).required()
+        policy.required()
     );
     loop {
         let connection = match listener.accept() {

@@ -37,6 +37,10 @@ struct Cli {
     /// Keep retrying the connection for this many seconds while the receiver starts.
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     connect_timeout: f64,
+    /// Send bare fds over SOCK_STREAM with a 256-byte zero payload and no
+    /// header, for plain fd-passing receivers; no answer is awaited.
+    #[arg(long)]
+    compat: bool,
     /// Give up waiting for the verdict after this many seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 0.0)]
     answer_timeout: f64,
@@ -125,6 +129,17 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         segments.push(segment);
     }
     let prepared = started.elapsed();
+    let bytes: u64 = segments.iter().map(SealedSegment::size).sum();
+
+    if cli.compat {
+        sealpass_sender::send_bare(&cli.socket, &segments)?;
+        println!(
+            "sent {} bare memfds, {bytes} bytes, no header (compat); prepared in {} us",
+            segments.len(),
+            prepared.as_micros()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
 
     let mut sender = match seconds(cli.connect_timeout, "connect-timeout")? {
         Some(patience) => Sender::connect_with_retry(&cli.socket, patience)?,
@@ -134,8 +149,6 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     let handoff_started = Instant::now();
     let verdict = sender.send(&segments)?;
     let handoff = handoff_started.elapsed();
-
-    let bytes: u64 = segments.iter().map(SealedSegment::size).sum();
     match verdict {
         Verdict::Accepted { id } => {
             println!(
