@@ -192,6 +192,37 @@ impl SegmentError {
     }
 }
 
+/// The checks that make an fd a memfd: a regular file, sealable, with a
+/// memfd's link. Returns its seals and the name in its link. `label` names
+/// the fd in errors.
+fn check_memfd<'f>(
+    index: usize,
+    label: &str,
+    facts: &'f FdFacts,
+) -> Result<(Seals, &'f [u8]), SegmentError> {
+    if facts.kind != FileKind::Regular {
+        return Err(SegmentError::NotRegularFile {
+            index,
+            name: label.to_owned(),
+            found: facts.kind,
+        });
+    }
+    let Some(seals) = facts.seals else {
+        return Err(SegmentError::NotSealable {
+            index,
+            name: label.to_owned(),
+        });
+    };
+    let Some(name) = facts.memfd_name() else {
+        return Err(SegmentError::NotMemfdLink {
+            index,
+            name: label.to_owned(),
+            link: String::from_utf8_lossy(&facts.link).into_owned(),
+        });
+    };
+    Ok((seals, name))
+}
+
 /// Judges one fd against its declared segment, checking in this order: it
 /// is a regular file; it supports seals; its link is a memfd's; the name; the
 /// size; the seals (actual ⊇ declared ∪ required, never equality: a memfd
@@ -203,26 +234,7 @@ pub fn check_segment(
     policy: &Policy,
 ) -> Result<(), SegmentError> {
     let name = || declared.name.clone();
-    if facts.kind != FileKind::Regular {
-        return Err(SegmentError::NotRegularFile {
-            index,
-            name: name(),
-            found: facts.kind,
-        });
-    }
-    let Some(found_seals) = facts.seals else {
-        return Err(SegmentError::NotSealable {
-            index,
-            name: name(),
-        });
-    };
-    let Some(found_name) = facts.memfd_name() else {
-        return Err(SegmentError::NotMemfdLink {
-            index,
-            name: name(),
-            link: String::from_utf8_lossy(&facts.link).into_owned(),
-        });
-    };
+    let (found_seals, found_name) = check_memfd(index, &declared.name, facts)?;
     if found_name != declared.name.as_bytes() {
         return Err(SegmentError::NameMismatch {
             index,
@@ -272,27 +284,7 @@ pub fn check_bare_fd(
     facts: &FdFacts,
     required: Seals,
 ) -> Result<BareMemfd, SegmentError> {
-    let unnamed = || format!("fd {index}");
-    if facts.kind != FileKind::Regular {
-        return Err(SegmentError::NotRegularFile {
-            index,
-            name: unnamed(),
-            found: facts.kind,
-        });
-    }
-    let Some(seals) = facts.seals else {
-        return Err(SegmentError::NotSealable {
-            index,
-            name: unnamed(),
-        });
-    };
-    let Some(name) = facts.memfd_name() else {
-        return Err(SegmentError::NotMemfdLink {
-            index,
-            name: unnamed(),
-            link: String::from_utf8_lossy(&facts.link).into_owned(),
-        });
-    };
+    let (seals, name) = check_memfd(index, &format!("fd {index}"), facts)?;
     let name = String::from_utf8_lossy(name).into_owned();
     let missing = required - seals;
     if !missing.is_empty() {

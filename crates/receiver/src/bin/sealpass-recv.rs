@@ -108,13 +108,36 @@ fn store(dir: &Path, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
         );
     }
     for segment in transfer.segments() {
-        let target = dir.join(segment.name());
-        let partial = dir.join(format!(".{}.partial", segment.name()));
-        fs::write(&partial, segment.bytes())
-            .and_then(|()| fs::rename(&partial, &target))
-            .with_context(|| format!("writing {}", target.display()))?;
+        write_into(dir, segment.name(), |file| {
+            Ok(file.write_all(segment.bytes())?)
+        })?;
     }
     Ok(())
+}
+
+/// Writes DIR/NAME through a temporary file renamed into place, so a reader
+/// of DIR never sees a half-written segment. NAME must be a plain file name.
+fn write_into(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut fs::File) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if !safe_file_name(name) {
+        bail!(
+            "segment name {name:?} could leave {}; expected a plain file name",
+            dir.display()
+        );
+    }
+    let target = dir.join(name);
+    let partial = dir.join(format!(".{name}.partial"));
+    let result = fs::File::create(&partial)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut file| write(&mut file))
+        .and_then(|()| Ok(fs::rename(&partial, &target)?));
+    if result.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    result.with_context(|| format!("writing {}", target.display()))
 }
 
 fn handle(cli: &Cli, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
@@ -131,17 +154,22 @@ fn handle(cli: &Cli, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
         stdout.flush().context("writing to stdout")?;
     }
     if cli.json {
-        let line = serde_json::to_string(&describe(transfer))?;
-        if cli.print {
-            eprintln!("{line}");
-        } else {
-            let mut stdout = io::stdout().lock();
-            writeln!(stdout, "{line}")
-                .and_then(|()| stdout.flush())
-                .context("writing to stdout")?;
-        }
+        emit_json(cli, &describe(transfer))?;
     }
     Ok(())
+}
+
+/// One JSON line: to stdout, or to stderr when stdout carries `--print` bytes.
+fn emit_json(cli: &Cli, value: &impl Serialize) -> anyhow::Result<()> {
+    let line = serde_json::to_string(value)?;
+    if cli.print {
+        eprintln!("{line}");
+        return Ok(());
+    }
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")
 }
 
 /// Serves one connection until it ends; true once a transfer was accepted
@@ -194,19 +222,9 @@ struct BareSegmentLine<'a> {
 }
 
 fn store_bare(dir: &Path, segment: &BareSegment) -> anyhow::Result<()> {
-    if !safe_file_name(segment.name()) {
-        bail!(
-            "memfd name {:?} could leave {}; expected a plain file name",
-            segment.name(),
-            dir.display()
-        );
-    }
-    let target = dir.join(segment.name());
-    let partial = dir.join(format!(".{}.partial", segment.name()));
-    let mut file =
-        fs::File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    segment.copy_to(&mut file)?;
-    fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))
+    write_into(dir, segment.name(), |file| {
+        Ok(segment.copy_to(file).map(drop)?)
+    })
 }
 
 fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
@@ -221,25 +239,21 @@ fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
         }
     }
     if cli.json {
-        let line = serde_json::to_string(&BareLine {
-            compat: true,
-            segments: batch
-                .iter()
-                .map(|s| BareSegmentLine {
-                    name: s.name(),
-                    size: s.size(),
-                    seals: s.seals().to_string(),
-                })
-                .collect(),
-        })?;
-        if cli.print {
-            eprintln!("{line}");
-        } else {
-            let mut stdout = io::stdout().lock();
-            writeln!(stdout, "{line}")
-                .and_then(|()| stdout.flush())
-                .context("writing to stdout")?;
-        }
+        let segments = batch
+            .iter()
+            .map(|s| BareSegmentLine {
+                name: s.name(),
+                size: s.size(),
+                seals: s.seals().to_string(),
+            })
+            .collect();
+        emit_json(
+            cli,
+            &BareLine {
+                compat: true,
+                segments,
+            },
+        )?;
     }
     Ok(())
 }
