@@ -136,6 +136,11 @@ pub fn listen_stream(path: &Path, backlog: i32) -> Result<OwnedFd, TransportErro
 fn listen_as(kind: SockType, path: &Path, backlog: i32) -> Result<OwnedFd, TransportError> {
     let addr = unix_addr(path)?;
     let listener = unix_socket(kind)?;
+    // Linux gives the socket file the socket inode's mode (less the umask)
+    // at bind, so narrowing it first leaves no moment in which the file is
+    // more open than owner-only. Callers widen it afterwards if they must.
+    nix::sys::stat::fchmod(&listener, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| TransportError::sys(Op::SetOption, e))?;
     socket::bind(listener.as_raw_fd(), &addr).map_err(|e| TransportError::sys(Op::Bind, e))?;
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     socket::listen(&listener, backlog).map_err(|e| TransportError::sys(Op::Listen, e))?;
@@ -361,6 +366,41 @@ pub fn receive(
     })
 }
 
+/// Who is at the other end of a unix socket, as the kernel recorded it at
+/// `connect` (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerCredentials {
+    /// The peer's process id.
+    pub pid: i32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its effective group id.
+    pub gid: u32,
+}
+
+impl std::fmt::Display for PeerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} uid {} gid {}", self.pid, self.uid, self.gid)
+    }
+}
+
+/// The credentials of the peer of a connected socket.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<PeerCredentials, TransportError> {
+    let credentials = socket::getsockopt(&sock, sockopt::PeerCredentials)
+        .map_err(|e| TransportError::sys(Op::SetOption, e))?;
+    Ok(PeerCredentials {
+        pid: credentials.pid(),
+        uid: credentials.uid(),
+        gid: credentials.gid(),
+    })
+}
+
+/// Stops reading from `sock`: messages already queued are still delivered,
+/// then `receive` sees the end of the stream. Used to stop serving gracefully.
+pub fn shut_down_reading(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
+    socket::shutdown(sock.as_raw_fd(), socket::Shutdown::Read).map_err(|e| TransportError::sys(Op::SetOption, e))
+}
+
 /// A connected pair of `SOCK_SEQPACKET` sockets, close-on-exec (for tests and
 /// in-process peers).
 pub fn pair() -> Result<(OwnedFd, OwnedFd), TransportError> {
@@ -445,6 +485,36 @@ mod tests {
         // MSG_NOSIGNAL: an error, not a SIGPIPE that kills the test process.
         let error = send(b.as_fd(), b"x", &[]).unwrap_err();
         assert_eq!(error.errno(), Some(Errno::EPIPE));
+    }
+
+    #[test]
+    fn listening_sockets_are_owner_only_and_peers_are_known() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sealpass-fdpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mode.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = listen(&path, 1).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _client = connect(&path).unwrap();
+        let served = accept(listener.as_fd()).unwrap();
+        let peer = peer_credentials(served.as_fd()).unwrap();
+        assert_eq!(peer.pid, std::process::id() as i32);
+        // /proc/self belongs to this process's effective uid.
+        assert_eq!(peer.uid, std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shutting_down_reading_still_delivers_what_is_queued() {
+        let (a, b) = pair().unwrap();
+        send(a.as_fd(), b"queued", &[]).unwrap();
+        shut_down_reading(b.as_fd()).unwrap();
+        let mut buffer = [0u8; 16];
+        let mut control = ControlBuffer::new();
+        assert_eq!(receive(b.as_fd(), &mut buffer, &mut control).unwrap().len, 6);
+        assert!(receive(b.as_fd(), &mut buffer, &mut control).unwrap().is_end_of_stream());
     }
 
     #[test]

@@ -163,6 +163,14 @@ reject_reasons! {
     ApplicationRejected = 17,
     /// The receiver ran short of a resource (fds, memory) for this transfer.
     ResourceExhausted = 18,
+    /// The peer's credentials are not on the receiver's allow list.
+    NotAllowed = 19,
+    /// The receiver serves as many connections as it allows.
+    TooManyConnections = 20,
+    /// Mapping the transfer would exceed the receiver's mapped-bytes limit.
+    MemoryLimit = 21,
+    /// The peer took too long to send its first message, or went idle.
+    Timeout = 22,
 }
 
 impl std::fmt::Display for RejectReason {

@@ -26,6 +26,7 @@
 
 pub mod compat;
 pub mod inspect;
+pub mod limits;
 mod mapping;
 pub mod server;
 

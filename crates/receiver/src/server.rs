@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use memmap2::Mmap;
@@ -16,6 +17,7 @@ use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::verify::{check_fd_count, check_segment};
 use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, Version, codec, decode};
 
+use crate::limits::{Limits, MappedBudget, Reservation};
 use crate::{inspect, mapping};
 
 /// Why the receiver could not start listening.
@@ -91,7 +93,7 @@ pub struct Listener {
     path: PathBuf,
     inode: Option<(u64, u64)>,
     policy: Policy,
-    idle_timeout: Option<Duration>,
+    limits: Limits,
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
@@ -159,7 +161,7 @@ impl Listener {
             path: path.to_owned(),
             inode: inode_of(path),
             policy: Policy::default(),
-            idle_timeout: Some(Duration::from_secs(30)),
+            limits: Limits::default(),
         })
     }
 
@@ -168,10 +170,31 @@ impl Listener {
         self.policy = policy;
     }
 
-    /// How long a connection may stay silent, mid-message or between
-    /// messages, before it is closed (default 30 s; `None`: forever).
+    /// How long a connection may stay silent, before its first message or
+    /// between messages, before it is closed (`None`: forever).
     pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) {
-        self.idle_timeout = timeout;
+        self.limits.first_message_deadline = timeout;
+        self.limits.idle_timeout = timeout;
+    }
+
+    /// The limits each accepted connection gets (default: [`Limits::default`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The limits each accepted connection gets.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The policy each accepted connection gets.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The listening socket.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 
     /// The socket's path.
@@ -184,7 +207,7 @@ impl Listener {
         let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
         let mut connection = Connection::new(socket, self.policy);
         connection
-            .set_idle_timeout(self.idle_timeout)
+            .set_limits(self.limits.clone(), None)
             .map_err(ServeError::Accept)?;
         Ok(connection)
     }
@@ -194,7 +217,7 @@ impl Listener {
     /// Waits for the next bare peer (on a listener from [`Listener::bind_compat`]).
     pub fn accept_bare(&self) -> Result<crate::compat::BareConnection, ServeError> {
         let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
-        fdpass::set_timeouts(socket.as_fd(), self.idle_timeout, self.idle_timeout)
+        fdpass::set_timeouts(socket.as_fd(), self.limits.idle_timeout, self.limits.idle_timeout)
             .map_err(ServeError::Accept)?;
         Ok(crate::compat::BareConnection::new(socket))
     }
@@ -246,6 +269,8 @@ pub struct VerifiedTransfer {
     id: u64,
     version: Version,
     segments: Vec<VerifiedSegment>,
+    /// Counts the mapped bytes against the service's budget while alive.
+    _reservation: Option<Reservation>,
 }
 
 impl VerifiedTransfer {
@@ -318,33 +343,60 @@ impl Refusal {
 pub struct Connection {
     socket: OwnedFd,
     policy: Policy,
-    idle_timeout: Option<Duration>,
+    limits: Limits,
+    budget: Option<Arc<MappedBudget>>,
     incoming: Vec<u8>,
     outgoing: Vec<u8>,
     control: Box<ControlBuffer>,
     open: bool,
+    /// Whether a first complete message arrived (the deadline gave way to
+    /// the idle timeout).
+    greeted: bool,
 }
 
 impl Connection {
-    /// Serves a connected `SOCK_SEQPACKET` socket under `policy`.
+    /// Serves a connected `SOCK_SEQPACKET` socket under `policy`, with no
+    /// limits beyond the protocol's and no timeouts.
     pub fn new(socket: OwnedFd, policy: Policy) -> Connection {
         Connection {
             socket,
             policy,
-            idle_timeout: None,
+            limits: Limits {
+                first_message_deadline: None,
+                idle_timeout: None,
+                ..Limits::default()
+            },
+            budget: None,
             incoming: vec![0; MAX_MESSAGE_LEN],
             outgoing: Vec::new(),
             control: ControlBuffer::new(),
             open: true,
+            greeted: false,
         }
     }
 
-    /// How long the peer may stay silent (`None`: forever). Also bounds how
-    /// long an answer may wait for room in the peer's queue.
+    /// Applies `limits`, and `budget` (shared with other connections) if any.
+    pub fn set_limits(&mut self, limits: Limits, budget: Option<Arc<MappedBudget>>) -> Result<(), TransportError> {
+        self.limits = limits;
+        self.budget = budget;
+        let wait = if self.greeted {
+            self.limits.idle_timeout
+        } else {
+            self.limits.first_message_deadline.or(self.limits.idle_timeout)
+        };
+        fdpass::set_timeouts(self.socket.as_fd(), wait, self.limits.idle_timeout)
+    }
+
+    /// How long the peer may stay silent (`None`: forever), before its first
+    /// message and after. Also bounds how long an answer may wait for room in
+    /// the peer's queue.
     pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        fdpass::set_timeouts(self.socket.as_fd(), timeout, timeout)?;
-        self.idle_timeout = timeout;
-        Ok(())
+        let limits = Limits {
+            first_message_deadline: timeout,
+            idle_timeout: timeout,
+            ..self.limits.clone()
+        };
+        self.set_limits(limits, self.budget.clone())
     }
 
     /// The socket.
@@ -353,7 +405,8 @@ impl Connection {
     }
 
     /// Whether the connection can carry more messages: false once the peer
-    /// closed it, or after a reject that ends it (unsupported version).
+    /// closed it, or after a reject that ends it (unsupported version,
+    /// timeout).
     pub fn is_open(&self) -> bool {
         self.open
     }
@@ -362,7 +415,8 @@ impl Connection {
     /// and answers: `Ack` once `handler` returns `Ok`, `Reject` with the
     /// reason otherwise. The fds of a refused message are closed before the
     /// `Reject` goes out; the mappings of an accepted one are gone before
-    /// the `Ack` does.
+    /// the `Ack` does. A peer that sends nothing within the deadline or the
+    /// idle timeout gets `Reject(Timeout)` and the connection closes.
     pub fn serve_one<E: Display>(
         &mut self,
         handler: impl FnOnce(&VerifiedTransfer) -> Result<(), E>,
@@ -370,47 +424,56 @@ impl Connection {
         if !self.open {
             return Ok(Outcome::Closed);
         }
-        let received =
-            match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
-                Ok(received) => received,
-                Err(TransportError::TimedOut { .. }) => {
-                    self.open = false;
-                    return Err(ServeError::IdleTimeout(
-                        self.idle_timeout.unwrap_or_default(),
-                    ));
-                }
-                Err(error) => {
-                    self.open = false;
-                    return Err(ServeError::Receive(error));
-                }
-            };
+        let received = match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
+            Ok(received) => received,
+            Err(TransportError::TimedOut { .. }) => {
+                let waited = if self.greeted {
+                    self.limits.idle_timeout
+                } else {
+                    self.limits.first_message_deadline.or(self.limits.idle_timeout)
+                };
+                let what = if self.greeted { "no message" } else { "no complete first message" };
+                self.open = false;
+                return self.refuse(Refusal::new(
+                    0,
+                    RejectReason::Timeout,
+                    format_args!("{what} within {:?}; closing the connection", waited.unwrap_or_default()),
+                ));
+            }
+            Err(error) => {
+                self.open = false;
+                return Err(ServeError::Receive(error));
+            }
+        };
         if received.is_end_of_stream() {
             self.open = false;
             return Ok(Outcome::Closed);
         }
+        if !self.greeted {
+            self.greeted = true;
+            fdpass::set_timeouts(self.socket.as_fd(), self.limits.idle_timeout, self.limits.idle_timeout)
+                .map_err(ServeError::Receive)?;
+        }
         // `received.fds` is moved into `verify`, which drops (closes) every fd
         // on every path: mapped segments keep the file alive on their own.
-        let verdict = self.verify(received, handler);
-        match verdict {
+        match self.verify(received, handler) {
             Ok((id, segments, bytes)) => {
                 self.answer(Message::Ack(Ack { id }))?;
-                Ok(Outcome::Accepted {
-                    id,
-                    segments,
-                    bytes,
-                })
+                Ok(Outcome::Accepted { id, segments, bytes })
             }
-            Err(refusal) => {
-                let reject = Reject::new(refusal.id, refusal.reason, refusal.message);
-                let outcome = Outcome::Rejected {
-                    id: reject.id,
-                    reason: reject.reason,
-                    message: reject.message.clone(),
-                };
-                self.answer(Message::Reject(reject))?;
-                Ok(outcome)
-            }
+            Err(refusal) => self.refuse(refusal),
         }
+    }
+
+    fn refuse(&mut self, refusal: Refusal) -> Result<Outcome, ServeError> {
+        let reject = Reject::new(refusal.id, refusal.reason, refusal.message);
+        let outcome = Outcome::Rejected {
+            id: reject.id,
+            reason: reject.reason,
+            message: reject.message.clone(),
+        };
+        self.answer(Message::Reject(reject))?;
+        Ok(outcome)
     }
 
     fn verify<E: Display>(
@@ -423,16 +486,19 @@ impl Connection {
             return Err(Refusal::new(
                 0,
                 RejectReason::TooLarge,
-                format_args!(
-                    "message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"
-                ),
+                format_args!("message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"),
             ));
         }
         if received.control_truncated {
+            // The buffer has room for SCM_MAX_FD fds, so the kernel could not
+            // install them all: most likely this process is out of fds.
             return Err(Refusal::new(
                 0,
                 RejectReason::ControlTruncated,
-                "control data was truncated (MSG_CTRUNC); expected one SCM_RIGHTS of at most 253 fds",
+                format_args!(
+                    "control data was truncated (MSG_CTRUNC) after {} fds; the receiver may be out of file descriptors",
+                    fds.len()
+                ),
             ));
         }
         let bytes = self.incoming.get(..received.len).unwrap_or_default();
@@ -450,21 +516,58 @@ impl Connection {
             ));
         };
         let id = transfer.id;
+        if transfer.segments.len() > self.limits.max_segments {
+            return Err(Refusal::new(
+                id,
+                RejectReason::TooManySegments,
+                format_args!(
+                    "{} segments; this receiver accepts at most {} per message",
+                    transfer.segments.len(),
+                    self.limits.max_segments
+                ),
+            ));
+        }
         check_fd_count(fds.len(), transfer.segments.len())
             .map_err(|e| Refusal::new(id, RejectReason::FdCountMismatch, e))?;
 
-        let mut segments = Vec::with_capacity(fds.len());
-        for (index, (declared, fd)) in transfer.segments.into_iter().zip(&fds).enumerate() {
+        // Judge every fd before mapping any, so limits see the whole transfer.
+        let mut sizes = Vec::with_capacity(fds.len());
+        for (index, (declared, fd)) in transfer.segments.iter().zip(&fds).enumerate() {
             let facts = inspect::facts(fd.as_fd()).map_err(|errno| {
+                Refusal::new(id, RejectReason::NotMemfd, format_args!("segment {index}: inspecting the fd failed: {errno}"))
+            })?;
+            check_segment(index, declared, &facts, &self.policy).map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
+            sizes.push((facts.size, facts.seals.unwrap_or(Seals::empty())));
+        }
+        let total: u64 = sizes.iter().map(|(size, _)| size).sum();
+        if total > self.limits.max_mapped_per_connection {
+            return Err(Refusal::new(
+                id,
+                RejectReason::MemoryLimit,
+                format_args!(
+                    "transfer of {total} bytes; this receiver maps at most {} per connection",
+                    self.limits.max_mapped_per_connection
+                ),
+            ));
+        }
+        let reservation = match &self.budget {
+            Some(budget) => Some(budget.reserve(total).ok_or_else(|| {
                 Refusal::new(
                     id,
-                    RejectReason::NotMemfd,
-                    format_args!("segment {index}: inspecting the fd failed: {errno}"),
+                    RejectReason::MemoryLimit,
+                    format_args!(
+                        "transfer of {total} bytes does not fit: {} of {} bytes already mapped by all connections",
+                        budget.in_use(),
+                        budget.limit()
+                    ),
                 )
-            })?;
-            check_segment(index, &declared, &facts, &self.policy)
-                .map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
-            let mapping = mapping::map_verified(fd.as_fd(), facts.size).map_err(|error| {
+            })?),
+            None => None,
+        };
+
+        let mut segments = Vec::with_capacity(fds.len());
+        for (index, ((declared, fd), (size, seals))) in transfer.segments.into_iter().zip(&fds).zip(sizes).enumerate() {
+            let mapping = mapping::map_verified(fd.as_fd(), size).map_err(|error| {
                 let reason = match error.kind() {
                     io::ErrorKind::OutOfMemory => RejectReason::ResourceExhausted,
                     _ => RejectReason::MapFailed,
@@ -472,16 +575,13 @@ impl Connection {
                 Refusal::new(
                     id,
                     reason,
-                    format_args!(
-                        "segment {index} ({:?}): mapping {} bytes failed: {error}",
-                        declared.name, facts.size
-                    ),
+                    format_args!("segment {index} ({:?}): mapping {size} bytes failed: {error}", declared.name),
                 )
             })?;
             segments.push(VerifiedSegment {
                 name: declared.name,
-                size: facts.size,
-                seals: facts.seals.unwrap_or(Seals::empty()),
+                size,
+                seals,
                 mapping,
             });
         }
@@ -490,6 +590,7 @@ impl Connection {
             id,
             version: decoded.version,
             segments,
+            _reservation: reservation,
         };
         handler(&transfer).map_err(|e| Refusal::new(id, RejectReason::ApplicationRejected, e))?;
         Ok((id, transfer.segments.len(), transfer.total_bytes()))

@@ -281,13 +281,15 @@ fn silent_and_vanishing_peers_leave_nothing_behind() {
     fdpass::send(connection.as_fd(), &one_segment(), &[good_memfd().as_fd()]).unwrap();
     drop(connection);
     receiver.wait_for_open_fds(baseline, "peer gone before the answer");
-    // Connects and says nothing: the idle timeout closes it.
+    // Connects and says nothing: told why, then closed.
     let silent = fdpass::connect(receiver.socket()).unwrap();
-    assert_eq!(
-        answer_to(&silent),
-        None,
-        "a silent peer is closed, not answered"
-    );
+    match answer_to(&silent) {
+        Some(Message::Reject(reject)) => {
+            assert_eq!(reject.reason, RejectReason::Timeout, "{}", reject.message)
+        }
+        other => panic!("a silent peer gets Reject(Timeout); got {other:?}"),
+    }
+    assert_eq!(answer_to(&silent), None, "then the connection closes");
     receiver.wait_for_open_fds(baseline, "silent peer");
     send_valid(&receiver);
 }

@@ -24,11 +24,10 @@
 
 pub mod client;
 pub mod memfd;
-pub mod size;
 
 pub use client::{BARE_PAYLOAD_LEN, SendError, Sender, Verdict, send_bare};
 pub use memfd::{SealedSegment, SegmentError};
-pub use size::{ParseSizeError, parse_size};
+pub use sealpass_proto::size::{ParseSizeError, parse_size};
 
 /// The README's example is compiled and run as a test of this crate.
 #[cfg(doctest)]
