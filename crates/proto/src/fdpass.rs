@@ -398,7 +398,8 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<PeerCredentials, Transpo
 /// Stops reading from `sock`: messages already queued are still delivered,
 /// then `receive` sees the end of the stream. Used to stop serving gracefully.
 pub fn shut_down_reading(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
-    socket::shutdown(sock.as_raw_fd(), socket::Shutdown::Read).map_err(|e| TransportError::sys(Op::SetOption, e))
+    socket::shutdown(sock.as_raw_fd(), socket::Shutdown::Read)
+        .map_err(|e| TransportError::sys(Op::SetOption, e))
 }
 
 /// A connected pair of `SOCK_SEQPACKET` sockets, close-on-exec (for tests and
@@ -502,7 +503,12 @@ mod tests {
         let peer = peer_credentials(served.as_fd()).unwrap();
         assert_eq!(peer.pid, std::process::id() as i32);
         // /proc/self belongs to this process's effective uid.
-        assert_eq!(peer.uid, std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap());
+        assert_eq!(
+            peer.uid,
+            std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -513,8 +519,15 @@ mod tests {
         shut_down_reading(b.as_fd()).unwrap();
         let mut buffer = [0u8; 16];
         let mut control = ControlBuffer::new();
-        assert_eq!(receive(b.as_fd(), &mut buffer, &mut control).unwrap().len, 6);
-        assert!(receive(b.as_fd(), &mut buffer, &mut control).unwrap().is_end_of_stream());
+        assert_eq!(
+            receive(b.as_fd(), &mut buffer, &mut control).unwrap().len,
+            6
+        );
+        assert!(
+            receive(b.as_fd(), &mut buffer, &mut control)
+                .unwrap()
+                .is_end_of_stream()
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ pub mod inspect;
 pub mod limits;
 mod mapping;
 pub mod server;
+pub mod service;
 
+pub use limits::Limits;
 pub use server::{
     BindError, Connection, Listener, Outcome, ServeError, VerifiedSegment, VerifiedTransfer,
 };
+pub use service::{Access, Delivery, Service, ServiceStats, ShutdownHandle};

@@ -61,9 +61,6 @@ pub enum ServeError {
     /// Accepting a connection failed.
     #[error("accepting a connection failed: {0}")]
     Accept(#[source] TransportError),
-    /// The peer sent nothing for the idle timeout.
-    #[error("peer sent nothing for {0:?}; closing the connection")]
-    IdleTimeout(Duration),
     /// Reading from the peer failed.
     #[error("receiving from the peer failed: {0}")]
     Receive(#[source] TransportError),
@@ -202,6 +199,11 @@ impl Listener {
         &self.path
     }
 
+    /// Waits for the next connection and returns its bare socket.
+    pub fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
+        fdpass::accept(self.socket.as_fd())
+    }
+
     /// Waits for the next connection.
     pub fn accept(&self) -> Result<Connection, ServeError> {
         let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
@@ -217,8 +219,12 @@ impl Listener {
     /// Waits for the next bare peer (on a listener from [`Listener::bind_compat`]).
     pub fn accept_bare(&self) -> Result<crate::compat::BareConnection, ServeError> {
         let socket = fdpass::accept(self.socket.as_fd()).map_err(ServeError::Accept)?;
-        fdpass::set_timeouts(socket.as_fd(), self.limits.idle_timeout, self.limits.idle_timeout)
-            .map_err(ServeError::Accept)?;
+        fdpass::set_timeouts(
+            socket.as_fd(),
+            self.limits.idle_timeout,
+            self.limits.idle_timeout,
+        )
+        .map_err(ServeError::Accept)?;
         Ok(crate::compat::BareConnection::new(socket))
     }
 }
@@ -376,13 +382,19 @@ impl Connection {
     }
 
     /// Applies `limits`, and `budget` (shared with other connections) if any.
-    pub fn set_limits(&mut self, limits: Limits, budget: Option<Arc<MappedBudget>>) -> Result<(), TransportError> {
+    pub fn set_limits(
+        &mut self,
+        limits: Limits,
+        budget: Option<Arc<MappedBudget>>,
+    ) -> Result<(), TransportError> {
         self.limits = limits;
         self.budget = budget;
         let wait = if self.greeted {
             self.limits.idle_timeout
         } else {
-            self.limits.first_message_deadline.or(self.limits.idle_timeout)
+            self.limits
+                .first_message_deadline
+                .or(self.limits.idle_timeout)
         };
         fdpass::set_timeouts(self.socket.as_fd(), wait, self.limits.idle_timeout)
     }
@@ -424,42 +436,60 @@ impl Connection {
         if !self.open {
             return Ok(Outcome::Closed);
         }
-        let received = match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
-            Ok(received) => received,
-            Err(TransportError::TimedOut { .. }) => {
-                let waited = if self.greeted {
-                    self.limits.idle_timeout
-                } else {
-                    self.limits.first_message_deadline.or(self.limits.idle_timeout)
-                };
-                let what = if self.greeted { "no message" } else { "no complete first message" };
-                self.open = false;
-                return self.refuse(Refusal::new(
-                    0,
-                    RejectReason::Timeout,
-                    format_args!("{what} within {:?}; closing the connection", waited.unwrap_or_default()),
-                ));
-            }
-            Err(error) => {
-                self.open = false;
-                return Err(ServeError::Receive(error));
-            }
-        };
+        let received =
+            match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
+                Ok(received) => received,
+                Err(TransportError::TimedOut { .. }) => {
+                    let waited = if self.greeted {
+                        self.limits.idle_timeout
+                    } else {
+                        self.limits
+                            .first_message_deadline
+                            .or(self.limits.idle_timeout)
+                    };
+                    let what = if self.greeted {
+                        "no message"
+                    } else {
+                        "no complete first message"
+                    };
+                    self.open = false;
+                    return self.refuse(Refusal::new(
+                        0,
+                        RejectReason::Timeout,
+                        format_args!(
+                            "{what} within {:?}; closing the connection",
+                            waited.unwrap_or_default()
+                        ),
+                    ));
+                }
+                Err(error) => {
+                    self.open = false;
+                    return Err(ServeError::Receive(error));
+                }
+            };
         if received.is_end_of_stream() {
             self.open = false;
             return Ok(Outcome::Closed);
         }
         if !self.greeted {
             self.greeted = true;
-            fdpass::set_timeouts(self.socket.as_fd(), self.limits.idle_timeout, self.limits.idle_timeout)
-                .map_err(ServeError::Receive)?;
+            fdpass::set_timeouts(
+                self.socket.as_fd(),
+                self.limits.idle_timeout,
+                self.limits.idle_timeout,
+            )
+            .map_err(ServeError::Receive)?;
         }
         // `received.fds` is moved into `verify`, which drops (closes) every fd
         // on every path: mapped segments keep the file alive on their own.
         match self.verify(received, handler) {
             Ok((id, segments, bytes)) => {
                 self.answer(Message::Ack(Ack { id }))?;
-                Ok(Outcome::Accepted { id, segments, bytes })
+                Ok(Outcome::Accepted {
+                    id,
+                    segments,
+                    bytes,
+                })
             }
             Err(refusal) => self.refuse(refusal),
         }
@@ -486,7 +516,9 @@ impl Connection {
             return Err(Refusal::new(
                 0,
                 RejectReason::TooLarge,
-                format_args!("message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"),
+                format_args!(
+                    "message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"
+                ),
             ));
         }
         if received.control_truncated {
@@ -534,9 +566,14 @@ impl Connection {
         let mut sizes = Vec::with_capacity(fds.len());
         for (index, (declared, fd)) in transfer.segments.iter().zip(&fds).enumerate() {
             let facts = inspect::facts(fd.as_fd()).map_err(|errno| {
-                Refusal::new(id, RejectReason::NotMemfd, format_args!("segment {index}: inspecting the fd failed: {errno}"))
+                Refusal::new(
+                    id,
+                    RejectReason::NotMemfd,
+                    format_args!("segment {index}: inspecting the fd failed: {errno}"),
+                )
             })?;
-            check_segment(index, declared, &facts, &self.policy).map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
+            check_segment(index, declared, &facts, &self.policy)
+                .map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
             sizes.push((facts.size, facts.seals.unwrap_or(Seals::empty())));
         }
         let total: u64 = sizes.iter().map(|(size, _)| size).sum();
@@ -566,7 +603,13 @@ impl Connection {
         };
 
         let mut segments = Vec::with_capacity(fds.len());
-        for (index, ((declared, fd), (size, seals))) in transfer.segments.into_iter().zip(&fds).zip(sizes).enumerate() {
+        for (index, ((declared, fd), (size, seals))) in transfer
+            .segments
+            .into_iter()
+            .zip(&fds)
+            .zip(sizes)
+            .enumerate()
+        {
             let mapping = mapping::map_verified(fd.as_fd(), size).map_err(|error| {
                 let reason = match error.kind() {
                     io::ErrorKind::OutOfMemory => RejectReason::ResourceExhausted,
@@ -575,7 +618,10 @@ impl Connection {
                 Refusal::new(
                     id,
                     reason,
-                    format_args!("segment {index} ({:?}): mapping {size} bytes failed: {error}", declared.name),
+                    format_args!(
+                        "segment {index} ({:?}): mapping {size} bytes failed: {error}",
+                        declared.name
+                    ),
                 )
             })?;
             segments.push(VerifiedSegment {

@@ -3,15 +3,18 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use sealpass_proto::{Policy, Seals};
+use sealpass_proto::fdpass::PeerCredentials;
+use sealpass_proto::{Policy, Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
-use sealpass_receiver::{Connection, Listener, Outcome, ServeError, VerifiedTransfer};
+use sealpass_receiver::{Access, Delivery, Limits, Listener, Service, VerifiedTransfer};
 use serde::Serialize;
 
 /// Receive sealed memfds over a unix socket. Every fd is checked with the
@@ -45,16 +48,76 @@ struct Cli {
     /// with pread (never mapped), and no answer is sent.
     #[arg(long)]
     compat: bool,
-    /// Close a connection that sends nothing for this many seconds (0: never).
+    /// Permissions of the socket file, in octal. It is created owner-only and
+    /// widened to this after binding, so it is never more open than asked.
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    mode: u32,
+    /// Accept peers with this user id (repeatable; with --allow-gid, either
+    /// list admits). Without either, any peer that can open the socket.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
+    /// Accept peers with this group id (repeatable).
+    #[arg(long = "allow-gid", value_name = "GID")]
+    allow_gids: Vec<u32>,
+    /// Connections served at once; one more gets Reject(TooManyConnections).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Segments per message (at most the protocol's 253); more gets Reject(TooManySegments).
+    #[arg(long, value_name = "N", default_value_t = 253, value_parser = clap::value_parser!(u16).range(1..=253))]
+    max_segments: u16,
+    /// Bytes one connection may hold mapped (one transfer); more gets Reject(MemoryLimit).
+    #[arg(long, value_name = "SIZE", default_value = "8GiB", value_parser = parse_size)]
+    max_mapped_per_connection: u64,
+    /// Bytes all connections together may hold mapped; more gets Reject(MemoryLimit).
+    #[arg(long, value_name = "SIZE", default_value = "64GiB", value_parser = parse_size)]
+    max_mapped_total: u64,
+    /// Seconds a new connection has to send its first message; then Reject(Timeout) (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    first_message_deadline: u64,
+    /// Seconds a connection may stay silent between messages; then Reject(Timeout) (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     idle_timeout: u64,
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| {
+            format!("invalid mode {text:?}: expected octal permissions such as 600 or 660")
+        })
+}
+
+fn seconds(value: u64) -> Option<Duration> {
+    (value > 0).then(|| Duration::from_secs(value))
+}
+
+impl Cli {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_segments: usize::from(self.max_segments),
+            max_mapped_per_connection: self.max_mapped_per_connection,
+            max_mapped_total: self.max_mapped_total,
+            first_message_deadline: seconds(self.first_message_deadline),
+            idle_timeout: seconds(self.idle_timeout),
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct TransferLine<'a> {
     id: u64,
     version: String,
+    peer: PeerLine,
     segments: Vec<SegmentLine<'a>>,
+}
+
+#[derive(Serialize)]
+struct PeerLine {
+    pid: i32,
+    uid: u32,
+    gid: u32,
 }
 
 #[derive(Serialize)]
@@ -66,10 +129,15 @@ struct SegmentLine<'a> {
     head: String,
 }
 
-fn describe(transfer: &VerifiedTransfer) -> TransferLine<'_> {
+fn describe<'a>(transfer: &'a VerifiedTransfer, peer: &PeerCredentials) -> TransferLine<'a> {
     TransferLine {
         id: transfer.id(),
         version: transfer.version().to_string(),
+        peer: PeerLine {
+            pid: peer.pid,
+            uid: peer.uid,
+            gid: peer.gid,
+        },
         segments: transfer
             .segments()
             .iter()
@@ -140,7 +208,8 @@ fn write_into(
     result.with_context(|| format!("writing {}", target.display()))
 }
 
-fn handle(cli: &Cli, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
+fn handle(cli: &Cli, delivery: &Delivery<'_>) -> anyhow::Result<()> {
+    let transfer = delivery.transfer;
     if let Some(dir) = &cli.out {
         store(dir, transfer)?;
     }
@@ -154,7 +223,7 @@ fn handle(cli: &Cli, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
         stdout.flush().context("writing to stdout")?;
     }
     if cli.json {
-        emit_json(cli, &describe(transfer))?;
+        emit_json(cli, &describe(transfer, &delivery.peer))?;
     }
     Ok(())
 }
@@ -170,41 +239,6 @@ fn emit_json(cli: &Cli, value: &impl Serialize) -> anyhow::Result<()> {
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
         .context("writing to stdout")
-}
-
-/// Serves one connection until it ends; true once a transfer was accepted
-/// and `--once` asks to stop.
-fn serve(cli: &Cli, mut connection: Connection) -> bool {
-    while connection.is_open() {
-        match connection.serve_one(|transfer| handle(cli, transfer).map_err(|e| format!("{e:#}"))) {
-            Ok(Outcome::Accepted {
-                id,
-                segments,
-                bytes,
-            }) => {
-                eprintln!(
-                    "sealpass-recv: accepted transfer {id}: {segments} segments, {bytes} bytes"
-                );
-                if cli.once {
-                    return true;
-                }
-            }
-            Ok(Outcome::Rejected {
-                id,
-                reason,
-                message,
-            }) => {
-                eprintln!("sealpass-recv: rejected transfer {id}: {reason}: {message}");
-            }
-            Ok(Outcome::Closed) => break,
-            Ok(other) => eprintln!("sealpass-recv: {other:?}"),
-            Err(error @ (ServeError::IdleTimeout(_) | ServeError::Answer { .. })) => {
-                eprintln!("sealpass-recv: connection closed: {error}");
-            }
-            Err(error) => eprintln!("sealpass-recv: connection failed: {error}"),
-        }
-    }
-    false
 }
 
 /// The JSON line for a batch of bare fds.
@@ -264,7 +298,7 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
         let mut connection = match listener.accept_bare() {
             Ok(connection) => connection,
             Err(error) => {
-                eprintln!("sealpass-recv: {error}");
+                tracing::warn!("{error}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -274,7 +308,7 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
                 Err(error) => {
-                    eprintln!("sealpass-recv: connection closed: {error}");
+                    tracing::info!("connection closed: {error}");
                     break;
                 }
             };
@@ -282,12 +316,12 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
             for result in batch {
                 match result {
                     Ok(segment) => accepted.push(segment),
-                    Err(error) => eprintln!("sealpass-recv: refused {error}"),
+                    Err(error) => tracing::info!("refused {error}"),
                 }
             }
             match handle_bare(cli, &accepted) {
-                Ok(()) => eprintln!(
-                    "sealpass-recv: received {} bare memfds: {}",
+                Ok(()) => tracing::info!(
+                    "received {} bare memfds: {}",
                     accepted.len(),
                     accepted
                         .iter()
@@ -295,7 +329,7 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-                Err(error) => eprintln!("sealpass-recv: failed: {error:#}"),
+                Err(error) => tracing::warn!("failed: {error:#}"),
             }
             drop(accepted);
             if cli.once {
@@ -305,51 +339,69 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(dir) = &cli.out {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if cli.compat {
         let mut listener = Listener::bind_compat(&cli.socket)?;
-        listener.set_idle_timeout(
-            (cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)),
-        );
+        listener.set_limits(cli.limits());
         let required = cli.require_seals.unwrap_or(Seals::empty());
-        eprintln!(
-            "sealpass-recv: listening on {} in compat mode (SOCK_STREAM, bare fds, requiring {required})",
+        tracing::info!(
+            "listening on {} in compat mode (SOCK_STREAM, bare fds, requiring {required})",
             listener.path().display()
         );
-        return serve_bare(cli, &listener, required);
+        return serve_bare(&cli, &listener, required);
     }
     let policy = Policy::new(cli.require_seals.unwrap_or(Seals::RECEIVER_DEFAULT));
     let mut listener = Listener::bind(&cli.socket)?;
     listener.set_policy(policy);
-    listener
-        .set_idle_timeout((cli.idle_timeout > 0).then(|| Duration::from_secs(cli.idle_timeout)));
-    eprintln!(
-        "sealpass-recv: listening on {} (requiring {})",
-        listener.path().display(),
-        policy.required()
-    );
-    loop {
-        let connection = match listener.accept() {
-            Ok(connection) => connection,
-            Err(error) => {
-                // EMFILE and the like pass; a broken listener does not.
-                eprintln!("sealpass-recv: {error}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if serve(cli, connection) {
-            return Ok(());
-        }
+    listener.set_limits(cli.limits());
+    if cli.mode != 0o600 {
+        fs::set_permissions(&cli.socket, fs::Permissions::from_mode(cli.mode))
+            .with_context(|| format!("setting mode {:o} on {}", cli.mode, cli.socket.display()))?;
     }
+    let access = Access {
+        uids: cli.allow_uids.clone(),
+        gids: cli.allow_gids.clone(),
+    };
+    tracing::info!(
+        "listening on {} (mode {:o}, requiring {}, {:?}, {:?})",
+        listener.path().display(),
+        cli.mode,
+        policy.required(),
+        listener.limits(),
+        access
+    );
+    let service = Service::new(listener, access)?;
+    let shutdown = service.shutdown_handle();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(signal, shutdown.signal_fd()?)
+            .context("installing the signal handler")?;
+    }
+    let cli = Arc::new(cli);
+    service.run(move |delivery| {
+        handle(&cli, delivery).map_err(|e| format!("{e:#}"))?;
+        if cli.once {
+            shutdown.shutdown();
+        }
+        Ok::<(), String>(())
+    })?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(io::stderr)
+        .with_ansi(false)
+        .init();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sealpass-recv: error: {error:#}");
