@@ -709,7 +709,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                 Ok(Probe {
                     payload: transfer_bytes(9, vec![segment("huge", size, SEALED)])?,
                     fds: vec![memfd("huge", size, SEALED)?],
-                    expect: Expect::Reject(&[R::ResourceExhausted, R::MapFailed]),
+                    expect: Expect::Reject(&[R::ResourceExhausted, R::MapFailed, R::MemoryLimit]),
                 })
             }),
         ),

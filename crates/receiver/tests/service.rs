@@ -1,0 +1,352 @@
+//! `sealpass-recv` as a long-lived service: access control, limits, fds
+//! running out, signals, and peers killed mid-stream. Each test runs the real
+//! binary and stops by itself.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sealpass_proto::fdpass;
+use sealpass_proto::{Message, RejectReason, Seals};
+use sealpass_sender::{SealedSegment, Sender, Verdict};
+use support::{RecvProcess, answer_to};
+
+fn segment(name: &str, size: u64) -> SealedSegment {
+    SealedSegment::filled(name, b'x', size, Seals::SENDER_DEFAULT).unwrap()
+}
+
+fn send(receiver: &RecvProcess, segments: &[SealedSegment]) -> Verdict {
+    let mut sender = Sender::connect(receiver.socket()).unwrap();
+    sender
+        .set_answer_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    sender.send(segments).unwrap()
+}
+
+fn reason_of(verdict: Verdict) -> RejectReason {
+    match verdict {
+        Verdict::Rejected { reason, .. } => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// The reject a refused connection gets before anything is sent, then the close.
+fn refused_at_connect(receiver: &RecvProcess) -> RejectReason {
+    let connection = fdpass::connect(receiver.socket()).unwrap();
+    let reason = match answer_to(&connection) {
+        Some(Message::Reject(reject)) => reject.reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        answer_to(&connection),
+        None,
+        "a refused connection is closed"
+    );
+    reason
+}
+
+fn signal(receiver: &mut RecvProcess, signal: Signal) {
+    kill(Pid::from_raw(receiver.child().id() as i32), signal).unwrap();
+}
+
+#[test]
+fn access_control_by_uid_and_gid() {
+    // This test's own credentials.
+    let me = std::fs::metadata("/proc/self").unwrap();
+    let (uid, gid) = (
+        std::os::unix::fs::MetadataExt::uid(&me),
+        std::os::unix::fs::MetadataExt::gid(&me),
+    );
+    let other = (uid + 4242).to_string();
+    let cases: [(Vec<String>, bool); 5] = [
+        (vec![], true),
+        (vec!["--allow-uid".into(), uid.to_string()], true),
+        (vec!["--allow-uid".into(), other.clone()], false),
+        (
+            vec![
+                "--allow-uid".into(),
+                other.clone(),
+                "--allow-gid".into(),
+                gid.to_string(),
+            ],
+            true,
+        ),
+        (vec!["--allow-gid".into(), (gid + 4242).to_string()], false),
+    ];
+    for (flags, allowed) in cases {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let receiver = RecvProcess::start(&flags);
+        if allowed {
+            assert!(
+                send(&receiver, &[segment("s", 8)]).is_accepted(),
+                "{flags:?}"
+            );
+        } else {
+            assert_eq!(
+                refused_at_connect(&receiver),
+                RejectReason::NotAllowed,
+                "{flags:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_socket_is_owner_only_unless_told_otherwise() {
+    for (flags, mode) in [(&[][..], 0o600), (&["--mode", "660"][..], 0o660)] {
+        let receiver = RecvProcess::start(flags);
+        let found = std::fs::metadata(receiver.socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(found, mode, "{flags:?}");
+    }
+}
+
+#[test]
+fn a_connection_over_the_limit_is_refused_clearly_and_service_recovers() {
+    let receiver = RecvProcess::start(&["--max-connections", "2"]);
+    let mut held: Vec<Sender> = (0..2)
+        .map(|i| {
+            let mut sender = Sender::connect(receiver.socket()).unwrap();
+            // A transfer answered proves the connection is being served.
+            assert!(
+                sender
+                    .send(&[segment(&format!("held-{i}"), 8)])
+                    .unwrap()
+                    .is_accepted()
+            );
+            sender
+        })
+        .collect();
+    assert_eq!(
+        refused_at_connect(&receiver),
+        RejectReason::TooManyConnections
+    );
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut sender = Sender::connect(receiver.socket()).unwrap();
+        match sender.send(&[segment("after", 8)]) {
+            Ok(verdict) if verdict.is_accepted() => break,
+            other => assert!(Instant::now() < deadline, "never recovered: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn limits_on_segments_and_mapped_bytes_each_have_their_reason() {
+    let receiver =
+        RecvProcess::start(&["--max-segments", "2", "--max-mapped-per-connection", "1MiB"]);
+    let three = [segment("a", 1), segment("b", 1), segment("c", 1)];
+    assert_eq!(
+        reason_of(send(&receiver, &three)),
+        RejectReason::TooManySegments
+    );
+    assert_eq!(
+        reason_of(send(&receiver, &[segment("big", 2 << 20)])),
+        RejectReason::MemoryLimit
+    );
+    assert!(send(&receiver, &[segment("a", 1 << 19), segment("b", 1 << 19)]).is_accepted());
+}
+
+#[test]
+fn sigterm_answers_what_was_sent_removes_the_socket_and_exits_0() {
+    let mut receiver = RecvProcess::start(&[]);
+    let idle = receiver.idle_fds();
+    let connection = fdpass::connect(receiver.socket()).unwrap();
+    // Wait until the receiver has accepted it (its fd count grows).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receiver.open_fds() <= idle {
+        assert!(Instant::now() < deadline, "the receiver never accepted");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let memfd = segment("in-flight", 4096);
+    let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
+        id: 1,
+        segments: vec![memfd.declaration()],
+    }))
+    .unwrap();
+    fdpass::send(connection.as_fd(), &header, &[memfd.fd()]).unwrap();
+    signal(&mut receiver, Signal::SIGTERM);
+    match answer_to(&connection) {
+        Some(Message::Ack(ack)) => assert_eq!(ack.id, 1),
+        other => panic!("the in-flight transfer must be answered; got {other:?}"),
+    }
+    assert_eq!(answer_to(&connection), None, "then the connection closes");
+    let status = receiver.child().wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!receiver.socket().exists(), "its own socket is removed");
+}
+
+/// Starts `sealpass-recv` with RLIMIT_NOFILE lowered to `limit`.
+fn recv_with_nofile(
+    limit: u32,
+    dir: &std::path::Path,
+) -> (std::process::Child, std::path::PathBuf) {
+    let socket = dir.join("nofile.sock");
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(env!("CARGO_BIN_EXE_sealpass-recv"))
+        .arg("--socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs the receiver with a lowered fd limit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fdpass::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (child, socket)
+}
+
+#[test]
+fn when_fds_run_short_new_work_is_refused_cleanly_and_service_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, socket) = recv_with_nofile(32, dir.path());
+    // Hold connections until the receiver runs out of fds and says so.
+    let mut held: Vec<OwnedFd> = Vec::new();
+    let mut refused = None;
+    for _ in 0..64 {
+        let connection = fdpass::connect(&socket).unwrap();
+        fdpass::set_timeouts(connection.as_fd(), Some(Duration::from_millis(300)), None).unwrap();
+        let mut buffer = vec![0; 4096];
+        match fdpass::receive(
+            connection.as_fd(),
+            &mut buffer,
+            &mut fdpass::ControlBuffer::new(),
+        ) {
+            Ok(received) if received.len > 0 => {
+                refused = Some(
+                    sealpass_proto::decode(&buffer[..received.len])
+                        .unwrap()
+                        .message,
+                );
+                break;
+            }
+            _ => held.push(connection), // served, silently waiting for a message
+        }
+    }
+    match refused {
+        Some(Message::Reject(reject)) => assert_eq!(
+            reject.reason,
+            RejectReason::ResourceExhausted,
+            "{}",
+            reject.message
+        ),
+        other => panic!("expected a ResourceExhausted refusal once fds ran out; got {other:?}"),
+    }
+    // A transfer with more fds than are left: refused, not a crash.
+    if let Some(connection) = held.last() {
+        let segments: Vec<_> = (0..40).map(|i| segment(&format!("f{i}"), 1)).collect();
+        let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
+            id: 1,
+            segments: segments.iter().map(SealedSegment::declaration).collect(),
+        }))
+        .unwrap();
+        let fds: Vec<_> = segments.iter().map(SealedSegment::fd).collect();
+        fdpass::send(connection.as_fd(), &header, &fds).unwrap();
+        fdpass::set_timeouts(connection.as_fd(), Some(Duration::from_secs(10)), None).unwrap();
+        match answer_to(connection) {
+            Some(Message::Reject(reject)) => {
+                assert_eq!(
+                    reject.reason,
+                    RejectReason::ControlTruncated,
+                    "{}",
+                    reject.message
+                )
+            }
+            other => panic!("expected a refusal of the fd flood, got {other:?}"),
+        }
+    }
+    // Free the fds: the receiver recovers.
+    held.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let verdict = Sender::connect(&socket).and_then(|mut s| s.send(&[segment("recovered", 8)]));
+        match verdict {
+            Ok(verdict) if verdict.is_accepted() => break,
+            other => assert!(Instant::now() < deadline, "never recovered: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the receiver is still running"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn killed_peers_are_reported_and_nothing_hangs() {
+    let mut receiver = RecvProcess::start_with(&["--print"], Stdio::piped());
+    let mut printed = receiver.child().stdout.take().unwrap();
+    // Built beside sealpass-recv by `cargo test --workspace` (cargo xtask test).
+    let send_binary =
+        std::path::Path::new(env!("CARGO_BIN_EXE_sealpass-recv")).with_file_name("sealpass-send");
+    assert!(
+        send_binary.exists(),
+        "{} missing: run `cargo xtask test` or `cargo test --workspace`",
+        send_binary.display()
+    );
+    let sender = |name: &str| {
+        Command::new(&send_binary)
+            .arg("--socket")
+            .arg(receiver.socket())
+            .args([
+                "--answer-timeout",
+                "20",
+                "--fill",
+                &format!("{name}=x:1MiB"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut one_byte = [0u8; 1];
+
+    // A sender killed while the receiver is still handling its transfer
+    // (blocked printing into a pipe nobody reads yet).
+    let mut doomed = sender("doomed");
+    printed.read_exact(&mut one_byte).unwrap();
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let mut rest = vec![0; (1 << 20) - 1];
+    printed.read_exact(&mut rest).unwrap();
+    // The receiver noticed (its Ack went nowhere) and still serves.
+    assert!(send(&receiver, &[segment("after-kill", 3)]).is_accepted());
+    let mut three = [0u8; 3];
+    printed.read_exact(&mut three).unwrap();
+
+    // The receiver killed while a sender waits for its answer.
+    let waiting = sender("orphan");
+    printed.read_exact(&mut one_byte).unwrap();
+    signal(&mut receiver, Signal::SIGKILL);
+    let started = Instant::now();
+    let output = waiting.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the sender hung"
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("delivery unknown"), "{stderr}");
+}
