@@ -4,6 +4,7 @@
 mod conformance;
 mod demo;
 mod project;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ tasks:
                      checks a receiver and/or a sender executable against PROTOCOL.md
                      (each started with --socket PATH appended); default: this project's
   test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
+  soak               the load and fault tests, heavier and in release mode
 ";
 
 fn main() -> ExitCode {
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),
         Some("conformance") => conformance::run(rest),
+        Some("soak") => soak::run(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
