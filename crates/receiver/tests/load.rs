@@ -244,7 +244,11 @@ fn hostile_peer(socket: &Path, kind: usize, start: &Barrier) {
 #[test]
 fn hostile_peers_delay_no_valid_sender() {
     let _serial = serial();
-    let (senders, messages, hostile) = if soak() { (32, 500, 40) } else { (16, 50, 20) };
+    let (senders, messages, hostile) = if soak() {
+        (64, 2000, 40)
+    } else {
+        (64, 200, 20)
+    };
     let fds_before = open_fds();
     let running = start(Limits {
         first_message_deadline: Some(Duration::from_secs(2)),

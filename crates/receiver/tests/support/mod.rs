@@ -28,6 +28,10 @@ impl RecvProcess {
     }
 
     pub fn start_with(extra: &[&str], stdout: Stdio) -> RecvProcess {
+        Self::start_full(extra, stdout, Stdio::inherit())
+    }
+
+    pub fn start_full(extra: &[&str], stdout: Stdio, stderr: Stdio) -> RecvProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("recv.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
@@ -36,6 +40,7 @@ impl RecvProcess {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut process = RecvProcess {
