@@ -270,7 +270,7 @@ fn every_hostile_sender_is_rejected_and_the_receiver_keeps_serving() {
 
 #[test]
 fn silent_and_vanishing_peers_leave_nothing_behind() {
-    let receiver = RecvProcess::start(&["--idle-timeout", "1"]);
+    let receiver = RecvProcess::start(&["--idle-timeout", "1", "--first-message-deadline", "1"]);
     let baseline = receiver.idle_fds();
     send_valid(&receiver);
 
