@@ -208,3 +208,30 @@ fn a_receiver_that_dies_before_answering_means_delivery_unknown() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("delivery unknown"), "{stderr}");
 }
+
+#[test]
+fn connect_timeout_waits_for_a_receiver_that_starts_late() {
+    let (_dir, socket) = scratch();
+    let late = socket.clone();
+    let starter = thread::spawn(move || {
+        thread::sleep(std::time::Duration::from_millis(400));
+        receiver(&late, Policy::default())
+    });
+    let output = send(
+        &socket,
+        &["--connect-timeout", "20", "--fill", "a=A:1"],
+        b"",
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (outcome, _) = starter.join().unwrap().recv().unwrap();
+    assert!(matches!(outcome, Outcome::Accepted { .. }), "{outcome:?}");
+
+    // Without it, an absent receiver is an immediate, clear failure.
+    let (_dir, absent) = scratch();
+    let output = send(&absent, &["--fill", "a=A:1"], b"");
+    assert_eq!(output.status.code(), Some(1));
+}
