@@ -365,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         uids: cli.allow_uids.clone(),
         gids: cli.allow_gids.clone(),
     };
-    tracing::info!(
+    let description = format!(
         "listening on {} (mode {:o}, requiring {}, {:?}, {:?})",
         listener.path().display(),
         cli.mode,
@@ -379,6 +379,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         signal_hook::low_level::pipe::register(signal, shutdown.signal_fd()?)
             .context("installing the signal handler")?;
     }
+    // Logged once everything is in place: from here the receiver's fds are
+    // those it holds whenever it serves nobody.
+    tracing::info!("{description}");
     let cli = Arc::new(cli);
     service.run(move |delivery| {
         handle(&cli, delivery).map_err(|e| format!("{e:#}"))?;

@@ -20,6 +20,7 @@ pub struct RecvProcess {
     dir: tempfile::TempDir,
     socket: PathBuf,
     idle_fds: usize,
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl RecvProcess {
@@ -27,27 +28,39 @@ impl RecvProcess {
         Self::start_with(extra, Stdio::null())
     }
 
+    /// Starts the receiver; returns once it logs that it is listening, with
+    /// everything it holds while idle in place.
     pub fn start_with(extra: &[&str], stdout: Stdio) -> RecvProcess {
-        Self::start_full(extra, stdout, Stdio::inherit())
-    }
-
-    pub fn start_full(extra: &[&str], stdout: Stdio, stderr: Stdio) -> RecvProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("recv.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
             .arg("--socket")
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Echo the receiver's log into the test's output, and keep it readable.
+        let (tx, log) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                let _ = tx.send(line);
+            }
+        });
         let mut process = RecvProcess {
             child,
             dir,
             socket,
             idle_fds: 0,
+            log,
         };
         process.wait_until_listening();
         // Before any connection: the count the receiver returns to when idle.
@@ -56,13 +69,21 @@ impl RecvProcess {
     }
 
     fn wait_until_listening(&mut self) {
+        self.wait_for_log("listening on");
+    }
+
+    /// Waits for a log line containing `text`; returns it.
+    pub fn wait_for_log(&self, text: &str) -> String {
         let deadline = Instant::now() + SETTLE;
-        while !self.socket.exists() {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("sealpass-recv exited early: {status}");
+        loop {
+            match self
+                .log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("sealpass-recv never logged {text:?}"),
             }
-            assert!(Instant::now() < deadline, "sealpass-recv never listened");
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
