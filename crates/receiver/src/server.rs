@@ -389,14 +389,23 @@ impl Connection {
     ) -> Result<(), TransportError> {
         self.limits = limits;
         self.budget = budget;
-        let wait = if self.greeted {
+        fdpass::set_timeouts(
+            self.socket.as_fd(),
+            self.current_wait(),
+            self.limits.idle_timeout,
+        )
+    }
+
+    /// How long the next message may take: the first-message deadline until
+    /// one arrived, the idle timeout after.
+    fn current_wait(&self) -> Option<Duration> {
+        if self.greeted {
             self.limits.idle_timeout
         } else {
             self.limits
                 .first_message_deadline
                 .or(self.limits.idle_timeout)
-        };
-        fdpass::set_timeouts(self.socket.as_fd(), wait, self.limits.idle_timeout)
+        }
     }
 
     /// How long the peer may stay silent (`None`: forever), before its first
@@ -440,13 +449,7 @@ impl Connection {
             match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
                 Ok(received) => received,
                 Err(TransportError::TimedOut { .. }) => {
-                    let waited = if self.greeted {
-                        self.limits.idle_timeout
-                    } else {
-                        self.limits
-                            .first_message_deadline
-                            .or(self.limits.idle_timeout)
-                    };
+                    let waited = self.current_wait();
                     let what = if self.greeted {
                         "no message"
                     } else {
@@ -475,7 +478,7 @@ impl Connection {
             self.greeted = true;
             fdpass::set_timeouts(
                 self.socket.as_fd(),
-                self.limits.idle_timeout,
+                self.current_wait(),
                 self.limits.idle_timeout,
             )
             .map_err(ServeError::Receive)?;

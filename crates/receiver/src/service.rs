@@ -97,6 +97,17 @@ struct Shared<H> {
     open: Mutex<HashMap<u64, OwnedFd>>,
 }
 
+impl<H> Shared<H> {
+    /// Counts a connection as ended and releases its registered socket.
+    fn forget(&self, number: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&number);
+        self.stats.active_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A receiving service. See the module documentation.
 #[derive(Debug)]
 pub struct Service {
@@ -319,29 +330,14 @@ impl Service {
             .name(format!("sealpass-conn-{number}"))
             .spawn(move || {
                 serve_connection(&worker, socket, peer);
-                worker
-                    .open
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&number);
-                worker
-                    .stats
-                    .active_connections
-                    .fetch_sub(1, Ordering::AcqRel);
+                worker.forget(number);
             });
         match spawned {
             Ok(thread) => threads.push(thread),
             Err(error) => {
+                // The socket went down with the closure: the peer sees a close.
                 tracing::warn!("cannot start a thread for {peer}: {error}");
-                shared
-                    .open
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&number);
-                shared
-                    .stats
-                    .active_connections
-                    .fetch_sub(1, Ordering::AcqRel);
+                shared.forget(number);
             }
         }
     }

@@ -124,6 +124,20 @@ fn valid_sender(socket: &Path, who: usize, messages: usize) -> Vec<String> {
     acknowledged
 }
 
+/// Runs `senders` valid senders at once; returns every acknowledged name.
+fn valid_senders(socket: &Path, senders: usize, messages: usize) -> Vec<String> {
+    let workers: Vec<_> = (0..senders)
+        .map(|who| {
+            let socket = socket.to_owned();
+            thread::spawn(move || valid_sender(&socket, who, messages))
+        })
+        .collect();
+    workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect()
+}
+
 fn check_nothing_lost_or_duplicated(acknowledged: Vec<String>, seen: Vec<String>, expected: usize) {
     assert_eq!(
         acknowledged.len(),
@@ -152,16 +166,7 @@ fn concurrent_senders_every_message_answered_nothing_lost_nothing_duplicated() {
     let fds_before = open_fds();
     let running = start(Limits::default());
     let socket = running.socket.clone();
-    let workers: Vec<_> = (0..senders)
-        .map(|who| {
-            let socket = socket.clone();
-            thread::spawn(move || valid_sender(&socket, who, messages))
-        })
-        .collect();
-    let acknowledged: Vec<String> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
+    let acknowledged = valid_senders(&socket, senders, messages);
     let seen = running.stop();
     check_nothing_lost_or_duplicated(acknowledged, seen, expected_segments(senders, messages));
     assert_eq!(open_fds(), fds_before, "open fds back to where they were");
@@ -264,16 +269,7 @@ fn hostile_peers_delay_no_valid_sender() {
             thread::spawn(move || hostile_peer(&socket, kind, &start_line))
         })
         .collect();
-    let workers: Vec<_> = (0..senders)
-        .map(|who| {
-            let socket = socket.clone();
-            thread::spawn(move || valid_sender(&socket, who, messages))
-        })
-        .collect();
-    let acknowledged: Vec<String> = workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
+    let acknowledged = valid_senders(&socket, senders, messages);
     for hostile in hostiles {
         hostile.join().unwrap();
     }
