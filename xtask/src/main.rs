@@ -1,6 +1,7 @@
 //! The project's task runner (the cargo-xtask pattern): `cargo xtask <task>`.
 //! Plain Rust, few dependencies; each task is one module.
 
+mod bench;
 mod conformance;
 mod demo;
 mod project;
@@ -20,6 +21,8 @@ tasks:
                      (each started with --socket PATH appended); default: this project's
   test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
   soak               the load and fault tests, heavier and in release mode
+  bench [--quick]    handoff cost against the kernel's floor and against copying;
+                     writes target/bench/results.json
 ";
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(rest),
         Some("conformance") => conformance::run(rest),
         Some("soak") => soak::run(rest),
+        Some("bench") => bench::run(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -358,6 +358,8 @@ pub struct Connection {
     /// Whether a first complete message arrived (the deadline gave way to
     /// the idle timeout).
     greeted: bool,
+    /// Fault every page in at mapping time (`MAP_POPULATE`).
+    populate: bool,
 }
 
 impl Connection {
@@ -378,7 +380,15 @@ impl Connection {
             control: ControlBuffer::new(),
             open: true,
             greeted: false,
+            populate: false,
         }
+    }
+
+    /// Whether to fault every page of a mapping in when it is made
+    /// (`MAP_POPULATE`): faster for handlers that read every byte, wasted
+    /// work for those that read little. Off by default.
+    pub fn set_populate(&mut self, populate: bool) {
+        self.populate = populate;
     }
 
     /// Applies `limits`, and `budget` (shared with other connections) if any.
@@ -613,20 +623,21 @@ impl Connection {
             .zip(sizes)
             .enumerate()
         {
-            let mapping = mapping::map_verified(fd.as_fd(), size).map_err(|error| {
-                let reason = match error.kind() {
-                    io::ErrorKind::OutOfMemory => RejectReason::ResourceExhausted,
-                    _ => RejectReason::MapFailed,
-                };
-                Refusal::new(
-                    id,
-                    reason,
-                    format_args!(
-                        "segment {index} ({:?}): mapping {size} bytes failed: {error}",
-                        declared.name
-                    ),
-                )
-            })?;
+            let mapping =
+                mapping::map_verified(fd.as_fd(), size, self.populate).map_err(|error| {
+                    let reason = match error.kind() {
+                        io::ErrorKind::OutOfMemory => RejectReason::ResourceExhausted,
+                        _ => RejectReason::MapFailed,
+                    };
+                    Refusal::new(
+                        id,
+                        reason,
+                        format_args!(
+                            "segment {index} ({:?}): mapping {size} bytes failed: {error}",
+                            declared.name
+                        ),
+                    )
+                })?;
             segments.push(VerifiedSegment {
                 name: declared.name,
                 size,
