@@ -15,7 +15,9 @@ use nix::errno::Errno;
 use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::verify::{check_fd_count, check_segment};
-use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, Version, codec, decode};
+use sealpass_proto::{
+    Ack, Message, Policy, Reject, RejectReason, Seals, Segment, Version, codec, decode,
+};
 
 use crate::limits::{Limits, MappedBudget, Reservation};
 use crate::{inspect, mapping};
@@ -241,26 +243,31 @@ impl Drop for Listener {
 /// One verified memfd, mapped read-only.
 #[derive(Debug)]
 pub struct VerifiedSegment {
-    name: String,
-    size: u64,
-    seals: Seals,
+    /// Confirmed by the kernel: its name, its size, and all its seals (which
+    /// may be more than were declared).
+    confirmed: Segment,
     mapping: Option<Mmap>,
 }
 
 impl VerifiedSegment {
     /// The memfd's name, as the kernel reports it.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.confirmed.name
     }
 
     /// The size in bytes, as the kernel reports it.
     pub fn size(&self) -> u64 {
-        self.size
+        self.confirmed.size
     }
 
     /// The seals the kernel reports.
     pub fn seals(&self) -> Seals {
-        self.seals
+        self.confirmed.seals
+    }
+
+    /// All three, as one protocol `Segment`.
+    pub fn segment(&self) -> &Segment {
+        &self.confirmed
     }
 
     /// The bytes. They cannot change: the memfd is sealed against writes.
@@ -297,7 +304,7 @@ impl VerifiedTransfer {
 
     /// The sum of the segment sizes.
     pub fn total_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.size).sum()
+        self.segments.iter().map(VerifiedSegment::size).sum()
     }
 }
 
@@ -639,9 +646,11 @@ impl Connection {
                     )
                 })?;
             segments.push(VerifiedSegment {
-                name: declared.name,
-                size,
-                seals,
+                confirmed: Segment {
+                    name: declared.name,
+                    size,
+                    seals,
+                },
                 mapping,
             });
         }

@@ -202,7 +202,7 @@ fn hostile_peer(socket: &Path, kind: usize, start: &Barrier) {
             let segment = SealedSegment::filled("slow", b'x', 10, Seals::SENDER_DEFAULT).unwrap();
             let bytes = encode(&Message::Transfer(Transfer {
                 id: 1,
-                segments: vec![segment.declaration()],
+                segments: vec![segment.declaration().clone()],
             }))
             .unwrap();
             fdpass::send(connection.as_fd(), &bytes, &[segment.fd()]).unwrap();

@@ -178,7 +178,7 @@ fn sigterm_answers_what_was_sent_removes_the_socket_and_exits_0() {
     let memfd = segment("in-flight", 4096);
     let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
         id: 1,
-        segments: vec![memfd.declaration()],
+        segments: vec![memfd.declaration().clone()],
     }))
     .unwrap();
     fdpass::send(connection.as_fd(), &header, &[memfd.fd()]).unwrap();
@@ -257,7 +257,7 @@ fn when_fds_run_short_new_work_is_refused_cleanly_and_service_recovers() {
         let segments: Vec<_> = (0..40).map(|i| segment(&format!("f{i}"), 1)).collect();
         let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
             id: 1,
-            segments: segments.iter().map(SealedSegment::declaration).collect(),
+            segments: segments.iter().map(|s| s.declaration().clone()).collect(),
         }))
         .unwrap();
         let fds: Vec<_> = segments.iter().map(SealedSegment::fd).collect();

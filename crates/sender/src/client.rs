@@ -176,7 +176,7 @@ impl Sender {
         let id = self.next_id;
         let message = Message::Transfer(Transfer {
             id,
-            segments: segments.iter().map(SealedSegment::declaration).collect(),
+            segments: segments.iter().map(|s| s.declaration().clone()).collect(),
         });
         codec::encode_into(&message, &mut self.outgoing)?;
         let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();

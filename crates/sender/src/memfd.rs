@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::unistd::ftruncate;
-use sealpass_proto::{FieldError, Seals, message::validate_name};
+use sealpass_proto::{FieldError, Seals, Segment, message::validate_name};
 
 /// Why a segment could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -100,10 +100,9 @@ pub enum SegmentError {
 /// A memfd filled and sealed, ready to send. Dropping it closes the fd.
 #[derive(Debug)]
 pub struct SealedSegment {
-    name: String,
+    /// What the header declares: the name, the size, the seals the kernel holds.
+    declared: Segment,
     fd: OwnedFd,
-    size: u64,
-    seals: Seals,
 }
 
 /// Whether the kernel took `MFD_NOEXEC_SEAL` (Linux 6.3+); cleared at the
@@ -247,26 +246,24 @@ impl SealedSegment {
         let actual = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(seal_error)?;
         let seals = Seals::from_bits_retain(actual as u32);
         Ok(SealedSegment {
-            name,
+            declared: Segment { name, size, seals },
             fd,
-            size,
-            seals,
         })
     }
 
     /// The memfd name, as the header declares it.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.declared.name
     }
 
     /// The size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.declared.size
     }
 
     /// The seals the kernel reports for the memfd.
     pub fn seals(&self) -> Seals {
-        self.seals
+        self.declared.seals
     }
 
     /// The memfd.
@@ -275,12 +272,8 @@ impl SealedSegment {
     }
 
     /// The segment as its header declares it.
-    pub fn declaration(&self) -> sealpass_proto::Segment {
-        sealpass_proto::Segment {
-            name: self.name.clone(),
-            size: self.size,
-            seals: self.seals,
-        }
+    pub fn declaration(&self) -> &Segment {
+        &self.declared
     }
 
     /// Gives up the memfd.
