@@ -44,6 +44,12 @@ pub enum Op {
     Receive,
     /// `setsockopt(2)`.
     SetOption,
+    /// `getsockopt(2)`.
+    GetOption,
+    /// `fchmod(2)`.
+    Chmod,
+    /// `shutdown(2)`.
+    Shutdown,
 }
 
 impl std::fmt::Display for Op {
@@ -57,6 +63,9 @@ impl std::fmt::Display for Op {
             Op::Send => "sendmsg",
             Op::Receive => "recvmsg",
             Op::SetOption => "setsockopt",
+            Op::GetOption => "getsockopt",
+            Op::Chmod => "fchmod",
+            Op::Shutdown => "shutdown",
         })
     }
 }
@@ -140,7 +149,7 @@ fn listen_as(kind: SockType, path: &Path, backlog: i32) -> Result<OwnedFd, Trans
     // at bind, so narrowing it first leaves no moment in which the file is
     // more open than owner-only. Callers widen it afterwards if they must.
     nix::sys::stat::fchmod(&listener, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .map_err(|e| TransportError::sys(Op::SetOption, e))?;
+        .map_err(|e| TransportError::sys(Op::Chmod, e))?;
     socket::bind(listener.as_raw_fd(), &addr).map_err(|e| TransportError::sys(Op::Bind, e))?;
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     socket::listen(&listener, backlog).map_err(|e| TransportError::sys(Op::Listen, e))?;
@@ -387,7 +396,7 @@ impl std::fmt::Display for PeerCredentials {
 /// The credentials of the peer of a connected socket.
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<PeerCredentials, TransportError> {
     let credentials = socket::getsockopt(&sock, sockopt::PeerCredentials)
-        .map_err(|e| TransportError::sys(Op::SetOption, e))?;
+        .map_err(|e| TransportError::sys(Op::GetOption, e))?;
     Ok(PeerCredentials {
         pid: credentials.pid(),
         uid: credentials.uid(),
@@ -399,7 +408,7 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<PeerCredentials, Transpo
 /// then `receive` sees the end of the stream. Used to stop serving gracefully.
 pub fn shut_down_reading(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
     socket::shutdown(sock.as_raw_fd(), socket::Shutdown::Read)
-        .map_err(|e| TransportError::sys(Op::SetOption, e))
+        .map_err(|e| TransportError::sys(Op::Shutdown, e))
 }
 
 /// A connected pair of `SOCK_SEQPACKET` sockets, close-on-exec (for tests and
