@@ -1,0 +1,440 @@
+//! `cargo xtask bench [--quick]`: what a handoff costs, against the kernel's
+//! floor and against copying, sender and receiver in separate processes.
+//! The parent is the sender; it re-runs this binary as the receiving peer
+//! (peer.rs). Every time is a per-operation mean over many iterations,
+//! measured in several runs and reported as the median with the spread.
+//! Ratios are taken pair by pair within the same run. Two regimes: unpinned
+//! (the processes land on different CPUs) and both pinned to one CPU.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    unsafe_code
+)]
+
+mod measure;
+mod peer;
+mod report;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
+
+use report::{Regime, Report, Stat, human};
+
+/// Counts heap allocations, so the table can show how many a message costs.
+struct CountingAllocator;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged; the counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract for `layout`.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds `realloc`'s contract; `ptr` came from
+        // `System` through this allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` through this allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Heap allocations so far in this process.
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+/// Touches every byte, at memory speed: the reader's cost of consuming the
+/// data, the same function on every path.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    let words = bytes.chunks_exact(8);
+    let tail: u64 = words.remainder().iter().map(|&b| u64::from(b)).sum();
+    words.fold(tail, |sum, word| {
+        sum.wrapping_add(u64::from_le_bytes(word.try_into().unwrap_or_default()))
+    })
+}
+
+/// The CPUs this process may use at start.
+static ALLOWED_CPUS: OnceLock<CpuSet> = OnceLock::new();
+
+/// Pins this process to `cpu`, or with `None` gives it back the CPUs it
+/// started with.
+pub fn pin_to_cpu(cpu: Option<usize>) {
+    let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
+    let set = match cpu {
+        Some(cpu) => {
+            let mut set = CpuSet::new();
+            set.set(cpu).unwrap();
+            set
+        }
+        None => allowed,
+    };
+    sched_setaffinity(Pid::from_raw(0), &set).unwrap();
+}
+
+fn first_allowed_cpu() -> usize {
+    let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
+    (0..CpuSet::count())
+        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .unwrap()
+}
+
+const HANDOFF: &str = "sealpass handoff (sealed segment, all checks, map, Ack)";
+
+fn iterations_for(size: usize, quick: bool) -> usize {
+    let budget: usize = if quick { 64 << 20 } else { 512 << 20 };
+    (budget / size.max(1)).clamp(3, if quick { 300 } else { 2000 })
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(peer::ROLE) {
+        return peer::run(&role);
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runs = if quick { 3 } else { 5 };
+    let sizes: &[usize] = if quick {
+        &[4 << 10, 1 << 20, 64 << 20]
+    } else {
+        &[4 << 10, 1 << 20, 64 << 20, 1 << 30]
+    };
+    let round_trips = if quick { 500 } else { 3000 };
+    let round_trips_for = |size: usize| if size >= 1 << 30 { 200 } else { round_trips };
+    let mut report = Report::default();
+    if std::env::args().any(|a| a == "--hot-path") {
+        // Only what sealpass's own code costs: the one-CPU round trip against
+        // its floor, and allocations per message. For before/after figures.
+        hot_path(&mut report, if quick { 5 } else { 9 }, round_trips);
+        report.print();
+        return;
+    }
+
+    // ---- Two CPUs (unpinned) -----------------------------------------------
+    let (mut floor1, mut floor0) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        floor1.push(measure::floor(1, round_trips, None));
+        floor0.push(measure::floor(0, round_trips, None));
+    }
+    let floor_two_cpus = Stat::of(floor1);
+    let floor_text = "floor: sendmsg/recvmsg round trip";
+    report.row(
+        Regime::TwoCpus,
+        format!("{floor_text}, 1 fd"),
+        None,
+        "µs",
+        floor_two_cpus,
+        None,
+    );
+    report.row(
+        Regime::TwoCpus,
+        format!("{floor_text}, 0 fds"),
+        None,
+        "µs",
+        Stat::of(floor0),
+        None,
+    );
+
+    const READ: &str = "sealpass handoff, reader reads all";
+    const READ_POPULATE: &str = "sealpass handoff, reader reads all, MAP_POPULATE";
+    const END_TO_END: &str = "sealpass end to end (create+fill+seal+send+verify+map+read)";
+    const STREAM: &str = "copy through a unix stream socket, reader reads all";
+    const PIPE: &str = "copy through a pipe, reader reads all";
+    const MEMCPY: &str = "memcpy, one core";
+    let mut medians: Vec<(usize, [f64; 7])> = Vec::new();
+    let (mut sender_allocations, mut receiver_allocations) = (Vec::new(), Vec::new());
+    for &size in sizes {
+        let iterations = iterations_for(size, quick);
+        let source = vec![b'x'; size];
+        let mut samples: [Vec<f64>; 7] = Default::default();
+        let mut ratios = Vec::new();
+        for _ in 0..runs {
+            let floor_now = measure::floor(1, round_trips, None);
+            let handoff = measure::handoff(size, round_trips_for(size), "sealpass", None);
+            ratios.push(handoff.micros / floor_now);
+            samples[0].push(handoff.micros);
+            if size == sizes[0] {
+                sender_allocations.push(handoff.sender_allocations);
+                receiver_allocations.push(handoff.receiver_allocations);
+            }
+            samples[1].push(measure::handoff(size, iterations, "sealpass-read", None).micros);
+            samples[2]
+                .push(measure::handoff(size, iterations, "sealpass-read-populate", None).micros);
+            samples[3].push(measure::end_to_end(size, iterations));
+            samples[4].push(measure::stream_copy(iterations, &source));
+            samples[5].push(measure::pipe_copy(iterations, &source));
+            samples[6].push(measure::memcpy(iterations, &source));
+        }
+        let mut row = [0.0; 7];
+        for (index, method) in [
+            HANDOFF,
+            READ,
+            READ_POPULATE,
+            END_TO_END,
+            STREAM,
+            PIPE,
+            MEMCPY,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let value = Stat::of(std::mem::take(&mut samples[index]));
+            row[index] = value.median;
+            let ratio = (index == 0).then(|| Stat::of(ratios.clone()));
+            report.row(Regime::TwoCpus, method, Some(size), "µs", value, ratio);
+        }
+        medians.push((size, row));
+    }
+
+    // ---- One CPU: both ends pinned to the same CPU -------------------------
+    let cpu = first_allowed_cpu();
+    pin_to_cpu(Some(cpu));
+    let mut floor_one_cpu = Vec::new();
+    let mut one_cpu_ratios: Vec<(usize, Stat)> = Vec::new();
+    for &size in sizes {
+        let (mut handoffs, mut ratios) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let floor_now = measure::floor(1, round_trips, Some(cpu));
+            let handoff = measure::handoff(size, round_trips_for(size), "sealpass", Some(cpu));
+            floor_one_cpu.push(floor_now);
+            handoffs.push(handoff.micros);
+            ratios.push(handoff.micros / floor_now);
+        }
+        let ratio = Stat::of(ratios);
+        one_cpu_ratios.push((size, ratio));
+        report.row(
+            Regime::OneCpu,
+            HANDOFF,
+            Some(size),
+            "µs",
+            Stat::of(handoffs),
+            Some(ratio),
+        );
+    }
+    pin_to_cpu(None);
+    report.row(
+        Regime::OneCpu,
+        format!("{floor_text}, 1 fd"),
+        None,
+        "µs",
+        Stat::of(floor_one_cpu),
+        None,
+    );
+
+    // ---- Allocations and memory --------------------------------------------
+    report.row(
+        Regime::TwoCpus,
+        "heap allocations per handoff, sending process",
+        Some(sizes[0]),
+        "allocs",
+        Stat::of(sender_allocations),
+        None,
+    );
+    report.row(
+        Regime::TwoCpus,
+        "heap allocations per handoff, receiving process",
+        Some(sizes[0]),
+        "allocs",
+        Stat::of(receiver_allocations),
+        None,
+    );
+    let memory_size = 1usize << 30;
+    let unread = measure::receiver_memory(memory_size, false);
+    let read = measure::receiver_memory(memory_size, true);
+    for (what, figures) in [("not read", &unread), ("read", &read)] {
+        for (key, label) in [
+            ("peak_hwm_kib", "peak RSS (VmHWM)"),
+            ("held_anon_kib", "anonymous RSS while held"),
+            ("held_shmem_kib", "shared-memory RSS while held"),
+        ] {
+            let value = figures[key];
+            report.row(
+                Regime::TwoCpus,
+                format!("receiver {label}, 1 segment {what}"),
+                Some(memory_size),
+                "KiB",
+                Stat {
+                    median: value,
+                    min: value,
+                    max: value,
+                },
+                None,
+            );
+        }
+    }
+
+    // ---- Throughput: one-way messages per second ---------------------------
+    let rate = Stat::of(
+        (0..runs)
+            .map(|_| measure::floor_one_way_rate(if quick { 20_000 } else { 100_000 }))
+            .collect(),
+    );
+    report.row(
+        Regime::TwoCpus,
+        "floor: one-way sendmsg, 1 fd, 64 bytes",
+        None,
+        "msg/s",
+        rate,
+        None,
+    );
+
+    // ---- Closing figures: ratios of medians within this run ---------------
+    let (small, first) = medians[0];
+    let (large, last) = medians[medians.len() - 1];
+    let flat = last[0] / first[0];
+    report.line(
+        format!("handoff {} / handoff {}", human(large), human(small)),
+        flat,
+        Some(("<= 1.2", flat <= 1.2)),
+    );
+    let handoff_ratio = report
+        .rows
+        .iter()
+        .find(|row| {
+            row.regime == Regime::TwoCpus && row.bytes == Some(small) && row.method == HANDOFF
+        })
+        .and_then(|row| row.ratio_to_floor)
+        .unwrap();
+    report.line(
+        format!("handoff {} / floor, 2 CPUs", human(small)),
+        handoff_ratio.median,
+        Some(("<= 1.15", handoff_ratio.median <= 1.15)),
+    );
+    for (size, ratio) in &one_cpu_ratios {
+        report.line(
+            format!("handoff {} / floor, 1 CPU", human(*size)),
+            ratio.median,
+            Some(("<= 2", ratio.median <= 2.0)),
+        );
+    }
+    let copy_ratio = last[4] / last[0];
+    report.line(
+        format!("stream copy / handoff at {}", human(large)),
+        copy_ratio,
+        Some((">= 1000 at 1 GiB", copy_ratio >= 1000.0)),
+    );
+    let read_ratio = last[4] / last[1];
+    report.line(
+        format!(
+            "(stream copy + read) / (handoff + read) at {}",
+            human(large)
+        ),
+        read_ratio,
+        Some((">= 3", read_ratio >= 3.0)),
+    );
+    let populate_ratio = last[4] / last[2];
+    report.line(
+        format!(
+            "(stream copy + read) / (handoff + MAP_POPULATE + read) at {}",
+            human(large)
+        ),
+        populate_ratio,
+        Some((">= 3", populate_ratio >= 3.0)),
+    );
+    let memcpy_ratio = last[4] / last[6];
+    report.line(
+        format!(
+            "(stream copy + read) / memcpy at {}: the most any copy-avoiding reader can gain",
+            human(large)
+        ),
+        memcpy_ratio,
+        None,
+    );
+    let peak_mib = unread["peak_hwm_kib"] / 1024.0;
+    report.line(
+        "receiver peak RSS, 1 GiB segment not read (MiB)",
+        peak_mib,
+        Some(("< 16", peak_mib < 16.0)),
+    );
+
+    report.print();
+    let out = PathBuf::from(
+        std::env::var_os("SEALPASS_BENCH_OUT").unwrap_or_else(|| "target/bench".into()),
+    );
+    std::fs::create_dir_all(&out).unwrap();
+    let json = out.join("results.json");
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&report.json(runs, quick)).unwrap(),
+    )
+    .unwrap();
+    println!("wrote {}", json.display());
+    let plot = out.join("handoff.svg");
+    report.plot(&plot).unwrap();
+    println!("wrote {}", plot.display());
+}
+
+fn hot_path(report: &mut Report, runs: usize, round_trips: usize) {
+    let cpu = first_allowed_cpu();
+    pin_to_cpu(Some(cpu));
+    let (mut floors, mut handoffs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sender_allocations, mut receiver_allocations) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let floor = measure::floor(1, round_trips, Some(cpu));
+        let handoff = measure::handoff(4096, round_trips, "sealpass", Some(cpu));
+        floors.push(floor);
+        handoffs.push(handoff.micros);
+        ratios.push(handoff.micros / floor);
+        sender_allocations.push(handoff.sender_allocations);
+        receiver_allocations.push(handoff.receiver_allocations);
+    }
+    pin_to_cpu(None);
+    let floor_text = "floor: sendmsg/recvmsg round trip, 1 fd";
+    report.row(
+        Regime::OneCpu,
+        floor_text,
+        None,
+        "µs",
+        Stat::of(floors),
+        None,
+    );
+    let ratio = Stat::of(ratios);
+    report.row(
+        Regime::OneCpu,
+        HANDOFF,
+        Some(4096),
+        "µs",
+        Stat::of(handoffs),
+        Some(ratio),
+    );
+    report.row(
+        Regime::OneCpu,
+        "heap allocations per handoff, sending process",
+        Some(4096),
+        "allocs",
+        Stat::of(sender_allocations),
+        None,
+    );
+    report.row(
+        Regime::OneCpu,
+        "heap allocations per handoff, receiving process",
+        Some(4096),
+        "allocs",
+        Stat::of(receiver_allocations),
+        None,
+    );
+    report.line(
+        "handoff 4 KiB / floor, 1 CPU",
+        ratio.median,
+        Some(("<= 2", ratio.median <= 2.0)),
+    );
+}

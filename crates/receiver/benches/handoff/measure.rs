@@ -1,0 +1,228 @@
+//! The sending side: each function starts a fresh peer, measures one thing
+//! and returns it. Times are means per operation in µs.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sealpass_proto::Seals;
+use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_sender::{SealedSegment, Sender};
+
+use crate::{allocations, peer};
+
+pub struct Peer {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Peer {
+    /// Starts `role` with `parameter`, on `cpu` if given, and waits until it
+    /// listens.
+    pub fn start(role: &str, parameter: usize, cpu: Option<usize>) -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bench.sock");
+        if role == "pipe" {
+            for end in ["data", "done"] {
+                nix::unistd::mkfifo(
+                    &socket.with_extension(end),
+                    nix::sys::stat::Mode::from_bits_truncate(0o600),
+                )
+                .unwrap();
+            }
+        }
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .env(peer::ROLE, role)
+            .env(peer::SOCKET, &socket)
+            .env(peer::PARAMETER, parameter.to_string())
+            .stdout(Stdio::piped());
+        if let Some(cpu) = cpu {
+            command.env(peer::CPU, cpu.to_string());
+        }
+        let peer = Peer {
+            child: Some(command.spawn().unwrap()),
+            _dir: dir,
+            socket,
+        };
+        if role != "pipe" {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !peer.socket.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "bench peer {role} never listened"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        peer
+    }
+
+    /// Waits for the peer to end (the caller closed its connection first)
+    /// and returns the `key=value` lines it printed.
+    pub fn finish(mut self) -> HashMap<String, f64> {
+        let child = self.child.take().unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "bench peer failed");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once('=')?;
+                Some((key.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Mean time per iteration of `step` in µs, after a warm-up.
+pub fn per_op(iterations: usize, mut step: impl FnMut()) -> f64 {
+    for _ in 0..iterations.div_ceil(10) {
+        step();
+    }
+    let started = Instant::now();
+    for _ in 0..iterations {
+        step();
+    }
+    started.elapsed().as_secs_f64() * 1e6 / iterations as f64
+}
+
+/// Bare `sendmsg`/`recvmsg` round trip carrying `fds` fds and 64 bytes.
+pub fn floor(fds: usize, iterations: usize, cpu: Option<usize>) -> f64 {
+    let peer = Peer::start("floor", 0, cpu);
+    let connection = fdpass::connect(&peer.socket).unwrap();
+    let memfd = SealedSegment::filled("floor", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+    let fd_list = vec![memfd.fd(); fds];
+    let mut buffer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    per_op(iterations, || {
+        fdpass::send(connection.as_fd(), &[7; 64], &fd_list).unwrap();
+        fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+    })
+}
+
+/// Bare one-way messages per second, each with one fd and 64 bytes, the
+/// sender never waiting for more than the socket's own flow control.
+pub fn floor_one_way_rate(messages: usize) -> f64 {
+    let peer = Peer::start("floor-sink", messages, None);
+    let connection = fdpass::connect(&peer.socket).unwrap();
+    let memfd = SealedSegment::filled("floor", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+    let mut buffer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    let mut batch = || {
+        for _ in 0..messages {
+            fdpass::send(connection.as_fd(), &[7; 64], &[memfd.fd()]).unwrap();
+        }
+        fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+    };
+    batch(); // warm-up
+    let started = Instant::now();
+    batch();
+    messages as f64 / started.elapsed().as_secs_f64()
+}
+
+/// What one handoff measurement saw.
+pub struct Handoff {
+    pub micros: f64,
+    /// Heap allocations per message in the sending process.
+    pub sender_allocations: f64,
+    /// Heap allocations per message in the receiving process.
+    pub receiver_allocations: f64,
+}
+
+/// A pre-sealed segment handed over `iterations` times; with a reading
+/// `role`, the receiver reads every byte (filling stays outside the timing,
+/// as it does for the copy baselines' pre-filled source).
+pub fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<usize>) -> Handoff {
+    let peer = Peer::start(role, 0, cpu);
+    let mut sender = Sender::connect(&peer.socket).unwrap();
+    let segment =
+        SealedSegment::filled("handoff", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
+    let before = allocations();
+    let micros = per_op(iterations, || {
+        assert!(
+            sender
+                .send(std::slice::from_ref(&segment))
+                .unwrap()
+                .is_accepted()
+        )
+    });
+    let sent = (iterations + iterations.div_ceil(10)) as f64;
+    let sender_allocations = (allocations() - before) as f64 / sent;
+    drop(sender);
+    let report = peer.finish();
+    Handoff {
+        micros,
+        sender_allocations,
+        receiver_allocations: report["allocations"] / report["messages"],
+    }
+}
+
+pub fn end_to_end(size: usize, iterations: usize) -> f64 {
+    let peer = Peer::start("sealpass-read", 0, None);
+    let mut sender = Sender::connect(&peer.socket).unwrap();
+    per_op(iterations, || {
+        let segment =
+            SealedSegment::filled("e2e", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
+        assert!(sender.send(&[segment]).unwrap().is_accepted());
+    })
+}
+
+pub fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
+    let peer = Peer::start("stream", source.len(), None);
+    let mut connection = File::from(fdpass::connect_stream(&peer.socket).unwrap());
+    let mut ack = [0u8; 1];
+    per_op(iterations, || {
+        connection.write_all(source).unwrap();
+        connection.read_exact(&mut ack).unwrap();
+    })
+}
+
+pub fn pipe_copy(iterations: usize, source: &[u8]) -> f64 {
+    let peer = Peer::start("pipe", source.len(), None);
+    let mut data = File::options()
+        .write(true)
+        .open(peer.socket.with_extension("data"))
+        .unwrap();
+    let mut done = File::open(peer.socket.with_extension("done")).unwrap();
+    let mut ack = [0u8; 1];
+    per_op(iterations, || {
+        data.write_all(source).unwrap();
+        done.read_exact(&mut ack).unwrap();
+    })
+}
+
+pub fn memcpy(iterations: usize, source: &[u8]) -> f64 {
+    let mut target = vec![0u8; source.len()];
+    per_op(iterations, || {
+        target.copy_from_slice(black_box(source));
+        black_box(&mut target);
+    })
+}
+
+/// The receiver's memory when handed one segment of `size` bytes, read or
+/// not: peak RSS before and after, and the resident anonymous and shared
+/// pages while the mapping is held. KiB.
+pub fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
+    let peer = Peer::start(if read { "memory-read" } else { "memory" }, 0, None);
+    let mut sender = Sender::connect(&peer.socket).unwrap();
+    let segment =
+        SealedSegment::filled("memory", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
+    assert!(sender.send(&[segment]).unwrap().is_accepted());
+    drop(sender);
+    peer.finish()
+}

@@ -1,0 +1,164 @@
+//! The receiving peer: this same binary, re-run with `SEALPASS_BENCH_PEER`
+//! naming its role. It reports what only it can see (its allocations, its
+//! memory) as `key=value` lines on stdout when its connection ends.
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_receiver::Listener;
+
+use crate::{allocations, checksum, pin_to_cpu};
+
+pub const ROLE: &str = "SEALPASS_BENCH_PEER";
+pub const SOCKET: &str = "SEALPASS_BENCH_SOCKET";
+/// Bytes per message for the copy roles; messages per batch for the sink.
+pub const PARAMETER: &str = "SEALPASS_BENCH_PARAMETER";
+/// Pin the peer to this CPU (the one-CPU regime).
+pub const CPU: &str = "SEALPASS_BENCH_CPU";
+
+pub fn run(role: &str) {
+    let socket = PathBuf::from(std::env::var_os(SOCKET).unwrap());
+    let parameter: usize = std::env::var(PARAMETER).unwrap().parse().unwrap();
+    if let Some(cpu) = std::env::var(CPU).ok().and_then(|cpu| cpu.parse().ok()) {
+        pin_to_cpu(Some(cpu));
+    }
+    match role {
+        // Bare recvmsg/sendmsg echo: no header, no checks, no mapping.
+        "floor" => {
+            let listener = fdpass::listen(&socket, 1).unwrap();
+            let connection = fdpass::accept(listener.as_fd()).unwrap();
+            let mut buffer = [0u8; 64];
+            let mut control = ControlBuffer::new();
+            loop {
+                let received =
+                    fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+                if received.is_end_of_stream() {
+                    return;
+                }
+                drop(received);
+                fdpass::send(connection.as_fd(), &[0; 64], &[]).unwrap();
+            }
+        }
+        // Bare one-way sink: receive (and close) every fd, answer one byte
+        // per batch of `parameter` messages so the sender can time a batch.
+        "floor-sink" => {
+            let listener = fdpass::listen(&socket, 1).unwrap();
+            let connection = fdpass::accept(listener.as_fd()).unwrap();
+            let mut buffer = [0u8; 64];
+            let mut control = ControlBuffer::new();
+            let mut count = 0;
+            loop {
+                let received =
+                    fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+                if received.is_end_of_stream() {
+                    return;
+                }
+                drop(received);
+                count += 1;
+                if count % parameter == 0 {
+                    fdpass::send(connection.as_fd(), &[1], &[]).unwrap();
+                }
+            }
+        }
+        // The real receiver: every kernel check, mapping, Ack. With "read",
+        // the handler also reads every byte.
+        "sealpass" | "sealpass-read" | "sealpass-read-populate" => {
+            let listener = Listener::bind(&socket).unwrap();
+            let mut connection = listener.accept().unwrap();
+            connection.set_idle_timeout(None).unwrap();
+            connection.set_populate(role == "sealpass-read-populate");
+            let read = role != "sealpass";
+            let mut messages = 0u64;
+            let before = allocations();
+            while connection.is_open() {
+                let outcome = connection
+                    .serve_one(|transfer| {
+                        if read {
+                            for segment in transfer.segments() {
+                                black_box(checksum(segment.bytes()));
+                            }
+                        }
+                        Ok::<(), String>(())
+                    })
+                    .unwrap();
+                messages += u64::from(matches!(
+                    outcome,
+                    sealpass_receiver::Outcome::Accepted { .. }
+                ));
+            }
+            let allocated = allocations() - before;
+            println!("messages={messages}");
+            println!("allocations={allocated}");
+        }
+        // One message, then the memory figures: peak RSS (VmHWM), and the
+        // resident anonymous and shared-memory pages while the handler holds
+        // the mapping.
+        "memory" | "memory-read" => {
+            let listener = Listener::bind(&socket).unwrap();
+            let mut connection = listener.accept().unwrap();
+            connection.set_idle_timeout(None).unwrap();
+            println!("idle_hwm_kib={}", status_kib("VmHWM"));
+            connection
+                .serve_one(|transfer| {
+                    if role == "memory-read" {
+                        for segment in transfer.segments() {
+                            black_box(checksum(segment.bytes()));
+                        }
+                    }
+                    println!("held_anon_kib={}", status_kib("RssAnon"));
+                    println!("held_shmem_kib={}", status_kib("RssShmem"));
+                    Ok::<(), String>(())
+                })
+                .unwrap();
+            println!("peak_hwm_kib={}", status_kib("VmHWM"));
+        }
+        // Copy baselines: read every byte of `parameter`, answer one byte.
+        "stream" => {
+            let listener = fdpass::listen_stream(&socket, 1).unwrap();
+            let mut connection = File::from(fdpass::accept(listener.as_fd()).unwrap());
+            let mut answer = connection.try_clone().unwrap();
+            copy_loop(&mut connection, &mut answer, parameter);
+        }
+        "pipe" => {
+            let mut data = File::open(socket.with_extension("data")).unwrap();
+            let mut done = File::options()
+                .write(true)
+                .open(socket.with_extension("done"))
+                .unwrap();
+            copy_loop(&mut data, &mut done, parameter);
+        }
+        other => panic!("unknown peer role {other}"),
+    }
+}
+
+fn copy_loop(input: &mut File, answer: &mut File, size: usize) {
+    let mut buffer = vec![0u8; size.clamp(1, 1 << 20)];
+    loop {
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buffer.len());
+            match input.read(&mut buffer[..want]).unwrap() {
+                0 => return,
+                got => {
+                    black_box(checksum(&buffer[..got]));
+                    left -= got;
+                }
+            }
+        }
+        answer.write_all(&[1]).unwrap();
+    }
+}
+
+/// A `kB` field of /proc/self/status.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
