@@ -20,7 +20,7 @@
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 
 use crate::limits::{MAX_BODY_LEN, MAX_MESSAGE_LEN, PREAMBLE_LEN};
-use crate::message::{FieldError, Message, RejectReason};
+use crate::message::{FieldError, Message, RejectReason, Segment};
 
 /// The four bytes every message starts with.
 pub const MAGIC: [u8; 4] = *b"SLPS";
@@ -167,12 +167,77 @@ pub struct Decoded {
 /// across messages avoids an allocation per message.
 pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     message.validate()?;
+    encode_body(message, out)
+}
+
+/// Encodes a `Transfer` of `id` with `segments` borrowed from the caller into
+/// `out`: the bytes of [`encode_into`] of the same `Message::Transfer`,
+/// without building that message (no copy of each name). A sender encodes
+/// every message this way.
+pub fn encode_transfer_into<'s, I>(
+    id: u64,
+    segments: I,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError>
+where
+    I: ExactSizeIterator<Item = &'s Segment> + Clone,
+{
+    crate::message::validate_transfer(id, segments.clone())?;
+    encode_body(&BorrowedTransfer { id, segments }, out)
+}
+
+/// Serializes exactly as `Message::Transfer(Transfer { id, segments })`
+/// does: variant 0, then the struct's fields in order, the list as a length
+/// and its elements.
+struct BorrowedTransfer<I> {
+    id: u64,
+    segments: I,
+}
+
+impl<'s, I> serde::Serialize for BorrowedTransfer<I>
+where
+    I: ExactSizeIterator<Item = &'s Segment> + Clone,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_newtype_variant("Message", 0, "Transfer", &TransferFields(self))
+    }
+}
+
+struct TransferFields<'t, I>(&'t BorrowedTransfer<I>);
+
+impl<'s, I> serde::Serialize for TransferFields<'_, I>
+where
+    I: ExactSizeIterator<Item = &'s Segment> + Clone,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut fields = serializer.serialize_struct("Transfer", 2)?;
+        fields.serialize_field("id", &self.0.id)?;
+        fields.serialize_field("segments", &SegmentList(self.0.segments.clone()))?;
+        fields.end()
+    }
+}
+
+struct SegmentList<I>(I);
+
+impl<'s, I> serde::Serialize for SegmentList<I>
+where
+    I: ExactSizeIterator<Item = &'s Segment> + Clone,
+{
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.clone())
+    }
+}
+
+/// Writes the preamble and the body of an already validated message, then
+/// patches in the body's length.
+fn encode_body(body: &impl serde::Serialize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     out.clear();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.major.to_le_bytes());
     out.extend_from_slice(&VERSION.minor.to_le_bytes());
     out.extend_from_slice(&[0; 4]); // body_len, patched below
-    bincode::serde::encode_into_std_write(message, out, body_config())
+    bincode::serde::encode_into_std_write(body, out, body_config())
         .map_err(EncodeError::TooLarge)?;
     let body_len = out.len() - PREAMBLE_LEN;
     let too_large = || {

@@ -50,6 +50,8 @@ pub enum Op {
     Chmod,
     /// `shutdown(2)`.
     Shutdown,
+    /// `poll(2)`.
+    Poll,
 }
 
 impl std::fmt::Display for Op {
@@ -66,6 +68,7 @@ impl std::fmt::Display for Op {
             Op::GetOption => "getsockopt",
             Op::Chmod => "fchmod",
             Op::Shutdown => "shutdown",
+            Op::Poll => "poll",
         })
     }
 }
@@ -262,14 +265,48 @@ impl Received {
 }
 
 /// Sends one message: `payload` as the data, `fds` as one `SCM_RIGHTS`
-/// control message, with `MSG_NOSIGNAL`.
+/// control message, with `MSG_NOSIGNAL`. Blocks while the peer's queue is
+/// full.
 pub fn send(
     sock: BorrowedFd<'_>,
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), TransportError> {
-    if fds.len() > MAX_SEGMENTS {
-        return Err(TransportError::TooManyFds { count: fds.len() });
+    send_each(sock, payload, fds.iter().copied())
+}
+
+/// [`send`], with the fds from an iterator, so a caller holding them in its
+/// own structures needs no list of its own.
+pub fn send_each<'fd>(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: impl ExactSizeIterator<Item = BorrowedFd<'fd>>,
+) -> Result<(), TransportError> {
+    send_with_flags(sock, payload, fds, libc::MSG_NOSIGNAL).map(|_| ())
+}
+
+/// [`send_each`] without blocking (`MSG_DONTWAIT`): `Ok(false)` when the
+/// peer's queue is full and nothing was sent. A pipelining sender uses it to
+/// read answers instead of waiting on a peer that is waiting on it.
+pub fn try_send_each<'fd>(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: impl ExactSizeIterator<Item = BorrowedFd<'fd>>,
+) -> Result<bool, TransportError> {
+    send_with_flags(sock, payload, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+/// `Ok(true)`: sent whole. `Ok(false)`: `EAGAIN` (only ever under
+/// `MSG_DONTWAIT`; a blocking socket's `SO_SNDTIMEO` is `TimedOut`).
+fn send_with_flags<'fd>(
+    sock: BorrowedFd<'_>,
+    payload: &[u8],
+    fds: impl ExactSizeIterator<Item = BorrowedFd<'fd>>,
+    flags: libc::c_int,
+) -> Result<bool, TransportError> {
+    let count = fds.len();
+    if count > MAX_SEGMENTS {
+        return Err(TransportError::TooManyFds { count });
     }
     let mut control = ControlBuffer {
         bytes: [0; CONTROL_LEN],
@@ -283,36 +320,44 @@ pub fn send(
     let mut header: libc::msghdr = unsafe { mem::zeroed() };
     header.msg_iov = &mut iov;
     header.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let data_len = (fds.len() * size_of::<RawFd>()) as u32;
+    if count > 0 {
         header.msg_control = control.bytes.as_mut_ptr().cast();
-        // SAFETY: CMSG_SPACE only computes a length.
-        header.msg_controllen = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        header.msg_controllen = CONTROL_LEN;
+        let mut written = 0;
         // SAFETY: msg_control points at `control`, which is aligned for
-        // cmsghdr and CONTROL_LEN >= msg_controllen bytes long, so the first
-        // header and its data (CMSG_LEN(data_len) <= msg_controllen) lie
-        // inside it. The fds are written unaligned, as CMSG_DATA may be.
+        // cmsghdr and CONTROL_LEN bytes long, room for one header and
+        // MAX_SEGMENTS >= count fds; `take(count)` bounds the writes whatever
+        // the iterator claims. The fds are written unaligned, as CMSG_DATA
+        // may be. The lengths are then set from what was written.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&header);
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for fd in fds.take(count) {
+                ptr::write_unaligned(data.add(written), fd.as_raw_fd());
+                written += 1;
+            }
+            let data_len = (written * size_of::<RawFd>()) as u32;
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
-            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                ptr::write_unaligned(data.add(i), fd.as_raw_fd());
-            }
+            header.msg_controllen = libc::CMSG_SPACE(data_len) as usize;
+        }
+        if written == 0 {
+            header.msg_control = ptr::null_mut();
+            header.msg_controllen = 0;
         }
     }
     loop {
         // SAFETY: `header` points at `iov` (over `payload`, which the kernel
         // only reads) and at `control`, all alive for the call; the fds in
         // the control data are borrowed and so open.
-        let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+        let sent = unsafe { libc::sendmsg(sock.as_raw_fd(), &header, flags) };
         match Errno::result(sent) {
             Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) if flags & libc::MSG_DONTWAIT != 0 => return Ok(false),
             Err(e) => return Err(TransportError::sys(Op::Send, e)),
             // SOCK_SEQPACKET sends a record whole or not at all.
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
         }
     }
 }
@@ -325,6 +370,19 @@ pub fn receive(
     buffer: &mut [u8],
     control: &mut ControlBuffer,
 ) -> Result<Received, TransportError> {
+    receive_reusing(sock, buffer, control, Vec::new())
+}
+
+/// [`receive`], collecting the fds into `fds` (emptied first, which closes
+/// any left in it), so a receiver that hands the list back after each
+/// message allocates it once.
+pub fn receive_reusing(
+    sock: BorrowedFd<'_>,
+    buffer: &mut [u8],
+    control: &mut ControlBuffer,
+    mut fds: Vec<OwnedFd>,
+) -> Result<Received, TransportError> {
+    fds.clear();
     let mut iov = libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
         iov_len: buffer.len(),
@@ -346,7 +404,6 @@ pub fn receive(
         }
     };
 
-    let mut fds = Vec::new();
     // SAFETY: after a successful recvmsg, msg_control/msg_controllen describe
     // control data the kernel wrote into `control`; CMSG_FIRSTHDR/NXTHDR stay
     // within msg_controllen and return null past it. Even under MSG_CTRUNC

@@ -17,7 +17,9 @@ pub mod size;
 pub mod verify;
 
 pub use codec::{DecodeError, Decoded, EncodeError, MAGIC, VERSION, Version, decode, encode};
-pub use message::{Ack, FieldError, Message, Reject, RejectReason, Segment, Transfer};
+pub use message::{
+    Ack, FieldError, Message, Reject, RejectReason, Segment, Transfer, validate_transfer,
+};
 pub use seals::{ParseSealsError, Seals};
 pub use size::{ParseSizeError, parse_size};
 pub use verify::{FdFacts, FileKind, Policy, SegmentError};

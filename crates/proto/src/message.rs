@@ -270,26 +270,33 @@ pub fn validate_name(index: usize, name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The field rules of a `Transfer` of `id` with `segments`, for callers
+/// that hold the segments without a [`Transfer`] around them.
+pub fn validate_transfer<'s>(
+    id: u64,
+    segments: impl ExactSizeIterator<Item = &'s Segment>,
+) -> Result<(), FieldError> {
+    if id == 0 {
+        return Err(FieldError::ZeroTransferId);
+    }
+    if segments.len() > MAX_SEGMENTS {
+        return Err(FieldError::TooManySegments {
+            count: segments.len(),
+        });
+    }
+    for (index, segment) in segments.enumerate() {
+        validate_name(index, &segment.name)?;
+    }
+    Ok(())
+}
+
 impl Message {
     /// Checks every field against the protocol's rules. Both encoding and
     /// decoding call this, so neither side puts a message on the wire that the
     /// other must refuse for its fields.
     pub fn validate(&self) -> Result<(), FieldError> {
         match self {
-            Message::Transfer(transfer) => {
-                if transfer.id == 0 {
-                    return Err(FieldError::ZeroTransferId);
-                }
-                if transfer.segments.len() > MAX_SEGMENTS {
-                    return Err(FieldError::TooManySegments {
-                        count: transfer.segments.len(),
-                    });
-                }
-                for (index, segment) in transfer.segments.iter().enumerate() {
-                    validate_name(index, &segment.name)?;
-                }
-                Ok(())
-            }
+            Message::Transfer(transfer) => validate_transfer(transfer.id, transfer.segments.iter()),
             Message::Ack(_) => Ok(()),
             Message::Reject(reject) => {
                 if reject.message.len() > MAX_REJECT_MESSAGE_LEN {

@@ -73,6 +73,24 @@ proptest! {
         let bytes = encode(&message).unwrap();
         prop_assert_eq!(decode(&bytes).unwrap().message, message);
     }
+
+    #[test]
+    fn borrowed_transfer_encoding_equals_the_owned_one(
+        id in any::<u64>(),
+        segments in prop::collection::vec(segment(), 0..8),
+    ) {
+        let owned = encode(&Message::Transfer(Transfer { id, segments: segments.clone() }));
+        let mut borrowed = Vec::new();
+        let result = sealpass_proto::codec::encode_transfer_into(id, segments.iter(), &mut borrowed);
+        match owned {
+            Ok(owned) => {
+                prop_assert!(result.is_ok());
+                prop_assert_eq!(borrowed, owned);
+            }
+            // Same rules: id 0 (and bad names) fail both ways, with the same error.
+            Err(error) => prop_assert_eq!(result.unwrap_err().to_string(), error.to_string()),
+        }
+    }
 }
 
 #[test]

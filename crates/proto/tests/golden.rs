@@ -66,3 +66,16 @@ fn encoding_matches_the_golden_bytes() {
         assert_eq!(decode(&golden).unwrap().message, message, "{name}");
     }
 }
+
+/// The sender's borrowed encoder writes the same bytes as the owned one, so
+/// the golden file pins both.
+#[test]
+fn borrowed_transfer_encoding_matches_the_golden_bytes() {
+    let (_, Message::Transfer(transfer)) = &golden_messages()[0] else {
+        panic!("the first golden message is a Transfer");
+    };
+    let mut bytes = Vec::new();
+    sealpass_proto::codec::encode_transfer_into(transfer.id, transfer.segments.iter(), &mut bytes)
+        .unwrap();
+    assert_eq!(bytes, std::fs::read(golden_path("transfer")).unwrap());
+}

@@ -151,6 +151,8 @@ impl Listener {
         listen: fn(&Path, i32) -> Result<OwnedFd, TransportError>,
     ) -> Result<Listener, BindError> {
         remove_stale_socket(path)?;
+        // Before the socket exists: no message can be served without it.
+        inspect::open_proc_fd_dir();
         let socket = listen(path, 128).map_err(|source| BindError::Listen {
             path: path.to_owned(),
             source,
@@ -367,12 +369,19 @@ pub struct Connection {
     greeted: bool,
     /// Fault every page in at mapping time (`MAP_POPULATE`).
     populate: bool,
+    // Reused from message to message, so serving one allocates only what the
+    // decoded transfer owns (its segment list and names).
+    spare_fds: Vec<OwnedFd>,
+    spare_link: Vec<u8>,
+    judged: Vec<(u64, Seals)>,
+    spare_segments: Vec<VerifiedSegment>,
 }
 
 impl Connection {
     /// Serves a connected `SOCK_SEQPACKET` socket under `policy`, with no
     /// limits beyond the protocol's and no timeouts.
     pub fn new(socket: OwnedFd, policy: Policy) -> Connection {
+        inspect::open_proc_fd_dir();
         Connection {
             socket,
             policy,
@@ -388,6 +397,10 @@ impl Connection {
             open: true,
             greeted: false,
             populate: false,
+            spare_fds: Vec::new(),
+            spare_link: Vec::new(),
+            judged: Vec::new(),
+            spare_segments: Vec::new(),
         }
     }
 
@@ -462,31 +475,35 @@ impl Connection {
         if !self.open {
             return Ok(Outcome::Closed);
         }
-        let received =
-            match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
-                Ok(received) => received,
-                Err(TransportError::TimedOut { .. }) => {
-                    let waited = self.current_wait();
-                    let what = if self.greeted {
-                        "no message"
-                    } else {
-                        "no complete first message"
-                    };
-                    self.open = false;
-                    return self.refuse(Refusal::new(
-                        0,
-                        RejectReason::Timeout,
-                        format_args!(
-                            "{what} within {:?}; closing the connection",
-                            waited.unwrap_or_default()
-                        ),
-                    ));
-                }
-                Err(error) => {
-                    self.open = false;
-                    return Err(ServeError::Receive(error));
-                }
-            };
+        let received = match fdpass::receive_reusing(
+            self.socket.as_fd(),
+            &mut self.incoming,
+            &mut self.control,
+            std::mem::take(&mut self.spare_fds),
+        ) {
+            Ok(received) => received,
+            Err(TransportError::TimedOut { .. }) => {
+                let waited = self.current_wait();
+                let what = if self.greeted {
+                    "no message"
+                } else {
+                    "no complete first message"
+                };
+                self.open = false;
+                return self.refuse(Refusal::new(
+                    0,
+                    RejectReason::Timeout,
+                    format_args!(
+                        "{what} within {:?}; closing the connection",
+                        waited.unwrap_or_default()
+                    ),
+                ));
+            }
+            Err(error) => {
+                self.open = false;
+                return Err(ServeError::Receive(error));
+            }
+        };
         if received.is_end_of_stream() {
             self.open = false;
             return Ok(Outcome::Closed);
@@ -583,9 +600,11 @@ impl Connection {
             .map_err(|e| Refusal::new(id, RejectReason::FdCountMismatch, e))?;
 
         // Judge every fd before mapping any, so limits see the whole transfer.
-        let mut sizes = Vec::with_capacity(fds.len());
+        let mut sizes = std::mem::take(&mut self.judged);
+        sizes.clear();
+        let mut link = std::mem::take(&mut self.spare_link);
         for (index, (declared, fd)) in transfer.segments.iter().zip(&fds).enumerate() {
-            let facts = inspect::facts(fd.as_fd()).map_err(|errno| {
+            let facts = inspect::facts_reusing(fd.as_fd(), link).map_err(|errno| {
                 Refusal::new(
                     id,
                     RejectReason::NotMemfd,
@@ -595,7 +614,9 @@ impl Connection {
             check_segment(index, declared, &facts, &self.policy)
                 .map_err(|e| Refusal::new(id, e.reject_reason(), &e))?;
             sizes.push((facts.size, facts.seals.unwrap_or(Seals::empty())));
+            link = facts.link;
         }
+        self.spare_link = link;
         let total: u64 = sizes.iter().map(|(size, _)| size).sum();
         if total > self.limits.max_mapped_per_connection {
             return Err(Refusal::new(
@@ -622,12 +643,13 @@ impl Connection {
             None => None,
         };
 
-        let mut segments = Vec::with_capacity(fds.len());
-        for (index, ((declared, fd), (size, seals))) in transfer
+        let mut segments = std::mem::take(&mut self.spare_segments);
+        segments.clear();
+        for (index, ((declared, fd), &(size, seals))) in transfer
             .segments
             .into_iter()
             .zip(&fds)
-            .zip(sizes)
+            .zip(&sizes)
             .enumerate()
         {
             let mapping =
@@ -654,15 +676,24 @@ impl Connection {
                 mapping,
             });
         }
-        drop(fds);
+        self.judged = sizes;
+        let mut fds = fds;
+        fds.clear(); // closes them: the mappings hold the files
+        self.spare_fds = fds;
         let transfer = VerifiedTransfer {
             id,
             version: decoded.version,
             segments,
             _reservation: reservation,
         };
-        handler(&transfer).map_err(|e| Refusal::new(id, RejectReason::ApplicationRejected, e))?;
-        Ok((id, transfer.segments.len(), transfer.total_bytes()))
+        let handled = handler(&transfer);
+        let (count, bytes) = (transfer.segments.len(), transfer.total_bytes());
+        // Unmap (and release the reservation) before answering; keep the list.
+        let VerifiedTransfer { mut segments, .. } = transfer;
+        segments.clear();
+        self.spare_segments = segments;
+        handled.map_err(|e| Refusal::new(id, RejectReason::ApplicationRejected, e))?;
+        Ok((id, count, bytes))
     }
 
     fn answer(&mut self, message: Message) -> Result<(), ServeError> {

@@ -1,14 +1,16 @@
 //! A connection to a receiver: send a transfer, wait for its verdict.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use sealpass_proto::fdpass::{self, ControlBuffer, Op, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, Transfer, codec, decode};
+use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, codec, decode};
 
 use crate::memfd::SealedSegment;
 
@@ -53,11 +55,16 @@ pub enum SendError {
     #[error("sending the transfer failed (not delivered): {0}")]
     Send(#[source] TransportError),
     /// The receiver closed the connection after the transfer was sent and
-    /// before it answered: whether it consumed the transfer is unknown.
-    #[error("receiver closed the connection before answering transfer {id}: delivery unknown")]
+    /// before it answered: whether it consumed the transfer (and each later
+    /// one in flight) is unknown.
+    #[error(
+        "receiver closed the connection before answering transfer {id} ({in_flight} in flight): delivery unknown"
+    )]
     DeliveryUnknown {
-        /// The transfer's id.
+        /// The oldest unanswered transfer's id.
         id: u64,
+        /// Transfers sent and not answered, this one included.
+        in_flight: usize,
     },
     /// No answer came within the answer timeout.
     #[error("no answer to transfer {id} within {timeout:?}: delivery unknown")]
@@ -93,6 +100,16 @@ pub enum SendError {
         /// The id it carried.
         got_id: u64,
     },
+    /// [`Sender::send`] was called while submitted transfers await their
+    /// verdicts; their answers would come first.
+    #[error("{count} submitted transfers await their verdicts; take them with next_verdict first")]
+    VerdictsPending {
+        /// Transfers in flight.
+        count: usize,
+    },
+    /// [`Sender::next_verdict`] was called with no transfer in flight.
+    #[error("no transfer in flight: nothing to wait for")]
+    NothingInFlight,
 }
 
 /// The filler bytes a bare send carries: plain fd-passing receivers read a
@@ -110,7 +127,18 @@ pub fn send_bare(path: &Path, segments: &[SealedSegment]) -> Result<(), SendErro
     fdpass::send(socket.as_fd(), &[0; BARE_PAYLOAD_LEN], &fds).map_err(SendError::Send)
 }
 
-/// A connection to a receiver. Transfers go one at a time; ids count up from 1.
+/// A connection to a receiver. Ids count up from 1.
+///
+/// [`send`](Sender::send) hands over one transfer and waits for its
+/// verdict. To keep several in flight on one connection, [`submit`]
+/// (Sender::submit) transfers and take their verdicts, oldest first, with
+/// [`next_verdict`](Sender::next_verdict): the receiver answers in order, so
+/// each answer is matched to the oldest unanswered id. While the receiver's
+/// queue is full, `submit` reads answers as they come instead of blocking, so
+/// sender and receiver never wait on each other.
+///
+/// After an error other than a `Reject`, the connection's state is unknown:
+/// drop the sender.
 #[derive(Debug)]
 pub struct Sender {
     socket: OwnedFd,
@@ -119,6 +147,10 @@ pub struct Sender {
     outgoing: Vec<u8>,
     incoming: Vec<u8>,
     control: Box<ControlBuffer>,
+    /// Sent, no answer read yet; oldest first.
+    unanswered: VecDeque<u64>,
+    /// Answers read while waiting to send, not yet taken; oldest first.
+    answered: VecDeque<Verdict>,
 }
 
 impl Sender {
@@ -156,10 +188,14 @@ impl Sender {
             outgoing: Vec::new(),
             incoming: vec![0; MAX_MESSAGE_LEN],
             control: ControlBuffer::new(),
+            unanswered: VecDeque::new(),
+            answered: VecDeque::new(),
         }
     }
 
-    /// How long to wait for each answer (`None`: forever, the default).
+    /// How long to wait for each answer (`None`: forever, the default); also
+    /// how long [`submit`](Sender::submit) waits for room in the receiver's
+    /// queue.
     pub fn set_answer_timeout(&mut self, timeout: Option<Duration>) -> Result<(), SendError> {
         fdpass::set_timeouts(self.socket.as_fd(), timeout, None).map_err(SendError::Connect)?;
         self.answer_timeout = timeout;
@@ -171,21 +207,104 @@ impl Sender {
         self.socket.as_fd()
     }
 
-    /// Sends `segments` as one transfer and waits for the receiver's verdict.
-    pub fn send(&mut self, segments: &[SealedSegment]) -> Result<Verdict, SendError> {
-        let id = self.next_id;
-        let message = Message::Transfer(Transfer {
-            id,
-            segments: segments.iter().map(|s| s.declaration().clone()).collect(),
-        });
-        codec::encode_into(&message, &mut self.outgoing)?;
-        let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();
-        fdpass::send(self.socket.as_fd(), &self.outgoing, &fds).map_err(SendError::Send)?;
-        self.next_id += 1;
-        self.await_verdict(id)
+    /// Transfers submitted whose verdict has not been taken yet.
+    pub fn in_flight(&self) -> usize {
+        self.unanswered.len() + self.answered.len()
     }
 
-    fn await_verdict(&mut self, id: u64) -> Result<Verdict, SendError> {
+    /// Sends `segments` as one transfer and waits for the receiver's verdict.
+    /// Nothing may be in flight: take earlier verdicts first.
+    pub fn send(&mut self, segments: &[SealedSegment]) -> Result<Verdict, SendError> {
+        if self.in_flight() > 0 {
+            return Err(SendError::VerdictsPending {
+                count: self.in_flight(),
+            });
+        }
+        self.submit(segments)?;
+        self.next_verdict()
+    }
+
+    /// Sends `segments` as one transfer without waiting for its verdict and
+    /// returns its id. Once sent, the fds are the receiver's to keep or
+    /// close; the segments may be dropped. The caller bounds how many it
+    /// keeps in flight (the kernel also caps fds in flight per user).
+    pub fn submit(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
+        let id = self.next_id;
+        codec::encode_transfer_into(
+            id,
+            segments.iter().map(SealedSegment::declaration),
+            &mut self.outgoing,
+        )?;
+        loop {
+            let fds = segments.iter().map(SealedSegment::fd);
+            if self.unanswered.is_empty() {
+                // Nothing to read meanwhile: a plain blocking send.
+                fdpass::send_each(self.socket.as_fd(), &self.outgoing, fds)
+                    .map_err(SendError::Send)?;
+                break;
+            }
+            if fdpass::try_send_each(self.socket.as_fd(), &self.outgoing, fds)
+                .map_err(SendError::Send)?
+            {
+                break;
+            }
+            // The receiver's queue is full; it may be blocked answering us.
+            self.wait_for_room_or_answer()?;
+        }
+        self.next_id += 1;
+        self.unanswered.push_back(id);
+        Ok(id)
+    }
+
+    /// The verdict on the oldest transfer in flight, waiting for it if it has
+    /// not come yet.
+    pub fn next_verdict(&mut self) -> Result<Verdict, SendError> {
+        if let Some(verdict) = self.answered.pop_front() {
+            return Ok(verdict);
+        }
+        if self.unanswered.is_empty() {
+            return Err(SendError::NothingInFlight);
+        }
+        self.read_answer()
+    }
+
+    /// Waits until the socket takes another message or an answer arrives;
+    /// reads the answer if one did.
+    fn wait_for_room_or_answer(&mut self) -> Result<(), SendError> {
+        let timeout = match self.answer_timeout {
+            None => PollTimeout::NONE,
+            Some(timeout) => PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [PollFd::new(
+            self.socket.as_fd(),
+            PollFlags::POLLIN | PollFlags::POLLOUT,
+        )];
+        let ready = loop {
+            match poll(&mut fds, timeout) {
+                Err(Errno::EINTR) => continue,
+                Err(errno) => {
+                    return Err(SendError::Send(TransportError::Sys {
+                        op: Op::Poll,
+                        errno,
+                    }));
+                }
+                Ok(0) => {
+                    return Err(SendError::Send(TransportError::TimedOut { op: Op::Send }));
+                }
+                Ok(_) => break fds[0].revents().unwrap_or(PollFlags::empty()),
+            }
+        };
+        if ready.contains(PollFlags::POLLIN) {
+            let verdict = self.read_answer()?;
+            self.answered.push_back(verdict);
+        }
+        // POLLOUT, or POLLHUP/POLLERR: the next send says which.
+        Ok(())
+    }
+
+    /// Reads one answer, the oldest unanswered transfer's.
+    fn read_answer(&mut self) -> Result<Verdict, SendError> {
+        let id = self.unanswered.front().copied().unwrap_or(0);
         let received =
             match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
                 Ok(received) => received,
@@ -196,30 +315,40 @@ impl Sender {
                     });
                 }
                 Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
-                    return Err(SendError::DeliveryUnknown { id });
+                    return Err(SendError::DeliveryUnknown {
+                        id,
+                        in_flight: self.unanswered.len(),
+                    });
                 }
                 Err(source) => return Err(SendError::Receive { id, source }),
             };
         if received.is_end_of_stream() {
-            return Err(SendError::DeliveryUnknown { id });
+            return Err(SendError::DeliveryUnknown {
+                id,
+                in_flight: self.unanswered.len(),
+            });
         }
         // Answers carry no fds; any that came are closed with `received`.
         let bytes = self.incoming.get(..received.len).unwrap_or_default();
         let answer = decode(bytes)
             .map_err(|source| SendError::BadAnswer { id, source })?
             .message;
-        match answer {
-            Message::Ack(ack) if ack.id == id => Ok(Verdict::Accepted { id }),
-            Message::Reject(reject) if reject.id == id || reject.id == 0 => Ok(Verdict::Rejected {
+        let verdict = match answer {
+            Message::Ack(ack) if ack.id == id => Verdict::Accepted { id },
+            Message::Reject(reject) if reject.id == id || reject.id == 0 => Verdict::Rejected {
                 id: reject.id,
                 reason: reject.reason,
                 message: reject.message,
-            }),
-            other => Err(SendError::UnexpectedAnswer {
-                id,
-                kind: other.kind(),
-                got_id: other.id(),
-            }),
-        }
+            },
+            other => {
+                return Err(SendError::UnexpectedAnswer {
+                    id,
+                    kind: other.kind(),
+                    got_id: other.id(),
+                });
+            }
+        };
+        self.unanswered.pop_front();
+        Ok(verdict)
     }
 }
