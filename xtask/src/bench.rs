@@ -1,6 +1,6 @@
 //! `cargo xtask bench [--quick]`: the handoff benchmark (crates/receiver/
-//! benches/handoff.rs) in release mode. Prints a table and writes
-//! target/bench/results.json.
+//! benches/handoff/) in release mode. Prints a table, and writes
+//! target/bench/results.json and the plot target/bench/handoff.svg.
 
 use anyhow::bail;
 

@@ -113,6 +113,8 @@ enum Expect {
     Reject(&'static [RejectReason]),
     /// A reject, then the receiver closes the connection.
     RejectAndClose(RejectReason),
+    /// A reject of transfer `id` for `reason`.
+    RejectOf(u64, RejectReason),
 }
 
 /// One scripted message.
@@ -137,7 +139,16 @@ fn check_answer(got: Answer, expect: &Expect) -> Fallible<()> {
         {
             Ok(())
         }
+        (Answer::Message(Message::Reject(reject)), Expect::RejectOf(id, reason))
+            if reject.id == *id && reject.reason == *reason =>
+        {
+            Ok(())
+        }
         (got, Expect::Ack(id)) => Err(format!("expected Ack({id}); got {}", describe(&got))),
+        (got, Expect::RejectOf(id, reason)) => Err(format!(
+            "expected Reject({reason}) of transfer {id}; got {}",
+            describe(&got)
+        )),
         (got, Expect::Reject(reasons)) => Err(format!(
             "expected Reject({}); got {}",
             names(reasons),
@@ -161,7 +172,10 @@ fn describe(answer: &Answer) -> String {
     match answer {
         Answer::Closed => "the connection closed".into(),
         Answer::Message(Message::Reject(reject)) => {
-            format!("Reject({}: {})", reject.reason, reject.message)
+            format!(
+                "Reject({} of {}: {})",
+                reject.reason, reject.id, reject.message
+            )
         }
         Answer::Message(other) => format!("{other:?}"),
     }
@@ -329,6 +343,36 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     let (payload, fds) = valid_transfer(id, &[("again", 100)])?;
                     send(&connection, &payload, &fds)?;
                     check_answer(answer(&connection)?, &Expect::Ack(id))?;
+                }
+                Ok(())
+            }),
+        ),
+        (
+            // Pipelining (PROTOCOL.md section 2): eight transfers before any
+            // answer is read, the fifth unsealed; answers come in order.
+            "valid/eight-transfers-pipelined".into(),
+            Box::new(|target: &Target| {
+                let connection = target.connect()?;
+                for id in 1..=8 {
+                    if id == 5 {
+                        let payload = transfer_bytes(id, vec![segment("loose", 64, SEALED)])?;
+                        send(
+                            &connection,
+                            &payload,
+                            &[memfd("loose", 64, Seals::empty())?],
+                        )?;
+                    } else {
+                        let (payload, fds) = valid_transfer(id, &[("queued", 64)])?;
+                        send(&connection, &payload, &fds)?;
+                    }
+                }
+                for id in 1..=8 {
+                    let expect = if id == 5 {
+                        Expect::RejectOf(id, R::MissingSeals)
+                    } else {
+                        Expect::Ack(id)
+                    };
+                    check_answer(answer(&connection)?, &expect)?;
                 }
                 Ok(())
             }),

@@ -226,3 +226,30 @@ pub fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
     drop(sender);
     peer.finish()
 }
+
+/// Messages per second through one connection, each carrying `segments`
+/// pre-sealed 4 KiB segments, with up to `window` transfers in flight.
+pub fn pipelined_rate(segments: usize, messages: usize, window: usize) -> f64 {
+    let peer = Peer::start("sealpass", 0, None);
+    let mut sender = Sender::connect(&peer.socket).unwrap();
+    let list: Vec<SealedSegment> = (0..segments)
+        .map(|index| {
+            SealedSegment::filled(&format!("s{index}"), b'x', 4096, Seals::SENDER_DEFAULT).unwrap()
+        })
+        .collect();
+    let mut run = |count: usize| {
+        for _ in 0..count {
+            sender.submit(&list).unwrap();
+            if sender.in_flight() >= window {
+                assert!(sender.next_verdict().unwrap().is_accepted());
+            }
+        }
+        while sender.in_flight() > 0 {
+            assert!(sender.next_verdict().unwrap().is_accepted());
+        }
+    };
+    run(messages.div_ceil(10)); // warm-up
+    let started = Instant::now();
+    run(messages);
+    messages as f64 / started.elapsed().as_secs_f64()
+}

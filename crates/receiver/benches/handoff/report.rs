@@ -178,7 +178,7 @@ impl Report {
         })
     }
 
-    /// Time against size on log-log axes, one line per method measured at
+    /// Time against size, both axes logarithmic, one line per method measured at
     /// several sizes in µs.
     pub fn plot(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -190,7 +190,8 @@ impl Report {
                 Regime::TwoCpus => row.method.clone(),
                 Regime::OneCpu => format!("{} [1 CPU]", row.method),
             };
-            let point = (bytes as f64, row.value.median);
+            // x is log2(bytes) on a linear axis, so ticks fall on powers of two.
+            let point = ((bytes as f64).log2(), row.value.median);
             match series.iter_mut().find(|(name, _)| *name == label) {
                 Some((_, points)) => points.push(point),
                 None => series.push((label, vec![point])),
@@ -209,22 +210,36 @@ impl Report {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "sealpass: time per message against size (log-log)",
+                "sealpass: time per message against size (both axes logarithmic)",
                 ("sans-serif", 24),
             )
             .margin(16)
             .x_label_area_size(48)
             .y_label_area_size(80)
             .build_cartesian_2d(
-                (x_low / 1.5..x_high * 1.5).log_scale(),
+                x_low.floor() - 0.5..x_high.ceil() + 0.5,
+                // Room above the highest line for the legend.
                 (y_low / 2.0..y_high * 20.0).log_scale(),
             )?;
         chart
             .configure_mesh()
             .x_desc("bytes per message")
             .y_desc("µs per message (median)")
-            .x_label_formatter(&|x| human(*x as usize))
-            .y_label_formatter(&|y| format!("{y:.0}"))
+            .x_labels(((x_high - x_low) as usize / 2).max(2) + 1)
+            .x_label_formatter(&|x| {
+                if (x - x.round()).abs() < 1e-9 && x.round() as i64 % 2 == 0 {
+                    human(2f64.powf(x.round()) as usize)
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|y| {
+                if *y < 1.0 {
+                    format!("{y:.1}")
+                } else {
+                    format!("{y:.0}")
+                }
+            })
             .draw()?;
         for (index, (label, points)) in series.iter().enumerate() {
             let color = Palette99::pick(index).to_rgba();
