@@ -5,8 +5,8 @@
 use std::fs::File;
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use sealpass_proto::fdpass::{self, ControlBuffer};
 use sealpass_receiver::Listener;
@@ -29,10 +29,7 @@ pub fn run(role: &str) {
     match role {
         // Bare recvmsg/sendmsg echo: no header, no checks, no mapping.
         "floor" => {
-            let listener = fdpass::listen(&socket, 1).unwrap();
-            let connection = fdpass::accept(listener.as_fd()).unwrap();
-            let mut buffer = [0u8; 64];
-            let mut control = ControlBuffer::new();
+            let (connection, mut buffer, mut control) = bare_connection(&socket);
             loop {
                 let received =
                     fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
@@ -46,10 +43,7 @@ pub fn run(role: &str) {
         // Bare one-way sink: receive (and close) every fd, answer one byte
         // per batch of `parameter` messages so the sender can time a batch.
         "floor-sink" => {
-            let listener = fdpass::listen(&socket, 1).unwrap();
-            let connection = fdpass::accept(listener.as_fd()).unwrap();
-            let mut buffer = [0u8; 64];
-            let mut control = ControlBuffer::new();
+            let (connection, mut buffer, mut control) = bare_connection(&socket);
             let mut count = 0;
             loop {
                 let received =
@@ -133,6 +127,13 @@ pub fn run(role: &str) {
         }
         other => panic!("unknown peer role {other}"),
     }
+}
+
+/// One accepted `SOCK_SEQPACKET` connection with room for a floor message.
+fn bare_connection(socket: &Path) -> (OwnedFd, [u8; 64], Box<ControlBuffer>) {
+    let listener = fdpass::listen(socket, 1).unwrap();
+    let connection = fdpass::accept(listener.as_fd()).unwrap();
+    (connection, [0u8; 64], ControlBuffer::new())
 }
 
 fn copy_loop(input: &mut File, answer: &mut File, size: usize) {
