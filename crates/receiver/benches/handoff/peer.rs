@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use sealpass_proto::fdpass::{self, ControlBuffer};
@@ -28,36 +28,10 @@ pub fn run(role: &str) {
     }
     match role {
         // Bare recvmsg/sendmsg echo: no header, no checks, no mapping.
-        "floor" => {
-            let (connection, mut buffer, mut control) = bare_connection(&socket);
-            loop {
-                let received =
-                    fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
-                if received.is_end_of_stream() {
-                    return;
-                }
-                drop(received);
-                fdpass::send(connection.as_fd(), &[0; 64], &[]).unwrap();
-            }
-        }
+        "floor" => bare_peer(&socket, 1, &[0; 64]),
         // Bare one-way sink: receive (and close) every fd, answer one byte
         // per batch of `parameter` messages so the sender can time a batch.
-        "floor-sink" => {
-            let (connection, mut buffer, mut control) = bare_connection(&socket);
-            let mut count = 0;
-            loop {
-                let received =
-                    fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
-                if received.is_end_of_stream() {
-                    return;
-                }
-                drop(received);
-                count += 1;
-                if count % parameter == 0 {
-                    fdpass::send(connection.as_fd(), &[1], &[]).unwrap();
-                }
-            }
-        }
+        "floor-sink" => bare_peer(&socket, parameter, &[1]),
         // The real receiver: every kernel check, mapping, Ack. With "read",
         // the handler also reads every byte.
         "sealpass" | "sealpass-read" | "sealpass-read-populate" => {
@@ -129,11 +103,24 @@ pub fn run(role: &str) {
     }
 }
 
-/// One accepted `SOCK_SEQPACKET` connection with room for a floor message.
-fn bare_connection(socket: &Path) -> (OwnedFd, [u8; 64], Box<ControlBuffer>) {
+/// The floor's peer: accepts one `SOCK_SEQPACKET` connection, receives
+/// messages (closing their fds) until the sender closes, and sends `answer`
+/// after every `answer_every` of them.
+fn bare_peer(socket: &Path, answer_every: usize, answer: &[u8]) {
     let listener = fdpass::listen(socket, 1).unwrap();
     let connection = fdpass::accept(listener.as_fd()).unwrap();
-    (connection, [0u8; 64], ControlBuffer::new())
+    let mut buffer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    for count in 1.. {
+        let received = fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+        if received.is_end_of_stream() {
+            return;
+        }
+        drop(received);
+        if count % answer_every == 0 {
+            fdpass::send(connection.as_fd(), answer, &[]).unwrap();
+        }
+    }
 }
 
 fn copy_loop(input: &mut File, answer: &mut File, size: usize) {

@@ -56,12 +56,37 @@ pub struct Row {
     pub ratio_to_floor: Option<Stat>,
 }
 
+/// What a closing figure should be.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    AtMost(f64),
+    AtLeast(f64),
+    Below(f64),
+}
+
+impl Target {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Target::AtMost(bound) => value <= bound,
+            Target::AtLeast(bound) => value >= bound,
+            Target::Below(bound) => value < bound,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Target::AtMost(bound) => format!("<= {bound}"),
+            Target::AtLeast(bound) => format!(">= {bound}"),
+            Target::Below(bound) => format!("< {bound}"),
+        }
+    }
+}
+
 /// A closing ratio or figure, with the target it answers if any.
 pub struct Line {
     pub what: String,
     pub value: f64,
-    /// (description, met)
-    pub target: Option<(String, bool)>,
+    pub target: Option<Target>,
 }
 
 #[derive(Default)]
@@ -98,12 +123,12 @@ impl Report {
         });
     }
 
-    /// A closing figure; `target` is `(description, met)`.
-    pub fn line(&mut self, what: impl Into<String>, value: f64, target: Option<(&str, bool)>) {
+    /// A closing figure, and the target it answers if any.
+    pub fn line(&mut self, what: impl Into<String>, value: f64, target: Option<Target>) {
         self.lines.push(Line {
             what: what.into(),
             value,
-            target: target.map(|(description, met)| (description.to_owned(), met)),
+            target,
         });
     }
 
@@ -127,12 +152,17 @@ impl Report {
         }
         println!();
         for line in &self.lines {
-            match &line.target {
-                Some((target, met)) => println!(
-                    "{}: {:.2}  (target {target}: {})",
+            match line.target {
+                Some(target) => println!(
+                    "{}: {:.2}  (target {}: {})",
                     line.what,
                     line.value,
-                    if *met { "met" } else { "NOT met" }
+                    target.describe(),
+                    if target.met(line.value) {
+                        "met"
+                    } else {
+                        "NOT met"
+                    }
                 ),
                 None => println!("{}: {:.2}", line.what, line.value),
             }
@@ -161,8 +191,8 @@ impl Report {
                 serde_json::json!({
                     "what": line.what,
                     "value": line.value,
-                    "target": line.target.as_ref().map(|(target, _)| target),
-                    "met": line.target.as_ref().map(|(_, met)| met),
+                    "target": line.target.map(Target::describe),
+                    "met": line.target.map(|target| target.met(line.value)),
                 })
             })
             .collect();
