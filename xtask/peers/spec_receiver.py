@@ -97,9 +97,14 @@ def decode(data):
             raise Refuse(INVALID_FIELD, "transfer id 0")
         if len(segments) > MAX_SEGMENTS:
             raise Refuse(TOO_MANY_SEGMENTS, f"{len(segments)} segments; at most {MAX_SEGMENTS}", id)
+        if not segments:
+            raise Refuse(INVALID_FIELD, "transfer has no segments; expected at least 1", id)
         for name, _, _ in segments:
             if len(name.encode()) > MAX_NAME or "\0" in name:
                 raise Refuse(INVALID_FIELD, f"name {name[:40]!r}... breaks the name rules", id)
+        names = [name for name, _, _ in segments]
+        if len(set(names)) != len(names):
+            raise Refuse(INVALID_FIELD, "two segments share a name; expected unique names", id)
     if kind != 0:
         raise Refuse(UNEXPECTED_MESSAGE, f"message kind {kind}; expected Transfer", id)
     return id, segments
@@ -178,7 +183,28 @@ def serve_one(conn, skip):
         for fd in fds:
             os.close(fd)
     conn.sendmsg([answer], [], socket.MSG_NOSIGNAL)
+    if close:
+        close_after_answer(conn)
     return not close
+
+
+def close_after_answer(conn):
+    """Section 2: stop writing, then discard what is queued, so the peer reads
+    the answer rather than ECONNRESET."""
+    conn.shutdown(socket.SHUT_WR)
+    for _ in range(64):
+        try:
+            data, ancdata, _, _ = conn.recvmsg(64, socket.CMSG_SPACE(MAX_SEGMENTS * 4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            return
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        for fd in fds:
+            os.close(fd)
+        if not data and not fds:
+            return
 
 
 def main():

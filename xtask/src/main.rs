@@ -21,8 +21,9 @@ tasks:
                      (each started with --socket PATH appended); default: this project's
   test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
   soak               the load and fault tests, heavier and in release mode
-  bench [--quick]    handoff cost against the kernel's floor and against copying;
-                     writes target/bench/results.json
+  bench [--quick] [--hot-path] [--pipelined]
+                     handoff cost against the kernel's floor and against copying;
+                     writes target/bench/results.json (cargo xtask bench --help)
 ";
 
 fn main() -> ExitCode {
@@ -31,6 +32,11 @@ fn main() -> ExitCode {
         Some((task, rest)) => (Some(task.as_str()), rest),
         None => (None, &[][..]),
     };
+    let asks_help = rest.iter().any(|arg| arg == "--help" || arg == "-h");
+    if asks_help && task != Some("bench") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = match task {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),

@@ -26,6 +26,14 @@ const STEPS: &[Step] = &[
     ("tests", || {
         project::run(cargo().args(["test", "--workspace", "--locked"]))
     }),
+    ("docs without warnings", || {
+        project::run(cargo().env("RUSTDOCFLAGS", "-D warnings").args([
+            "doc",
+            "--no-deps",
+            "--workspace",
+            "--locked",
+        ]))
+    }),
     ("demo", || crate::demo::run(&[])),
     ("conformance of this project's binaries", || {
         crate::conformance::run(&[])

@@ -57,7 +57,7 @@ const fn body_config() -> BodyConfig {
 #[non_exhaustive]
 pub enum EncodeError {
     /// A field breaks a rule of the protocol.
-    #[error("message breaks a protocol rule: {0}")]
+    #[error(transparent)]
     Field(#[from] FieldError),
     /// The encoded body is over the limit.
     #[error("encoded message would be over the {MAX_MESSAGE_LEN}-byte limit: {0}")]
@@ -124,9 +124,15 @@ pub enum DecodeError {
         /// The peer's version.
         version: Version,
     },
-    /// A field breaks a rule of the protocol.
-    #[error(transparent)]
-    Field(#[from] FieldError),
+    /// The body decoded, but a field breaks a rule of the protocol.
+    #[error("{error}")]
+    Field {
+        /// The id of the message that was decoded (a transfer's own id; 0
+        /// when that id is the field at fault).
+        id: u64,
+        /// The rule broken.
+        error: FieldError,
+    },
 }
 
 impl DecodeError {
@@ -143,7 +149,17 @@ impl DecodeError {
             DecodeError::Body { .. } | DecodeError::TrailingBodyBytes { .. } => {
                 RejectReason::Malformed
             }
-            DecodeError::Field(field) => field.reject_reason(),
+            DecodeError::Field { error, .. } => error.reject_reason(),
+        }
+    }
+
+    /// The id a `Reject` of this message repeats (PROTOCOL.md section 4.1):
+    /// the decoded message's id once the body decoded (a field rule broken),
+    /// 0 when the failure came before the id could be read.
+    pub fn reject_id(&self) -> u64 {
+        match self {
+            DecodeError::Field { id, .. } => *id,
+            _ => 0,
         }
     }
 
@@ -338,7 +354,10 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     if extra > 0 && !peer_is_newer {
         return Err(DecodeError::TrailingBodyBytes { extra, version });
     }
-    message.validate()?;
+    message.validate().map_err(|error| DecodeError::Field {
+        id: message.id(),
+        error,
+    })?;
     Ok(Decoded { version, message })
 }
 
@@ -465,8 +484,43 @@ mod tests {
         zero_id.extend_from_slice(&0u64.to_le_bytes()); // no segments
         check_decode(
             &with_preamble(1, 0, &zero_id),
-            DecodeError::Field(FieldError::ZeroTransferId),
+            DecodeError::Field {
+                id: 0,
+                error: FieldError::ZeroTransferId,
+            },
         );
+    }
+
+    /// Once the body decodes, a field rule broken keeps the message's id,
+    /// so the receiver's `Reject` can repeat it.
+    #[test]
+    fn field_errors_keep_the_decoded_id() {
+        let check = |segments: Vec<Segment>, reason: RejectReason| {
+            let mut body = 0u32.to_le_bytes().to_vec(); // Transfer
+            body.extend_from_slice(&77u64.to_le_bytes());
+            body.extend_from_slice(&(segments.len() as u64).to_le_bytes());
+            for segment in &segments {
+                body.extend_from_slice(&(segment.name.len() as u64).to_le_bytes());
+                body.extend_from_slice(segment.name.as_bytes());
+                body.extend_from_slice(&segment.size.to_le_bytes());
+                body.extend_from_slice(&segment.seals.bits().to_le_bytes());
+            }
+            let error = decode(&with_preamble(1, 0, &body)).unwrap_err();
+            assert_eq!(error.reject_id(), 77, "{error}");
+            assert_eq!(error.reject_reason(), reason, "{error}");
+        };
+        let named = |name: &str| Segment {
+            name: name.into(),
+            size: 1,
+            seals: Seals::empty(),
+        };
+        check(vec![], RejectReason::InvalidField);
+        check(vec![named("dup"), named("dup")], RejectReason::InvalidField);
+        check(vec![named("a\0b")], RejectReason::InvalidField);
+        check(vec![named(&"n".repeat(250))], RejectReason::InvalidField);
+        check(vec![named("s"); 1000], RejectReason::TooManySegments);
+        // Before the body decodes there is no id to repeat.
+        assert_eq!(decode(b"SLPS").unwrap_err().reject_id(), 0);
     }
 
     #[test]
@@ -511,5 +565,14 @@ mod tests {
             encode(&message),
             Err(EncodeError::Field(FieldError::ZeroTransferId))
         ));
+        let twice = Segment {
+            name: "dup".into(),
+            size: 1,
+            seals: Seals::empty(),
+        };
+        for segments in [vec![], vec![twice.clone(), twice]] {
+            let message = Message::Transfer(Transfer { id: 1, segments });
+            assert!(matches!(encode(&message), Err(EncodeError::Field(_))));
+        }
     }
 }

@@ -380,7 +380,41 @@ pub fn receive_reusing(
     sock: BorrowedFd<'_>,
     buffer: &mut [u8],
     control: &mut ControlBuffer,
+    fds: Vec<OwnedFd>,
+) -> Result<Received, TransportError> {
+    receive_with_flags(sock, buffer, control, fds, libc::MSG_CMSG_CLOEXEC)
+}
+
+/// Prepares a connection to be closed after its last answer, so that the
+/// peer reads that answer rather than an error: stops writing (the peer sees the end after
+/// the answer), then reads and discards, closing their fds, up to `max`
+/// messages already queued without waiting for more. Closing a unix socket
+/// with unread messages would make the peer's next `recvmsg` fail with
+/// `ECONNRESET` before it reads what was sent to it.
+pub fn close_after_answer(sock: BorrowedFd<'_>, max: usize) {
+    let _ = socket::shutdown(sock.as_raw_fd(), socket::Shutdown::Write);
+    let mut buffer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    for _ in 0..max {
+        match receive_with_flags(
+            sock,
+            &mut buffer,
+            &mut control,
+            Vec::new(),
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        ) {
+            Ok(received) if !received.is_end_of_stream() => drop(received),
+            _ => break,
+        }
+    }
+}
+
+fn receive_with_flags(
+    sock: BorrowedFd<'_>,
+    buffer: &mut [u8],
+    control: &mut ControlBuffer,
     mut fds: Vec<OwnedFd>,
+    flags: libc::c_int,
 ) -> Result<Received, TransportError> {
     fds.clear();
     let mut iov = libc::iovec {
@@ -396,7 +430,7 @@ pub fn receive_reusing(
     let len = loop {
         // SAFETY: `header` points at `iov` (over `buffer`) and `control`,
         // both writable and alive for the call, with their true lengths.
-        let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+        let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut header, flags) };
         match Errno::result(got) {
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(TransportError::sys(Op::Receive, e)),

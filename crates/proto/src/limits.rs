@@ -18,8 +18,9 @@ pub const MAX_NAME_LEN: usize = 249;
 pub const MAX_REJECT_MESSAGE_LEN: usize = 1024;
 
 /// Most bytes of one message on the wire (preamble and body). 253 segments
-/// carrying the longest name take 68,069 bytes of body; the rest is room for
-/// fields a newer minor version may append.
+/// carrying the longest name take 68,077 bytes of body, 68,089 with the
+/// preamble (PROTOCOL.md section 5); the rest is room for fields a newer
+/// minor version may append.
 pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
 
 /// Most bytes of the body, after the preamble.
@@ -34,6 +35,7 @@ mod tests {
         // id + segment count + per segment (name length + name + size + seals)
         let largest_body = 4 + 8 + 8 + MAX_SEGMENTS * (8 + MAX_NAME_LEN + 8 + 4);
         assert_eq!(largest_body, 68_077);
+        assert_eq!(PREAMBLE_LEN + largest_body, 68_089);
         assert!(largest_body <= MAX_BODY_LEN);
     }
 }

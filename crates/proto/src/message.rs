@@ -42,6 +42,18 @@ pub struct Segment {
     pub seals: Seals,
 }
 
+impl Segment {
+    /// A declaration of a segment named `name`, of `size` bytes, carrying at
+    /// least `seals`.
+    pub fn new(name: impl Into<String>, size: u64, seals: Seals) -> Segment {
+        Segment {
+            name: name.into(),
+            size,
+            seals,
+        }
+    }
+}
+
 /// The receiver verified and consumed transfer `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
@@ -171,6 +183,9 @@ reject_reasons! {
     MemoryLimit = 21,
     /// The peer took too long to send its first message, or went idle.
     Timeout = 22,
+    /// A memfd has holes (fewer bytes allocated than its size) and the
+    /// receiver refuses sparse memfds.
+    Sparse = 23,
 }
 
 impl std::fmt::Display for RejectReason {
@@ -235,6 +250,21 @@ pub enum FieldError {
         /// The name.
         name: String,
     },
+    /// A transfer without segments: there is nothing to hand over.
+    #[error("transfer has no segments; expected at least 1")]
+    NoSegments,
+    /// Two segments of one transfer share a name.
+    #[error(
+        "segment {index}: name {name:?} is already the name of segment {first}; expected names unique within a transfer"
+    )]
+    DuplicateName {
+        /// The earlier segment's position.
+        first: usize,
+        /// The later segment's position.
+        index: usize,
+        /// The name they share.
+        name: String,
+    },
     /// A reject message is too long.
     #[error("reject message of {len} bytes; expected at most {MAX_REJECT_MESSAGE_LEN}")]
     RejectMessageTooLong {
@@ -271,23 +301,70 @@ pub fn validate_name(index: usize, name: &str) -> Result<(), FieldError> {
 }
 
 /// The field rules of a `Transfer` of `id` with `segments`, for callers
-/// that hold the segments without a [`Transfer`] around them.
+/// that hold the segments without a [`Transfer`] around them, checked in
+/// this order: the id is not 0; at most [`MAX_SEGMENTS`] segments and at
+/// least one; each name within [`MAX_NAME_LEN`] bytes and free of NUL; no
+/// two names alike.
 pub fn validate_transfer<'s>(
     id: u64,
-    segments: impl ExactSizeIterator<Item = &'s Segment>,
+    segments: impl ExactSizeIterator<Item = &'s Segment> + Clone,
 ) -> Result<(), FieldError> {
     if id == 0 {
         return Err(FieldError::ZeroTransferId);
     }
-    if segments.len() > MAX_SEGMENTS {
-        return Err(FieldError::TooManySegments {
-            count: segments.len(),
-        });
+    let count = segments.len();
+    if count > MAX_SEGMENTS {
+        return Err(FieldError::TooManySegments { count });
     }
-    for (index, segment) in segments.enumerate() {
+    if count == 0 {
+        return Err(FieldError::NoSegments);
+    }
+    for (index, segment) in segments.clone().enumerate() {
         validate_name(index, &segment.name)?;
     }
-    Ok(())
+    check_unique_names(segments)
+}
+
+/// Finds two segments with the same name without allocating: the positions,
+/// at most [`MAX_SEGMENTS`] of them, are sorted by name on the stack, so a
+/// hostile transfer costs O(n log n) comparisons, not O(n²). Of several
+/// repeats, the one whose later segment comes first is reported.
+fn check_unique_names<'s>(
+    segments: impl ExactSizeIterator<Item = &'s Segment> + Clone,
+) -> Result<(), FieldError> {
+    let count = segments.len();
+    if count < 2 {
+        return Ok(());
+    }
+    let mut names: [&str; MAX_SEGMENTS] = [""; MAX_SEGMENTS];
+    let mut order: [u8; MAX_SEGMENTS] = [0; MAX_SEGMENTS];
+    for ((slot, position), (index, segment)) in names
+        .iter_mut()
+        .zip(order.iter_mut())
+        .zip(segments.enumerate())
+    {
+        *slot = segment.name.as_str();
+        // MAX_SEGMENTS (253) positions fit in a u8.
+        *position = u8::try_from(index).unwrap_or(u8::MAX);
+    }
+    let name_at = |position: u8| names.get(usize::from(position)).copied().unwrap_or("");
+    let order = order.get_mut(..count).unwrap_or_default();
+    order.sort_unstable_by(|&a, &b| name_at(a).cmp(name_at(b)).then(a.cmp(&b)));
+    let repeat = order
+        .windows(2)
+        .filter_map(|pair| match *pair {
+            [a, b] if name_at(a) == name_at(b) => Some((a, b)),
+            _ => None,
+        })
+        .min_by_key(|&(_, later)| later);
+    match repeat {
+        Some((first, index)) => Err(FieldError::DuplicateName {
+            first: usize::from(first),
+            index: usize::from(index),
+            name: name_at(index).to_owned(),
+        }),
+        None => Ok(()),
+    }
 }
 
 impl Message {
@@ -395,7 +472,48 @@ mod tests {
             transfer(1, &["s"; MAX_SEGMENTS + 1]),
             Err(FieldError::TooManySegments { count: 254 }),
         );
-        check_validate(transfer(1, &["s"; MAX_SEGMENTS]), Ok(()));
+        let distinct: Vec<String> = (0..MAX_SEGMENTS).map(|i| format!("s{i}")).collect();
+        let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
+        check_validate(transfer(1, &distinct), Ok(()));
+        check_validate(transfer(1, &[]), Err(FieldError::NoSegments));
+        check_validate(transfer(0, &[]), Err(FieldError::ZeroTransferId));
+        check_validate(
+            transfer(1, &["dup", "dup"]),
+            Err(FieldError::DuplicateName {
+                first: 0,
+                index: 1,
+                name: "dup".into(),
+            }),
+        );
+        // Of several repeats, the earliest second occurrence is named.
+        check_validate(
+            transfer(1, &["x", "y", "y", "x", "x"]),
+            Err(FieldError::DuplicateName {
+                first: 1,
+                index: 2,
+                name: "y".into(),
+            }),
+        );
+        // Names compare byte for byte: case and prefixes differ.
+        check_validate(transfer(1, &["a", "A", "a ", "", "ab"]), Ok(()));
+        check_validate(
+            transfer(1, &["", "a", ""]),
+            Err(FieldError::DuplicateName {
+                first: 0,
+                index: 2,
+                name: String::new(),
+            }),
+        );
+        let mut last_repeats_first = distinct.clone();
+        last_repeats_first[MAX_SEGMENTS - 1] = "s0";
+        check_validate(
+            transfer(1, &last_repeats_first),
+            Err(FieldError::DuplicateName {
+                first: 0,
+                index: MAX_SEGMENTS - 1,
+                name: "s0".into(),
+            }),
+        );
         check_validate(
             Message::Reject(Reject {
                 id: 0,

@@ -55,6 +55,10 @@ pub struct FdFacts {
     pub seals: Option<Seals>,
     /// From `fstat`, read after the seals.
     pub size: u64,
+    /// Bytes the file has allocated (`st_blocks` × 512, from the same
+    /// `fstat`): fewer than `size` means it has holes, which reading
+    /// allocates, charged to the reader.
+    pub allocated: u64,
     /// The target of `/proc/self/fd/N`; for a memfd, `/memfd:NAME (deleted)`.
     pub link: Vec<u8>,
 }
@@ -72,24 +76,45 @@ impl FdFacts {
     }
 }
 
-/// The seals a receiver requires of every segment, beyond those declared.
+/// What a receiver requires of every segment beyond what it declares: seals,
+/// and optionally no holes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     required: Seals,
+    refuse_sparse: bool,
 }
 
 impl Policy {
     /// A policy requiring `required` plus [`Seals::MAPPING_FLOOR`], which no
     /// policy can drop: the receiver hands out `&[u8]` over the mapping.
+    /// Sparse memfds are accepted.
     pub fn new(required: Seals) -> Policy {
         Policy {
             required: required | Seals::MAPPING_FLOOR,
+            refuse_sparse: false,
+        }
+    }
+
+    /// This policy, refusing (`true`) or accepting sparse memfds: those with
+    /// fewer bytes allocated than their size. Reading a hole allocates a page
+    /// charged to the reader, so a receiver that must not pay for memory it
+    /// was not handed refuses them ([`RejectReason::Sparse`]).
+    #[must_use]
+    pub fn with_refuse_sparse(self, refuse_sparse: bool) -> Policy {
+        Policy {
+            refuse_sparse,
+            ..self
         }
     }
 
     /// The seals every segment must carry.
     pub fn required(&self) -> Seals {
         self.required
+    }
+
+    /// Whether sparse memfds are refused.
+    pub fn refuses_sparse(&self) -> bool {
+        self.refuse_sparse
     }
 }
 
@@ -176,6 +201,21 @@ pub enum SegmentError {
         /// Required or declared, but absent.
         missing: Seals,
     },
+    /// The memfd has holes and the receiver refuses sparse memfds.
+    #[error(
+        "segment {index} ({name:?}): memfd has {allocated} of its {size} bytes allocated; \
+         this receiver refuses sparse memfds, whose holes would be allocated on read"
+    )]
+    Sparse {
+        /// The segment's position.
+        index: usize,
+        /// The declared name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// Bytes allocated (`st_blocks` × 512).
+        allocated: u64,
+    },
 }
 
 impl SegmentError {
@@ -188,6 +228,7 @@ impl SegmentError {
             SegmentError::NameMismatch { .. } => RejectReason::NameMismatch,
             SegmentError::SizeMismatch { .. } => RejectReason::SizeMismatch,
             SegmentError::MissingSeals { .. } => RejectReason::MissingSeals,
+            SegmentError::Sparse { .. } => RejectReason::Sparse,
         }
     }
 }
@@ -259,6 +300,14 @@ pub fn check_segment(
             required: policy.required(),
             found: found_seals,
             missing,
+        });
+    }
+    if policy.refuses_sparse() && facts.allocated < facts.size {
+        return Err(SegmentError::Sparse {
+            index,
+            name: name(),
+            size: facts.size,
+            allocated: facts.allocated,
         });
     }
     Ok(())
@@ -342,6 +391,7 @@ mod tests {
             kind: FileKind::Regular,
             seals: Some(SEALED | Seals::EXEC),
             size: 4096,
+            allocated: 4096,
             link: b"/memfd:shma (deleted)".to_vec(),
         }
     }
@@ -360,6 +410,43 @@ mod tests {
         let ok = Ok(());
         let policy = Policy::default();
         check(memfd_facts(), policy, ok);
+
+        // Holes: accepted by default (the budget counts the whole size),
+        // refused on request; a memfd allocated past its size is whole.
+        let sparse = FdFacts {
+            allocated: 0,
+            ..memfd_facts()
+        };
+        let refusing = Policy::default().with_refuse_sparse(true);
+        check(sparse.clone(), policy, ok);
+        check(sparse, refusing, Err(RejectReason::Sparse));
+        check(
+            FdFacts {
+                allocated: 4095,
+                ..memfd_facts()
+            },
+            refusing,
+            Err(RejectReason::Sparse),
+        );
+        check(memfd_facts(), refusing, ok);
+        check(
+            FdFacts {
+                allocated: 2 << 20,
+                ..memfd_facts()
+            },
+            refusing,
+            ok,
+        );
+        // The seals are judged before the holes.
+        check(
+            FdFacts {
+                seals: Some(Seals::SHRINK),
+                allocated: 0,
+                ..memfd_facts()
+            },
+            refusing,
+            Err(RejectReason::MissingSeals),
+        );
 
         let not_memfd = Err(RejectReason::NotMemfd);
         for kind in [FileKind::Fifo, FileKind::CharDevice, FileKind::Directory] {

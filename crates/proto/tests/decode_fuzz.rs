@@ -22,8 +22,15 @@ fn segment() -> impl Strategy<Value = Segment> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (1..u64::MAX, prop::collection::vec(segment(), 0..20))
-            .prop_map(|(id, segments)| Message::Transfer(Transfer { id, segments })),
+        (1..u64::MAX, prop::collection::vec(segment(), 1..20)).prop_map(|(id, segments)| {
+            // A valid transfer's names are unique: keep the first of each.
+            let mut seen = std::collections::HashSet::new();
+            let segments = segments
+                .into_iter()
+                .filter(|segment| seen.insert(segment.name.clone()))
+                .collect();
+            Message::Transfer(Transfer { id, segments })
+        }),
         any::<u64>().prop_map(|id| Message::Ack(Ack { id })),
         (any::<u64>(), any::<u16>(), ".{0,80}").prop_map(|(id, code, text)| {
             Message::Reject(Reject::new(id, RejectReason::from_code(code), text))
@@ -95,17 +102,16 @@ proptest! {
 
 #[test]
 fn the_largest_transfer_encodes_and_decodes() {
-    let longest = "x".repeat(MAX_NAME_LEN);
+    // The longest names, each unique: 246 'x' and three digits.
     let message = Message::Transfer(Transfer {
         id: u64::MAX,
-        segments: vec![
-            Segment {
-                name: longest,
+        segments: (0..MAX_SEGMENTS)
+            .map(|i| Segment {
+                name: format!("{}{i:03}", "x".repeat(MAX_NAME_LEN - 3)),
                 size: u64::MAX,
                 seals: Seals::all(),
-            };
-            MAX_SEGMENTS
-        ],
+            })
+            .collect(),
     });
     let bytes = encode(&message).unwrap();
     assert_eq!(bytes.len(), 12 + 68_077);

@@ -23,20 +23,23 @@ use crate::inspect;
 #[non_exhaustive]
 pub enum CompatError {
     /// Reading from the peer failed.
-    #[error("receiving from the peer failed: {0}")]
+    #[error("receiving from the peer failed")]
     Receive(#[source] TransportError),
     /// The memfd shrank while its bytes were copied out.
-    #[error("memfd {name:?} measured {measured} bytes but shrank to {available} while being read")]
+    #[error(
+        "memfd {name:?} measured {measured} bytes on arrival but shrank to {now} while being read"
+    )]
     Shrunk {
         /// Its name.
         name: String,
         /// The size measured on arrival.
         measured: u64,
-        /// Where reading stopped.
-        available: u64,
+        /// Its size once reading found the end early (`fstat` after the
+        /// short read).
+        now: u64,
     },
     /// Reading the memfd failed.
-    #[error("reading memfd {name:?} failed: {source}")]
+    #[error("reading memfd {name:?} failed")]
     Read {
         /// Its name.
         name: String,
@@ -44,7 +47,7 @@ pub enum CompatError {
         source: io::Error,
     },
     /// Writing the bytes out failed.
-    #[error("writing the bytes of {name:?} failed: {source}")]
+    #[error("writing the bytes of {name:?} failed")]
     Write {
         /// Its name.
         name: String,
@@ -91,10 +94,14 @@ impl BareSegment {
             let chunk = buffer.get_mut(..want).unwrap_or_default();
             let got = match self.file.read_at(chunk, offset) {
                 Ok(0) => {
+                    // The peer truncated it: report the size it has now, not
+                    // where this read stopped (those differ once a chunk was
+                    // read before the truncation).
+                    let now = self.file.metadata().map_or(offset, |m| m.len());
                     return Err(CompatError::Shrunk {
                         name: name(),
                         measured: self.memfd.size,
-                        available: offset,
+                        now,
                     });
                 }
                 Ok(got) => got,
@@ -128,6 +135,7 @@ pub fn judge(index: usize, fd: OwnedFd, required: Seals) -> Result<BareSegment, 
         kind: FileKind::Other,
         seals: None,
         size: 0,
+        allocated: 0,
         link: Vec::new(),
     });
     let memfd = check_bare_fd(index, &facts, required)?;
@@ -158,27 +166,27 @@ impl BareConnection {
         }
     }
 
-    /// Reads until the peer's next fds arrive, ignoring the bytes around
-    /// them, and judges each fd. `None` once the peer has closed.
+    /// Reads once from the peer, ignoring the bytes, and judges each fd that
+    /// came with them: an empty batch when the read carried none (a bare
+    /// peer's filler), `None` once the peer has closed.
     pub fn receive(&mut self, required: Seals) -> Result<Option<Batch>, CompatError> {
-        loop {
-            let received =
-                fdpass::receive(self.socket.as_fd(), &mut self.payload, &mut self.control)
-                    .map_err(CompatError::Receive)?;
-            if received.is_end_of_stream() {
-                return Ok(None);
-            }
-            if received.fds.is_empty() {
-                continue; // payload without fds: a bare peer's filler
-            }
-            let batch = received
-                .fds
-                .into_iter()
-                .enumerate()
-                .map(|(index, fd)| judge(index, fd, required))
-                .collect();
-            return Ok(Some(batch));
+        let received = fdpass::receive(self.socket.as_fd(), &mut self.payload, &mut self.control)
+            .map_err(CompatError::Receive)?;
+        if received.is_end_of_stream() {
+            return Ok(None);
         }
+        let batch = received
+            .fds
+            .into_iter()
+            .enumerate()
+            .map(|(index, fd)| judge(index, fd, required))
+            .collect();
+        Ok(Some(batch))
+    }
+
+    /// The socket, to wait on.
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
     }
 }
 
@@ -219,12 +227,52 @@ mod tests {
                 error,
                 CompatError::Shrunk {
                     measured: 1_048_576,
-                    available: 100,
+                    now: 100,
                     ..
                 }
             ),
             "{error}"
         );
+    }
+
+    /// Truncates the memfd to `to` bytes at the first write, i.e. once the
+    /// first chunk has been read.
+    struct TruncateOnFirstWrite {
+        fd: OwnedFd,
+        to: i64,
+        written: usize,
+    }
+
+    impl Write for TruncateOnFirstWrite {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            if self.written == 0 {
+                nix::unistd::ftruncate(&self.fd, self.to)?;
+            }
+            self.written += bytes.len();
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_shrink_mid_copy_reports_the_new_size_not_the_read_position() {
+        let fd = unsealed("shrinks-later", 3 * CHUNK as i64);
+        let mut peer = TruncateOnFirstWrite {
+            fd: fd.try_clone().unwrap(),
+            to: 100,
+            written: 0,
+        };
+        let segment = judge(0, fd, Seals::empty()).unwrap();
+        let error = segment.copy_to(&mut peer).unwrap_err();
+        assert_eq!(peer.written, CHUNK, "one whole chunk was read first");
+        assert!(
+            matches!(error, CompatError::Shrunk { measured, now: 100, .. } if measured == 3 * CHUNK as u64),
+            "{error}"
+        );
+        assert!(error.to_string().contains("shrank to 100 "), "{error}");
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub fn facts_reusing(fd: BorrowedFd<'_>, mut link: Vec<u8>) -> Result<FdFacts, E
         kind,
         seals,
         size: u64::try_from(stat.st_size).unwrap_or(0),
+        // st_blocks counts 512-byte units whatever the file system's block size.
+        allocated: u64::try_from(stat.st_blocks)
+            .unwrap_or(0)
+            .saturating_mul(512),
         link,
     })
 }

@@ -6,7 +6,7 @@
 //! use sealpass_receiver::{Listener, Outcome};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let listener = Listener::bind("/run/user/1000/sealpass.sock".as_ref())?;
+//! let listener = Listener::bind("/run/user/1000/sealpass.sock")?;
 //! let mut connection = listener.accept()?;
 //! while connection.is_open() {
 //!     let outcome = connection.serve_one(|transfer| {
@@ -36,3 +36,21 @@ pub use server::{
     BindError, Connection, Listener, Outcome, ServeError, VerifiedSegment, VerifiedTransfer,
 };
 pub use service::{Access, Delivery, Service, ServiceStats, ShutdownHandle};
+
+/// Displays an error and each of its sources, `: `-separated. Every error of
+/// sealpass says only what failed at its own level and returns the cause as
+/// its `source()`, so a log line shows each cause exactly once.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -39,7 +39,7 @@ pub enum BindError {
         path: PathBuf,
     },
     /// Inspecting or removing the stale socket failed.
-    #[error("{path}: {source}")]
+    #[error("inspecting or removing the old socket at {path} failed")]
     Io {
         /// The path.
         path: PathBuf,
@@ -47,7 +47,7 @@ pub enum BindError {
         source: io::Error,
     },
     /// Binding or listening failed.
-    #[error("listening at {path} failed: {source}")]
+    #[error("listening at {path} failed")]
     Listen {
         /// The path.
         path: PathBuf,
@@ -61,13 +61,13 @@ pub enum BindError {
 #[non_exhaustive]
 pub enum ServeError {
     /// Accepting a connection failed.
-    #[error("accepting a connection failed: {0}")]
+    #[error("accepting a connection failed")]
     Accept(#[source] TransportError),
     /// Reading from the peer failed.
-    #[error("receiving from the peer failed: {0}")]
+    #[error("receiving from the peer failed")]
     Receive(#[source] TransportError),
     /// Encoding an answer failed.
-    #[error("encoding the {answer} failed: {source}")]
+    #[error("encoding the {answer} failed")]
     Encode {
         /// `Ack` or `Reject`.
         answer: &'static str,
@@ -75,7 +75,7 @@ pub enum ServeError {
         source: sealpass_proto::EncodeError,
     },
     /// Answering the peer failed (it may have gone).
-    #[error("answering {answer} to the peer failed: {source}")]
+    #[error("answering {answer} to the peer failed")]
     Answer {
         /// `Ack` or `Reject`.
         answer: &'static str,
@@ -136,14 +136,14 @@ fn inode_of(path: &Path) -> Option<(u64, u64)> {
 impl Listener {
     /// Listens at `path`, first removing a stale socket left there (and
     /// refusing to touch anything that is not a socket, or a live one).
-    pub fn bind(path: &Path) -> Result<Listener, BindError> {
-        Self::bind_with(path, fdpass::listen)
+    pub fn bind(path: impl AsRef<Path>) -> Result<Listener, BindError> {
+        Self::bind_with(path.as_ref(), fdpass::listen)
     }
 
     /// Listens at `path` on `SOCK_STREAM`, for bare fd-passing peers; accept
     /// with [`Listener::accept_bare`].
-    pub fn bind_compat(path: &Path) -> Result<Listener, BindError> {
-        Self::bind_with(path, fdpass::listen_stream)
+    pub fn bind_compat(path: impl AsRef<Path>) -> Result<Listener, BindError> {
+        Self::bind_with(path.as_ref(), fdpass::listen_stream)
     }
 
     fn bind_with(
@@ -353,7 +353,15 @@ impl Refusal {
     }
 }
 
-/// One peer's connection.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        fdpass::close_after_answer(self.socket.as_fd(), Connection::DISCARD_ON_CLOSE);
+    }
+}
+
+/// One peer's connection. Dropping it closes the socket: writing stops
+/// first, then messages already queued (unanswered) are discarded, so the
+/// peer reads every answer it was sent and then the end of the connection.
 #[derive(Debug)]
 pub struct Connection {
     socket: OwnedFd,
@@ -575,7 +583,7 @@ impl Connection {
             if error.closes_connection() {
                 self.open = false;
             }
-            Refusal::new(0, error.reject_reason(), &error)
+            Refusal::new(error.reject_id(), error.reject_reason(), &error)
         })?;
         let Message::Transfer(transfer) = decoded.message else {
             return Err(Refusal::new(
@@ -688,13 +696,24 @@ impl Connection {
         };
         let handled = handler(&transfer);
         let (count, bytes) = (transfer.segments.len(), transfer.total_bytes());
-        // Unmap (and release the reservation) before answering; keep the list.
-        let VerifiedTransfer { mut segments, .. } = transfer;
+        // Before answering: unmap, then give the bytes back to the budget
+        // (the Ack promises the receiver holds nothing of the transfer).
+        // Keep the emptied list for the next message.
+        let VerifiedTransfer {
+            mut segments,
+            _reservation: reservation,
+            ..
+        } = transfer;
         segments.clear();
+        drop(reservation);
         self.spare_segments = segments;
         handled.map_err(|e| Refusal::new(id, RejectReason::ApplicationRejected, e))?;
         Ok((id, count, bytes))
     }
+
+    /// Most queued messages discarded when a connection closes, so the peer
+    /// reads its last answer rather than `ECONNRESET` (PROTOCOL.md section 2).
+    const DISCARD_ON_CLOSE: usize = 64;
 
     fn answer(&mut self, message: Message) -> Result<(), ServeError> {
         let answer = message.kind();

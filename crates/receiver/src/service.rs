@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -50,6 +51,10 @@ impl Access {
 pub struct Delivery<'a> {
     /// The sender, as the kernel recorded it at `connect`.
     pub peer: PeerCredentials,
+    /// The connection's number, counted from 1 in the order the service
+    /// accepted them. With the transfer's id it names a transfer uniquely
+    /// for the life of the service: ids are only unique per connection.
+    pub connection: u64,
     /// The transfer, mapped read-only.
     pub transfer: &'a VerifiedTransfer,
 }
@@ -97,14 +102,45 @@ struct Shared<H> {
     open: Mutex<HashMap<u64, OwnedFd>>,
 }
 
-impl<H> Shared<H> {
-    /// Counts a connection as ended and releases its registered socket.
-    fn forget(&self, number: u64) {
-        self.open
+/// A connection's place in the service: counted in `active_connections`
+/// and registered for shutdown while it lives. Dropping it gives both back,
+/// on every path out of the connection's thread, unwinding included.
+struct Slot<H> {
+    shared: Arc<Shared<H>>,
+    number: u64,
+}
+
+impl<H> Slot<H> {
+    /// Takes a slot for connection `number`, registering `duplicate` (a
+    /// duplicate of its socket) so shutdown can stop its reading.
+    fn take(shared: &Arc<Shared<H>>, number: u64, duplicate: OwnedFd) -> Slot<H> {
+        shared
+            .open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&number);
-        self.stats.active_connections.fetch_sub(1, Ordering::AcqRel);
+            .insert(number, duplicate);
+        shared
+            .stats
+            .active_connections
+            .fetch_add(1, Ordering::AcqRel);
+        Slot {
+            shared: Arc::clone(shared),
+            number,
+        }
+    }
+}
+
+impl<H> Drop for Slot<H> {
+    fn drop(&mut self) {
+        self.shared
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.number);
+        self.shared
+            .stats
+            .active_connections
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -126,7 +162,8 @@ fn reserve() -> Option<File> {
     File::open("/dev/null").ok()
 }
 
-/// Answers a connection we will not serve, then closes it.
+/// Answers a connection we will not serve, then closes it so that the peer
+/// reads the `Reject` before the end of the connection.
 fn refuse(socket: OwnedFd, reason: RejectReason, message: impl Display, stats: &ServiceStats) {
     stats.rejected.fetch_add(1, Ordering::Relaxed);
     let _ = fdpass::set_timeouts(socket.as_fd(), None, Some(Duration::from_secs(1)));
@@ -137,7 +174,12 @@ fn refuse(socket: OwnedFd, reason: RejectReason, message: impl Display, stats: &
     ))) {
         let _ = fdpass::send(socket.as_fd(), &bytes, &[]);
     }
+    fdpass::close_after_answer(socket.as_fd(), REFUSED_DISCARD);
 }
+
+/// Most messages a refused peer already queued that are discarded before
+/// its connection closes (see [`fdpass::close_after_answer`]).
+const REFUSED_DISCARD: usize = 16;
 
 impl Service {
     /// A service on `listener`, which supplies the policy and the limits.
@@ -316,34 +358,47 @@ impl Service {
                 &self.stats,
             );
         };
-        shared
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(number, duplicate);
-        shared
-            .stats
-            .active_connections
-            .fetch_add(1, Ordering::AcqRel);
-        let worker = Arc::clone(shared);
+        let slot = Slot::take(shared, number, duplicate);
         let spawned = std::thread::Builder::new()
             .name(format!("sealpass-conn-{number}"))
             .spawn(move || {
-                serve_connection(&worker, socket, peer);
-                worker.forget(number);
+                serve_connection(&slot.shared, socket, peer, number);
+                drop(slot);
             });
         match spawned {
             Ok(thread) => threads.push(thread),
-            Err(error) => {
-                // The socket went down with the closure: the peer sees a close.
-                tracing::warn!("cannot start a thread for {peer}: {error}");
-                shared.forget(number);
-            }
+            // The socket and the slot went down with the closure: the peer
+            // sees a close, and the slot is free again.
+            Err(error) => tracing::warn!("cannot start a thread for {peer}: {error}"),
         }
     }
 }
 
-fn serve_connection<H, E>(shared: &Shared<H>, socket: OwnedFd, peer: PeerCredentials)
+/// Runs the application's handler on one transfer. A panic in it is caught
+/// here and becomes an error, answered `Reject(ApplicationRejected)` like any
+/// other; the connection goes on being served.
+fn run_handler<H, E>(handler: &H, delivery: &Delivery<'_>) -> Result<(), String>
+where
+    H: Fn(&Delivery<'_>) -> Result<(), E>,
+    E: Display,
+{
+    match panic::catch_unwind(AssertUnwindSafe(|| handler(delivery))) {
+        Ok(result) => result.map_err(|error| error.to_string()),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a non-string payload");
+            tracing::error!(peer = %delivery.peer, id = delivery.transfer.id(), "the handler panicked: {what}");
+            Err(format!(
+                "the receiving application failed (it panicked: {what})"
+            ))
+        }
+    }
+}
+
+fn serve_connection<H, E>(shared: &Shared<H>, socket: OwnedFd, peer: PeerCredentials, number: u64)
 where
     H: Fn(&Delivery<'_>) -> Result<(), E>,
     E: Display,
@@ -358,8 +413,16 @@ where
     tracing::debug!(%peer, "connected");
     while connection.is_open() {
         let started = Instant::now();
-        let outcome =
-            connection.serve_one(|transfer| (shared.handler)(&Delivery { peer, transfer }));
+        let outcome = connection.serve_one(|transfer| {
+            run_handler(
+                &shared.handler,
+                &Delivery {
+                    peer,
+                    connection: number,
+                    transfer,
+                },
+            )
+        });
         let micros = started.elapsed().as_micros() as u64;
         match outcome {
             Ok(Outcome::Accepted {
@@ -380,11 +443,11 @@ where
             }
             Ok(Outcome::Closed) => break,
             Err(error @ ServeError::Answer { .. }) => {
-                tracing::info!(%peer, "connection ended: {error}");
+                tracing::info!(%peer, "connection ended: {}", crate::ErrorChain(&error));
                 break;
             }
             Err(error) => {
-                tracing::warn!(%peer, "connection failed: {error}");
+                tracing::warn!(%peer, "connection failed: {}", crate::ErrorChain(&error));
                 break;
             }
         }

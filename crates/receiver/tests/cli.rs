@@ -199,3 +199,211 @@ fn a_stale_socket_is_replaced_but_nothing_else_is_touched() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("is in use"));
     assert!(send(&live, &[segment("s", b's', 1)]).is_accepted());
 }
+
+/// The files in `dir`, sorted.
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn out_is_atomic_under_concurrent_writers_of_one_name() {
+    const WRITERS: u8 = 8;
+    const SIZE: u64 = 4 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let receiver = RecvProcess::start(&["--out", out.to_str().unwrap()]);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(usize::from(WRITERS)));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let socket = receiver.socket().to_owned();
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let segment = segment("same", b'a' + writer, SIZE);
+                let mut sender = Sender::connect(&socket).unwrap();
+                barrier.wait();
+                sender.send(&[segment]).unwrap()
+            })
+        })
+        .collect();
+    for writer in writers {
+        let verdict = writer.join().unwrap();
+        assert!(verdict.is_accepted(), "{verdict:?}");
+    }
+    assert_eq!(files_in(&out), ["same"], "one copy, no temporary files");
+    let stored = std::fs::read(out.join("same")).unwrap();
+    assert_eq!(stored.len() as u64, SIZE);
+    assert!(
+        stored.iter().all(|&byte| byte == stored[0]) && (b'a'..b'a' + WRITERS).contains(&stored[0]),
+        "the copy is one writer's, whole"
+    );
+}
+
+#[test]
+fn out_takes_every_legal_name() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("out");
+    let receiver = RecvProcess::start(&["--out", out.to_str().unwrap()]);
+    let names: Vec<String> = [247, 248, 249]
+        .iter()
+        .map(|&len| "n".repeat(len - 1) + &len.to_string()[2..])
+        .collect();
+    for name in &names {
+        let verdict = send(&receiver, &[segment(name, b'n', 10)]);
+        assert!(
+            verdict.is_accepted(),
+            "{}-byte name: {verdict:?}",
+            name.len()
+        );
+        assert_eq!(std::fs::read(out.join(name)).unwrap(), b"nnnnnnnnnn");
+    }
+    assert_eq!(files_in(&out).len(), names.len(), "no temporary files left");
+}
+
+#[test]
+fn out_is_checked_before_binding() {
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = scratch.path().join("never.sock");
+    let file = scratch.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let deep = scratch.path().join("missing-parent").join("out");
+    let cases = [
+        (file.to_str().unwrap(), "exists and is not a directory"),
+        (deep.to_str().unwrap(), "neither does its parent"),
+        ("/proc", "cannot create files in it"),
+    ];
+    for (dir, expected) in cases {
+        let output = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
+            .args(["--socket", socket.to_str().unwrap(), "--out", dir])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "--out {dir}: {stderr}");
+        assert!(stderr.contains(expected), "--out {dir}: {stderr}");
+        assert!(!socket.exists(), "--out {dir}: bound before checking");
+    }
+    assert!(
+        !scratch.path().join("missing-parent").exists(),
+        "no directory tree is created"
+    );
+    // A missing last component is created when its parent exists.
+    let fresh = scratch.path().join("fresh");
+    let receiver = RecvProcess::start(&["--out", fresh.to_str().unwrap()]);
+    assert!(send(&receiver, &[segment("made", b'm', 1)]).is_accepted());
+    assert_eq!(std::fs::read(fresh.join("made")).unwrap(), b"m");
+}
+
+/// A sealed memfd of `size` bytes of which only the first page is written.
+fn sparse(name: &str, size: u64) -> SealedSegment {
+    SealedSegment::with_mapping(name, size, Seals::SENDER_DEFAULT, |bytes| {
+        bytes[0] = 1;
+        Ok::<(), std::io::Error>(())
+    })
+    .unwrap()
+}
+
+#[test]
+fn sparse_memfds_count_whole_and_can_be_refused() {
+    // Accepted by default, and counted by size, not by what is allocated.
+    let receiver = RecvProcess::start(&["--max-mapped-per-connection", "1MiB"]);
+    assert!(send(&receiver, &[sparse("holes", 1 << 20)]).is_accepted());
+    match send(&receiver, &[sparse("holes", 2 << 20)]) {
+        Verdict::Rejected { reason, .. } => assert_eq!(reason, RejectReason::MemoryLimit),
+        other => panic!("a 2 MiB sparse memfd counts as 2 MiB: {other:?}"),
+    }
+    drop(receiver);
+
+    let receiver = RecvProcess::start(&["--refuse-sparse"]);
+    match send(
+        &receiver,
+        &[segment("whole", b'w', 8192), sparse("holes", 1 << 20)],
+    ) {
+        Verdict::Rejected {
+            id,
+            reason,
+            message,
+        } => {
+            assert_eq!((id, reason), (1, RejectReason::Sparse), "{message}");
+            // How much one written page allocates depends on the machine's
+            // page and THP sizes: check the words around it.
+            assert!(
+                message.starts_with("segment 1 (\"holes\"): memfd has ")
+                    && message.contains(" of its 1048576 bytes allocated"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Reject(Sparse), got {other:?}"),
+    }
+    assert!(send(&receiver, &[segment("whole", b'w', 8192)]).is_accepted());
+    assert!(send(&receiver, &[segment("empty", 0, 0)]).is_accepted());
+}
+
+#[test]
+fn version_help_and_start_up_line_read_well() {
+    let run = |arg: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
+            .arg(arg)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{arg}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(
+        run("--version"),
+        format!("sealpass-recv {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let help = run("--help");
+    for expected in [
+        "seal, shrink, grow, write, future_write, exec",
+        "Exit status: 0",
+        "2 a usage error",
+        "RUST_LOG",
+        "SIGINT or SIGTERM",
+        "--refuse-sparse",
+    ] {
+        assert!(
+            help.contains(expected),
+            "--help lacks {expected:?}:\n{help}"
+        );
+    }
+    let receiver = RecvProcess::start(&["--max-mapped-total", "16GiB"]);
+    let line = receiver.started_line();
+    assert!(
+        line.contains("requiring seals SHRINK|GROW|WRITE; at most 128 connections, 253 segments per message, 8 GiB mapped per connection and 16 GiB in all; first message within 10 s, idle timeout 30 s; admitting any peer"),
+        "{line}"
+    );
+    assert!(!line.contains('{'), "no Debug dumps: {line}");
+}
+
+#[test]
+fn json_ids_name_a_transfer_across_connections() {
+    let receiver = RecvProcess::start_with(&["--json"], Stdio::piped());
+    for _ in 0..2 {
+        assert!(send(&receiver, &[segment("a", b'a', 1)]).is_accepted());
+    }
+    let (_, stdout) = {
+        let mut receiver = receiver;
+        receiver.stop();
+        finish(receiver)
+    };
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let keys: Vec<_> = lines
+        .iter()
+        .map(|line| {
+            (
+                line["connection"].as_u64().unwrap(),
+                line["id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(keys, [(1, 1), (2, 1)], "{stdout}");
+}

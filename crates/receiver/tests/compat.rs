@@ -131,3 +131,48 @@ fn required_seals_apply_in_compat_mode_too() {
     // Served in order: had the unsealed memfd been accepted, its bytes would come first.
     assert_eq!(printed(&mut receiver, 4), b"ssss");
 }
+
+#[test]
+fn once_counts_only_accepted_memfds_and_logs_say_what_happened() {
+    let mut receiver = RecvProcess::start_with(&["--compat", "--once", "--print"], Stdio::piped());
+    // A batch of refused fds only: logged as refused, and --once goes on.
+    let (pipe, _writer) = nix::unistd::pipe().unwrap();
+    bare_send(&receiver, &[pipe]);
+    let refused = receiver.wait_for_log("refused a bare fd");
+    assert!(refused.contains("expected a memfd"), "{refused}");
+    bare_send(&receiver, &[plain_memfd("after", b'a', 5)]);
+    assert_eq!(printed(&mut receiver, 5), b"aaaaa");
+    let received = receiver.wait_for_log("received ");
+    assert!(
+        received.contains("received 1 bare memfd: after (5 bytes"),
+        "{received}"
+    );
+    let status = receiver.child().wait().unwrap();
+    assert!(status.success(), "{status}");
+    let log = receiver.drain_log();
+    assert!(
+        !log.iter().any(|line| line.contains("received 0")),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn sigint_and_sigterm_end_compat_mode_with_0_and_remove_the_socket() {
+    use nix::sys::signal::{Signal, kill};
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        let mut receiver = RecvProcess::start(&["--compat"]);
+        // Once while idle, once in the middle of a connection.
+        let connection =
+            (signal == Signal::SIGTERM).then(|| fdpass::connect_stream(receiver.socket()).unwrap());
+        let socket = receiver.socket().to_owned();
+        kill(
+            nix::unistd::Pid::from_raw(receiver.child().id() as i32),
+            signal,
+        )
+        .unwrap();
+        let status = receiver.child().wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{signal}: {status}");
+        assert!(!socket.exists(), "{signal}: the socket file is left behind");
+        drop(connection);
+    }
+}

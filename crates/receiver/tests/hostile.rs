@@ -149,7 +149,7 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
         ),
         case(
             "fewer fds than segments",
-            transfer(vec![segment("seg", 4096), segment("seg", 4096)]),
+            transfer(vec![segment("seg", 4096), segment("seg2", 4096)]),
             vec![good_memfd()],
             FdCountMismatch,
         ),
@@ -217,8 +217,8 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
         ),
         case(
             "second of two segments bad",
-            transfer(vec![segment("seg", 4096), segment("seg", 4096)]),
-            vec![good_memfd(), memfd("seg", 8192, SEALED)],
+            transfer(vec![segment("seg", 4096), segment("seg2", 4096)]),
+            vec![good_memfd(), memfd("seg2", 8192, SEALED)],
             SizeMismatch,
         ),
         case(
@@ -227,7 +227,65 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
             vec![],
             UnexpectedMessage,
         ),
+        case(
+            "two segments of one name",
+            raw_transfer(&[b"dup", b"dup"]),
+            vec![good_memfd_named("dup"), good_memfd_named("dup")],
+            InvalidField,
+        ),
+        case("no segments", raw_transfer(&[]), vec![], InvalidField),
+        case(
+            "a name with NUL",
+            raw_transfer(&[b"se\0g"]),
+            vec![good_memfd()],
+            InvalidField,
+        ),
+        case(
+            "a name of 250 bytes",
+            raw_transfer(&[&[b'n'; 250]]),
+            vec![good_memfd()],
+            InvalidField,
+        ),
+        case(
+            "1000 segments",
+            raw_transfer(&vec![&b"s"[..]; 1000]),
+            vec![good_memfd()],
+            TooManySegments,
+        ),
     ]
+}
+
+/// A transfer of id 9 that the encoder would refuse: `names`, 4096 bytes each.
+fn raw_transfer(names: &[&[u8]]) -> Vec<u8> {
+    let mut body = 0u32.to_le_bytes().to_vec();
+    body.extend_from_slice(&9u64.to_le_bytes());
+    body.extend_from_slice(&(names.len() as u64).to_le_bytes());
+    for name in names {
+        body.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        body.extend_from_slice(name);
+        body.extend_from_slice(&4096u64.to_le_bytes());
+        body.extend_from_slice(&SEALED.bits().to_le_bytes());
+    }
+    let mut message = sealpass_proto::MAGIC.to_vec();
+    message.extend_from_slice(&[1, 0, 0, 0]);
+    message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    message.extend_from_slice(&body);
+    message
+}
+
+fn good_memfd_named(name: &str) -> OwnedFd {
+    memfd(name, 4096, SEALED)
+}
+
+/// The id a reject must repeat (PROTOCOL.md section 4.1): 0 where the body
+/// did not decode, the transfer's (9) from the field rules on.
+fn expected_id(reason: RejectReason) -> u64 {
+    use RejectReason::*;
+    match reason {
+        TooLarge | ControlTruncated | Truncated | BadMagic | UnsupportedVersion | TrailingBytes
+        | Malformed => 0,
+        _ => 9,
+    }
 }
 
 #[test]
@@ -243,11 +301,19 @@ fn every_hostile_sender_is_rejected_and_the_receiver_keeps_serving() {
         drop(case.fds);
         let answer = answer_to(&connection);
         match answer {
-            Some(Message::Reject(reject)) => assert_eq!(
-                reject.reason, case.reason,
-                "{}: rejected for the wrong reason: {}",
-                case.name, reject.message
-            ),
+            Some(Message::Reject(reject)) => {
+                assert_eq!(
+                    reject.reason, case.reason,
+                    "{}: rejected for the wrong reason: {}",
+                    case.name, reject.message
+                );
+                assert_eq!(
+                    reject.id,
+                    expected_id(case.reason),
+                    "{}: the reject must repeat the id it could read",
+                    case.name
+                );
+            }
             other => panic!(
                 "{}: expected Reject({:?}), got {other:?}",
                 case.name, case.reason

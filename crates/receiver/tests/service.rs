@@ -148,6 +148,32 @@ fn a_connection_over_the_limit_is_refused_clearly_and_service_recovers() {
     }
 }
 
+/// A sender refused at connect reads the `Reject` whatever it meets first:
+/// `EPIPE` on its send, `ECONNRESET` on its read, or the answer itself.
+#[test]
+fn a_refusal_at_connect_reaches_the_sender_every_time() {
+    const RUNS: usize = 20;
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let other = (me + 4242).to_string();
+    let not_allowed = RecvProcess::start(&["--allow-uid", &other]);
+    let full = RecvProcess::start(&["--max-connections", "1"]);
+    let mut held = Sender::connect(full.socket()).unwrap();
+    assert!(held.send(&[segment("held", 8)]).unwrap().is_accepted());
+    for (receiver, expected) in [
+        (&not_allowed, RejectReason::NotAllowed),
+        (&full, RejectReason::TooManyConnections),
+    ] {
+        for run in 0..RUNS {
+            let verdict = send(receiver, &[segment("refused", 64 << 10)]);
+            match verdict {
+                Verdict::Rejected { id: 0, reason, .. } if reason == expected => {}
+                other => panic!("run {run}: expected Reject({expected}) with id 0, got {other:?}"),
+            }
+        }
+    }
+    drop(held);
+}
+
 #[test]
 fn limits_on_segments_and_mapped_bytes_each_have_their_reason() {
     let receiver =

@@ -46,13 +46,21 @@ impl Verdict {
 #[non_exhaustive]
 pub enum SendError {
     /// Connecting to the receiver failed.
-    #[error("connecting to the receiver failed: {0}")]
-    Connect(#[source] TransportError),
+    #[error("connecting to the receiver at {} failed", path.display())]
+    Connect {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// The failure.
+        source: TransportError,
+    },
+    /// Setting the socket's answer timeout failed.
+    #[error("setting the answer timeout failed")]
+    SetTimeout(#[source] TransportError),
     /// The transfer breaks a protocol rule.
-    #[error("transfer cannot be encoded: {0}")]
+    #[error("the transfer breaks a protocol rule")]
     Encode(#[from] EncodeError),
     /// `sendmsg` failed: the receiver did not get the transfer.
-    #[error("sending the transfer failed (not delivered): {0}")]
+    #[error("sending the transfer failed (not delivered)")]
     Send(#[source] TransportError),
     /// The receiver closed the connection after the transfer was sent and
     /// before it answered: whether it consumed the transfer (and each later
@@ -75,7 +83,7 @@ pub enum SendError {
         timeout: Duration,
     },
     /// Reading the answer failed.
-    #[error("reading the answer to transfer {id} failed: {source}")]
+    #[error("reading the answer to transfer {id} failed")]
     Receive {
         /// The transfer's id.
         id: u64,
@@ -83,7 +91,7 @@ pub enum SendError {
         source: TransportError,
     },
     /// The answer is not a valid message.
-    #[error("answer to transfer {id} is not a valid message: {source}")]
+    #[error("the answer to transfer {id} is not a valid message")]
     BadAnswer {
         /// The transfer's id.
         id: u64,
@@ -121,21 +129,41 @@ pub const BARE_PAYLOAD_LEN: usize = 256;
 /// [`BARE_PAYLOAD_LEN`] zero bytes and no header, and no answer awaited.
 /// Each memfd's file offset is 0, so a receiver that `read()`s it gets the
 /// bytes from the start.
-pub fn send_bare(path: &Path, segments: &[SealedSegment]) -> Result<(), SendError> {
-    let socket = fdpass::connect_stream(path).map_err(SendError::Connect)?;
+pub fn send_bare(path: impl AsRef<Path>, segments: &[SealedSegment]) -> Result<(), SendError> {
+    let path = path.as_ref();
+    let socket = fdpass::connect_stream(path).map_err(|source| connect_error(path, source))?;
     let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();
     fdpass::send(socket.as_fd(), &[0; BARE_PAYLOAD_LEN], &fds).map_err(SendError::Send)
+}
+
+/// Whether a send failed because the receiver closed the connection (or
+/// stopped reading): answers it sent before may still be queued.
+fn closed_by_peer(error: &TransportError) -> bool {
+    matches!(error.errno(), Some(Errno::EPIPE | Errno::ECONNRESET))
+}
+
+fn connect_error(path: &Path, source: TransportError) -> SendError {
+    SendError::Connect {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// A connection to a receiver. Ids count up from 1.
 ///
 /// [`send`](Sender::send) hands over one transfer and waits for its
-/// verdict. To keep several in flight on one connection, [`submit`]
-/// (Sender::submit) transfers and take their verdicts, oldest first, with
-/// [`next_verdict`](Sender::next_verdict): the receiver answers in order, so
-/// each answer is matched to the oldest unanswered id. While the receiver's
-/// queue is full, `submit` reads answers as they come instead of blocking, so
-/// sender and receiver never wait on each other.
+/// verdict. To keep several in flight on one connection,
+/// [`submit`](Sender::submit) transfers and take their verdicts, oldest
+/// first, with [`next_verdict`](Sender::next_verdict): the receiver answers
+/// in order, so each answer is matched to the oldest unanswered id. While the
+/// receiver's queue is full, `submit` reads answers as they come instead of
+/// blocking, so sender and receiver never wait on each other.
+///
+/// When the receiver closes the connection, what it answered before still
+/// counts: a send that meets `EPIPE` or a read that meets `ECONNRESET` reads
+/// every answer still queued. A transfer refused before the receiver read
+/// anything (`TooManyConnections`, `NotAllowed`, `Timeout`) gets that
+/// `Reject`, id 0, as its verdict.
 ///
 /// After an error other than a `Reject`, the connection's state is unknown:
 /// drop the sender.
@@ -155,15 +183,20 @@ pub struct Sender {
 
 impl Sender {
     /// Connects to the receiver listening at `path`.
-    pub fn connect(path: &Path) -> Result<Sender, SendError> {
+    pub fn connect(path: impl AsRef<Path>) -> Result<Sender, SendError> {
+        let path = path.as_ref();
         fdpass::connect(path)
             .map(Sender::from_socket)
-            .map_err(SendError::Connect)
+            .map_err(|source| connect_error(path, source))
     }
 
     /// Connects, retrying while the socket is absent or refuses connections
     /// (the receiver is starting), for at most `patience`.
-    pub fn connect_with_retry(path: &Path, patience: Duration) -> Result<Sender, SendError> {
+    pub fn connect_with_retry(
+        path: impl AsRef<Path>,
+        patience: Duration,
+    ) -> Result<Sender, SendError> {
+        let path = path.as_ref();
         let deadline = std::time::Instant::now() + patience;
         loop {
             match fdpass::connect(path) {
@@ -171,7 +204,7 @@ impl Sender {
                 Err(error) => {
                     let retry = matches!(error.errno(), Some(Errno::ENOENT | Errno::ECONNREFUSED));
                     if !retry || std::time::Instant::now() >= deadline {
-                        return Err(SendError::Connect(error));
+                        return Err(connect_error(path, error));
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -197,7 +230,7 @@ impl Sender {
     /// how long [`submit`](Sender::submit) waits for room in the receiver's
     /// queue.
     pub fn set_answer_timeout(&mut self, timeout: Option<Duration>) -> Result<(), SendError> {
-        fdpass::set_timeouts(self.socket.as_fd(), timeout, None).map_err(SendError::Connect)?;
+        fdpass::set_timeouts(self.socket.as_fd(), timeout, None).map_err(SendError::SetTimeout)?;
         self.answer_timeout = timeout;
         Ok(())
     }
@@ -235,25 +268,59 @@ impl Sender {
             segments.iter().map(SealedSegment::declaration),
             &mut self.outgoing,
         )?;
+        let sent = self.send_encoded(segments);
+        self.next_id += 1;
+        match sent {
+            Ok(()) => {
+                self.unanswered.push_back(id);
+                Ok(id)
+            }
+            Err(SendError::Send(error)) if closed_by_peer(&error) => {
+                // The receiver is gone or going, and it may have said why
+                // before it closed (a Reject at connect, a timeout): what it
+                // sent is still queued here. Read every answer up to its
+                // end; if one answers this transfer, that is its verdict.
+                self.unanswered.push_back(id);
+                self.read_queued_answers();
+                if self.unanswered.back() == Some(&id) {
+                    self.unanswered.pop_back();
+                    return Err(SendError::Send(error));
+                }
+                Ok(id)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sends the encoded transfer in `outgoing` with the fds of `segments`,
+    /// reading answers while the receiver's queue is full.
+    fn send_encoded(&mut self, segments: &[SealedSegment]) -> Result<(), SendError> {
         loop {
             let fds = segments.iter().map(SealedSegment::fd);
             if self.unanswered.is_empty() {
                 // Nothing to read meanwhile: a plain blocking send.
-                fdpass::send_each(self.socket.as_fd(), &self.outgoing, fds)
-                    .map_err(SendError::Send)?;
-                break;
+                return fdpass::send_each(self.socket.as_fd(), &self.outgoing, fds)
+                    .map_err(SendError::Send);
             }
             if fdpass::try_send_each(self.socket.as_fd(), &self.outgoing, fds)
                 .map_err(SendError::Send)?
             {
-                break;
+                return Ok(());
             }
             // The receiver's queue is full; it may be blocked answering us.
             self.wait_for_room_or_answer()?;
         }
-        self.next_id += 1;
-        self.unanswered.push_back(id);
-        Ok(id)
+    }
+
+    /// After the receiver closed (or stopped reading): reads the answers it
+    /// sent before that, until its end of the connection or an error.
+    fn read_queued_answers(&mut self) {
+        while !self.unanswered.is_empty() {
+            match self.read_answer() {
+                Ok(verdict) => self.answered.push_back(verdict),
+                Err(_) => break,
+            }
+        }
     }
 
     /// The verdict on the oldest transfer in flight, waiting for it if it has
@@ -305,14 +372,21 @@ impl Sender {
     /// Reads one answer, the oldest unanswered transfer's.
     fn read_answer(&mut self) -> Result<Verdict, SendError> {
         let id = self.unanswered.front().copied().unwrap_or(0);
-        let received =
+        // ECONNRESET says the receiver closed with our messages unread; the
+        // kernel reports it once, and what the receiver sent before closing
+        // is still queued behind it, so read again.
+        let mut resets = 0;
+        let received = loop {
             match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
-                Ok(received) => received,
+                Ok(received) => break received,
                 Err(TransportError::TimedOut { .. }) => {
                     return Err(SendError::AnswerTimedOut {
                         id,
                         timeout: self.answer_timeout.unwrap_or_default(),
                     });
+                }
+                Err(error) if error.errno() == Some(Errno::ECONNRESET) && resets == 0 => {
+                    resets += 1;
                 }
                 Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
                     return Err(SendError::DeliveryUnknown {
@@ -321,7 +395,8 @@ impl Sender {
                     });
                 }
                 Err(source) => return Err(SendError::Receive { id, source }),
-            };
+            }
+        };
         if received.is_end_of_stream() {
             return Err(SendError::DeliveryUnknown {
                 id,

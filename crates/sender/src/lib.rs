@@ -12,7 +12,7 @@
 //! })?;
 //! let text = SealedSegment::from_bytes("caption", b"hello", Seals::SENDER_DEFAULT)?;
 //!
-//! let mut sender = Sender::connect("/run/user/1000/sealpass.sock".as_ref())?;
+//! let mut sender = Sender::connect("/run/user/1000/sealpass.sock")?;
 //! match sender.send(&[frame, text])? {
 //!     Verdict::Accepted { id } => println!("transfer {id} accepted"),
 //!     Verdict::Rejected { reason, message, .. } => eprintln!("rejected: {reason}: {message}"),

@@ -23,7 +23,7 @@ use sealpass_proto::{FieldError, Seals, Segment, message::validate_name};
 #[non_exhaustive]
 pub enum SegmentError {
     /// The name breaks the protocol's rules.
-    #[error("invalid segment name: {0}")]
+    #[error(transparent)]
     InvalidName(#[from] FieldError),
     /// `memfd_create` failed.
     #[error("memfd_create({name:?}) failed: {errno}")]
@@ -52,7 +52,7 @@ pub enum SegmentError {
         errno: Errno,
     },
     /// Mapping the memfd for writing failed.
-    #[error("segment {name:?}: mapping {size} bytes for writing failed: {source}")]
+    #[error("segment {name:?}: mapping {size} bytes for writing failed")]
     Map {
         /// The name.
         name: String,
@@ -62,7 +62,7 @@ pub enum SegmentError {
         source: io::Error,
     },
     /// Opening the source file failed.
-    #[error("opening {path}: {source}")]
+    #[error("opening {path} failed")]
     Open {
         /// The path.
         path: PathBuf,
@@ -70,7 +70,7 @@ pub enum SegmentError {
         source: io::Error,
     },
     /// Copying bytes into the memfd failed.
-    #[error("segment {name:?}: copying its bytes in failed: {source}")]
+    #[error("segment {name:?}: copying its bytes in failed")]
     Copy {
         /// The name.
         name: String,
@@ -78,7 +78,7 @@ pub enum SegmentError {
         source: io::Error,
     },
     /// The caller's fill function failed.
-    #[error("segment {name:?}: filling failed: {source}")]
+    #[error("segment {name:?}: filling failed")]
     Fill {
         /// The name.
         name: String,
@@ -342,9 +342,11 @@ mod tests {
     fn fill_errors_are_reported() {
         let error = SealedSegment::with_mapping("f", 10, Seals::empty(), |_| Err("disk on fire"))
             .unwrap_err();
+        // This level's words, then the cause as the source: each said once.
+        assert_eq!(error.to_string(), "segment \"f\": filling failed");
         assert_eq!(
-            error.to_string(),
-            "segment \"f\": filling failed: disk on fire"
+            std::error::Error::source(&error).map(ToString::to_string),
+            Some("disk on fire".to_owned())
         );
         let error = SealedSegment::filled("a\0b", 1, 1, Seals::empty()).unwrap_err();
         assert!(matches!(error, SegmentError::InvalidName(_)), "{error}");

@@ -14,7 +14,9 @@ use std::thread;
 
 use sealpass_proto::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{Policy, Seals};
+use std::os::fd::AsFd;
+
+use sealpass_proto::{Message, Policy, Reject, RejectReason, Seals, encode};
 use sealpass_receiver::{Listener, Outcome};
 
 /// What the receiver saw of one segment.
@@ -151,40 +153,147 @@ fn a_rejection_exits_3_with_the_reason() {
     ));
 }
 
-fn check_failure(args: &[&str], expected_stderr: &str) {
+/// Runs the sender against no receiver with `args`; see [`check_failure_at`].
+fn check_failure(args: &[&str], code: i32, expected: &str) {
     let (_dir, socket) = scratch();
-    let output = send(&socket, args, b"");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{args:?} succeeded");
-    assert_ne!(output.status.code(), Some(3), "{args:?}: not a rejection");
-    assert!(stderr.contains(expected_stderr), "{args:?}: {stderr}");
+    check_failure_at(&socket, args, code, expected);
 }
 
 #[test]
-fn usage_and_connection_errors_are_clear() {
+fn usage_errors_exit_2_before_any_memfd_or_connection() {
+    let longest = "n".repeat(249);
+    let too_long = format!("{}=A:1", "n".repeat(250));
+    let many: Vec<String> = (0..254).map(|i| format!("s{i}=A:1")).collect();
+    let mut too_many: Vec<&str> = Vec::new();
+    for spec in &many {
+        too_many.extend(["--fill", spec]);
+    }
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "nothing to send"),
+        (&["--fill", "a=A:4Q"], "invalid size \"4Q\""),
+        (
+            &["--fill", "a=AB:4"],
+            "expected one ASCII character or 0xNN",
+        ),
+        (&["--fill", "a=0x100:4"], "expected 0x00 to 0xff"),
+        (&["--fill", "noequals"], "expected NAME=BYTE:SIZE"),
+        (&["--fill", "a=A"], "expected NAME=BYTE:SIZE"),
+        (&["--file", "nopath"], "expected NAME=PATH"),
+        (
+            &["--stdin", "a", "--stdin", "b"],
+            "cannot be used multiple times",
+        ),
+        (
+            &["--fill", &too_long],
+            "name of 250 bytes; expected at most 249",
+        ),
+        (&too_many, "254 segments; expected at most 253"),
+        (
+            // A 4 GiB fill is never made: the duplicate is found first.
+            &["--fill", "dup=A:4G", "--fill", "dup=B:1"],
+            "name \"dup\" is already the name of segment 0",
+        ),
+        (
+            &["--fill", "a=A:1", "--stdin", "a"],
+            "already the name of segment 0",
+        ),
+        (
+            &["--fill", "a=A:1", "--seals", "shrnk"],
+            "unknown seal \"shrnk\"",
+        ),
+        (
+            &["--fill", "a=A:1", "--connect-timeout=-1"],
+            "expected a number of seconds",
+        ),
+        (
+            &["--fill", "a=A:1", "--answer-timeout", "soon"],
+            "expected a number of seconds",
+        ),
+    ];
+    for (args, expected) in cases {
+        check_failure(args, 2, expected);
+    }
+    // The longest legal name is no usage error: this fails later, at connect.
     check_failure(
-        &["--fill", "a=A:4K"],
-        "connecting to the receiver failed: connect failed: ENOENT",
+        &["--fill", &format!("{longest}=A:1")],
+        1,
+        "connecting to the receiver",
     );
-    check_failure(&["--fill", "a=A:4Q"], "invalid size \"4Q\"");
-    check_failure(
-        &["--fill", "a=AB:4"],
-        "expected one ASCII character or 0xNN",
+}
+
+#[test]
+fn connection_errors_name_the_socket_once_and_hint_at_the_fix() {
+    // Nobody there: said once, with the path and what to do, and found
+    // before any source is read (the missing file is never opened).
+    let (dir, socket) = scratch();
+    let output = send(&socket, &["--file", "f=/nonexistent/file"], b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let expected = format!(
+        "sealpass-send: error: connecting to the receiver at {} failed: connect failed: ENOENT: No such file or directory\n\
+         hint: no socket at {}: start `sealpass-recv --socket {}` first, or pass --connect-timeout SECS to wait for it\n",
+        socket.display(),
+        socket.display(),
+        socket.display()
     );
-    check_failure(&["--fill", "noequals"], "expected NAME=");
-    check_failure(
+    assert_eq!(stderr, expected);
+
+    // With a receiver there, a source that cannot be read is the error.
+    let _reports = receiver(&socket, Policy::default());
+    check_failure_at(
+        &socket,
         &["--file", "f=/nonexistent/file"],
-        "opening /nonexistent/file",
+        1,
+        "opening /nonexistent/file failed: No such file or directory",
     );
-    check_failure(&[], "nothing to send");
-    check_failure(
-        &["--stdin", "a", "--stdin", "b"],
-        "stdin can fill one segment",
+
+    // A compat (SOCK_STREAM) receiver: EPROTOTYPE, and which mode to use.
+    let stream = dir.path().join("stream.sock");
+    let _listener = fdpass::listen_stream(&stream, 1).unwrap();
+    check_failure_at(
+        &stream,
+        &["--fill", "a=A:1"],
+        1,
+        "connect failed: EPROTOTYPE: Protocol wrong type for socket\nhint: the receiver at",
     );
-    check_failure(
-        &["--fill", "a=A:1", "--seals", "shrnk"],
-        "unknown seal \"shrnk\"",
+    check_failure_at(
+        &stream,
+        &["--fill", "a=A:1"],
+        1,
+        "pass --compat to send bare fds",
     );
+    // And the reverse: --compat at a sealpass receiver.
+    let seqpacket = dir.path().join("seqpacket.sock");
+    let _listener = fdpass::listen(&seqpacket, 1).unwrap();
+    check_failure_at(
+        &seqpacket,
+        &["--compat", "--fill", "a=A:1"],
+        1,
+        "drop --compat",
+    );
+    // A socket file nobody listens at.
+    let stale = dir.path().join("stale.sock");
+    drop(fdpass::listen(&stale, 1).unwrap());
+    check_failure_at(&stale, &["--fill", "a=A:1"], 1, "nothing listens there");
+    // Not a socket at all.
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"").unwrap();
+    check_failure_at(&file, &["--fill", "a=A:1"], 1, "is not a socket");
+}
+
+/// Runs the sender at `socket` with `args`; it must exit `code` and print
+/// `expected` on stderr, with no cause repeated.
+fn check_failure_at(socket: &Path, args: &[&str], code: i32, expected: &str) {
+    let output = send(socket, args, b"");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    for cause in ["ENOENT", "EPROTOTYPE", "No such file or directory"] {
+        assert!(
+            stderr.matches(cause).count() <= 1,
+            "{args:?}: {cause:?} printed more than once: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -192,14 +301,9 @@ fn a_receiver_that_dies_before_answering_means_delivery_unknown() {
     let (_dir, socket) = scratch();
     let listener = fdpass::listen(&socket, 1).unwrap();
     let dies = thread::spawn(move || {
-        let connection = fdpass::accept(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        let connection = fdpass::accept(listener.as_fd()).unwrap();
         let mut buffer = vec![0; MAX_MESSAGE_LEN];
-        fdpass::receive(
-            std::os::fd::AsFd::as_fd(&connection),
-            &mut buffer,
-            &mut ControlBuffer::new(),
-        )
-        .unwrap();
+        fdpass::receive(connection.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap();
         // Took the message, then vanished without a word.
     });
     let output = send(&socket, &["--fill", "a=A:1"], b"");
@@ -234,4 +338,79 @@ fn connect_timeout_waits_for_a_receiver_that_starts_late() {
     let (_dir, absent) = scratch();
     let output = send(&absent, &["--fill", "a=A:1"], b"");
     assert_eq!(output.status.code(), Some(1));
+}
+
+/// A receiver that refuses every connection the moment it accepts it, as
+/// `sealpass-recv` does over `--max-connections`: `Reject` with id 0, then a
+/// close without reading, so the sender meets `EPIPE` or `ECONNRESET`.
+fn refusing_receiver(
+    socket: &Path,
+    reason: RejectReason,
+    connections: usize,
+) -> thread::JoinHandle<()> {
+    let listener = fdpass::listen(socket, 64).unwrap();
+    let reject = encode(&Message::Reject(Reject::new(0, reason, "scripted refusal"))).unwrap();
+    thread::spawn(move || {
+        for _ in 0..connections {
+            let connection = fdpass::accept(listener.as_fd()).unwrap();
+            fdpass::send(connection.as_fd(), &reject, &[]).unwrap();
+        }
+    })
+}
+
+#[test]
+fn a_refusal_at_connect_is_reported_every_time() {
+    const RUNS: usize = 20;
+    let (_dir, socket) = scratch();
+    let refuser = refusing_receiver(&socket, RejectReason::TooManyConnections, RUNS);
+    for run in 0..RUNS {
+        let output = send(&socket, &["--fill", "a=A:64K"], b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "run {run}: {stderr}");
+        assert!(
+            stderr.contains(
+                "the receiver refused the transfer: TooManyConnections: scripted refusal"
+            ),
+            "run {run}: {stderr}"
+        );
+    }
+    refuser.join().unwrap();
+}
+
+#[test]
+fn version_help_and_summary_read_well() {
+    let run = |arg: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_sealpass-send"))
+            .arg(arg)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{arg}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(
+        run("--version"),
+        format!("sealpass-send {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let help = run("--help");
+    for expected in [
+        "seal, shrink, grow, write, future_write, exec",
+        "Exit status: 0 accepted; 3 rejected",
+        "2 usage error",
+        "RUST_LOG",
+        "SIGINT and SIGTERM",
+        "unique within the transfer",
+    ] {
+        assert!(
+            help.contains(expected),
+            "--help lacks {expected:?}:\n{help}"
+        );
+    }
+    let (_dir, socket) = scratch();
+    let _reports = receiver(&socket, Policy::default());
+    let output = send(&socket, &["--fill", "one=A:1"], b"");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("accepted transfer 1: 1 segment, 1 bytes;"),
+        "{stdout}"
+    );
 }

@@ -110,11 +110,11 @@ impl Drop for Target {
 /// What a probe must get back.
 enum Expect {
     Ack(u64),
-    Reject(&'static [RejectReason]),
-    /// A reject, then the receiver closes the connection.
+    /// A reject repeating `id` (0 where PROTOCOL.md section 4.1 says there
+    /// is no id to repeat), for one of the reasons.
+    Reject(u64, &'static [RejectReason]),
+    /// A reject with id 0, then the receiver closes the connection.
     RejectAndClose(RejectReason),
-    /// A reject of transfer `id` for `reason`.
-    RejectOf(u64, RejectReason),
 }
 
 /// One scripted message.
@@ -129,34 +129,26 @@ type Script = Box<dyn Fn(&Target) -> Fallible<()>>;
 fn check_answer(got: Answer, expect: &Expect) -> Fallible<()> {
     match (got, expect) {
         (Answer::Message(Message::Ack(ack)), Expect::Ack(id)) if ack.id == *id => Ok(()),
-        (Answer::Message(Message::Reject(reject)), Expect::Reject(reasons))
-            if reasons.contains(&reject.reason) =>
+        (Answer::Message(Message::Reject(reject)), Expect::Reject(id, reasons))
+            if reasons.contains(&reject.reason) && reject.id == *id =>
         {
             Ok(())
         }
         (Answer::Message(Message::Reject(reject)), Expect::RejectAndClose(reason))
-            if reject.reason == *reason =>
-        {
-            Ok(())
-        }
-        (Answer::Message(Message::Reject(reject)), Expect::RejectOf(id, reason))
-            if reject.id == *id && reject.reason == *reason =>
+            if reject.reason == *reason && reject.id == 0 =>
         {
             Ok(())
         }
         (got, Expect::Ack(id)) => Err(format!("expected Ack({id}); got {}", describe(&got))),
-        (got, Expect::RejectOf(id, reason)) => Err(format!(
-            "expected Reject({reason}) of transfer {id}; got {}",
-            describe(&got)
-        )),
-        (got, Expect::Reject(reasons)) => Err(format!(
-            "expected Reject({}); got {}",
+        (got, Expect::Reject(id, reasons)) => Err(format!(
+            "expected Reject({}) of transfer {id}; got {}",
             names(reasons),
             describe(&got)
         )),
-        (got, Expect::RejectAndClose(reason)) => {
-            Err(format!("expected Reject({reason}); got {}", describe(&got)))
-        }
+        (got, Expect::RejectAndClose(reason)) => Err(format!(
+            "expected Reject({reason}) of transfer 0; got {}",
+            describe(&got)
+        )),
     }
 }
 
@@ -215,19 +207,24 @@ fn valid(segments: &'static [(&'static str, u64)]) -> Script {
     })
 }
 
-/// A one-segment transfer of a well-formed memfd, with `payload` in place of its header.
+/// A one-segment transfer of a well-formed memfd, with `payload` in place
+/// of its header; the reject must repeat `id` (PROTOCOL.md section 4.1).
 fn hostile_header(
     payload: impl Fn() -> Fallible<Vec<u8>> + 'static,
+    id: u64,
     expect: &'static [RejectReason],
 ) -> Script {
     probe(move || {
         Ok(Probe {
             payload: payload()?,
             fds: vec![memfd("seg", 4096, SEALED)?],
-            expect: Expect::Reject(expect),
+            expect: Expect::Reject(id, expect),
         })
     })
 }
+
+/// The id of every hostile transfer whose body decodes.
+const HOSTILE_ID: u64 = 9;
 
 /// A header declaring `seg`, 4096 bytes, fully sealed, with `fds` beside it.
 fn hostile_fds(
@@ -236,15 +233,15 @@ fn hostile_fds(
 ) -> Script {
     probe(move || {
         Ok(Probe {
-            payload: transfer_bytes(9, vec![segment("seg", 4096, SEALED)])?,
+            payload: transfer_bytes(HOSTILE_ID, vec![segment("seg", 4096, SEALED)])?,
             fds: fds()?,
-            expect: Expect::Reject(expect),
+            expect: Expect::Reject(HOSTILE_ID, expect),
         })
     })
 }
 
 fn one_segment() -> Fallible<Vec<u8>> {
-    transfer_bytes(9, vec![segment("seg", 4096, SEALED)])
+    transfer_bytes(HOSTILE_ID, vec![segment("seg", 4096, SEALED)])
 }
 
 fn patched(offset: usize, bytes: &'static [u8]) -> impl Fn() -> Fallible<Vec<u8>> {
@@ -368,7 +365,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                 }
                 for id in 1..=8 {
                     let expect = if id == 5 {
-                        Expect::RejectOf(id, R::MissingSeals)
+                        Expect::Reject(id, &[R::MissingSeals])
                     } else {
                         Expect::Ack(id)
                     };
@@ -409,7 +406,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
     cases.extend::<Vec<(String, Script)>>(vec![
         (
             "malformed/bad-magic".into(),
-            hostile_header(patched(0, b"SLPX"), &[R::BadMagic]),
+            hostile_header(patched(0, b"SLPX"), 0, &[R::BadMagic]),
         ),
         (
             "malformed/unknown-major".into(),
@@ -439,6 +436,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     message.truncate(7);
                     Ok(message)
                 },
+                0,
                 &[R::Truncated],
             ),
         ),
@@ -449,6 +447,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     let body = body_of_one_segment()?;
                     Ok(framed(1, 0, body.len() as u32 + 1, &body))
                 },
+                0,
                 &[R::Truncated],
             ),
         ),
@@ -459,6 +458,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     let body = body_of_one_segment()?;
                     Ok(framed(1, 0, body.len() as u32 - 1, &body))
                 },
+                0,
                 &[R::TrailingBytes],
             ),
         ),
@@ -473,6 +473,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                         &body_of_one_segment()?,
                     ))
                 },
+                0,
                 &[R::TooLarge],
             ),
         ),
@@ -483,6 +484,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     let body = vec![0; MAX_MESSAGE_LEN];
                     Ok(framed_exact(1, 0, &body))
                 },
+                0,
                 &[R::TooLarge],
             ),
         ),
@@ -494,6 +496,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     body.push(0);
                     Ok(framed_exact(1, 0, &body))
                 },
+                0,
                 &[R::Malformed],
             ),
         ),
@@ -505,6 +508,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     body.extend_from_slice(&9u64.to_le_bytes());
                     Ok(framed_exact(1, 0, &body))
                 },
+                0,
                 &[R::Malformed],
             ),
         ),
@@ -515,9 +519,10 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     Ok(framed_exact(
                         1,
                         0,
-                        &raw_transfer_body(9, &[b"se\xff"], 4096, SEALED),
+                        &raw_transfer_body(HOSTILE_ID, &[b"se\xff"], 4096, SEALED),
                     ))
                 },
+                0,
                 &[R::Malformed],
             ),
         ),
@@ -525,11 +530,12 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             "malformed/segment-count-past-the-body".into(),
             hostile_header(
                 || {
-                    let mut body = raw_transfer_body(9, &[], 0, SEALED);
+                    let mut body = raw_transfer_body(HOSTILE_ID, &[], 0, SEALED);
                     body.truncate(12);
                     body.extend_from_slice(&u64::MAX.to_le_bytes());
                     Ok(framed_exact(1, 0, &body))
                 },
+                0,
                 &[R::Malformed],
             ),
         ),
@@ -543,6 +549,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                         &raw_transfer_body(0, &[b"seg"], 4096, SEALED),
                     ))
                 },
+                0,
                 &[R::InvalidField],
             ),
         ),
@@ -554,9 +561,10 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     Ok(framed_exact(
                         1,
                         0,
-                        &raw_transfer_body(9, &[&name], 4096, SEALED),
+                        &raw_transfer_body(HOSTILE_ID, &[&name], 4096, SEALED),
                     ))
                 },
+                HOSTILE_ID,
                 &[R::InvalidField],
             ),
         ),
@@ -567,9 +575,10 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     Ok(framed_exact(
                         1,
                         0,
-                        &raw_transfer_body(9, &[b"se\0g"], 4096, SEALED),
+                        &raw_transfer_body(HOSTILE_ID, &[b"se\0g"], 4096, SEALED),
                     ))
                 },
+                HOSTILE_ID,
                 &[R::InvalidField],
             ),
         ),
@@ -581,25 +590,87 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                     Ok(framed_exact(
                         1,
                         0,
-                        &raw_transfer_body(9, &names, 4096, SEALED),
+                        &raw_transfer_body(HOSTILE_ID, &names, 4096, SEALED),
                     ))
                 },
+                HOSTILE_ID,
                 &[R::TooManySegments],
             ),
+        ),
+        (
+            "malformed/a-thousand-segments".into(),
+            hostile_header(
+                || {
+                    let names: Vec<Vec<u8>> =
+                        (0..1000).map(|i| format!("seg-{i}").into_bytes()).collect();
+                    let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+                    Ok(framed_exact(
+                        1,
+                        0,
+                        &raw_transfer_body(HOSTILE_ID, &names, 4096, SEALED),
+                    ))
+                },
+                HOSTILE_ID,
+                &[R::TooManySegments],
+            ),
+        ),
+        (
+            // PROTOCOL.md section 6, step 5: a transfer hands over something.
+            "malformed/no-segments".into(),
+            probe(|| {
+                Ok(Probe {
+                    payload: framed_exact(1, 0, &raw_transfer_body(HOSTILE_ID, &[], 0, SEALED)),
+                    fds: Vec::new(),
+                    expect: Expect::Reject(HOSTILE_ID, &[R::InvalidField]),
+                })
+            }),
+        ),
+        (
+            // Names are unique within a transfer, even when each fd matches.
+            "malformed/duplicate-names".into(),
+            probe(|| {
+                Ok(Probe {
+                    payload: framed_exact(
+                        1,
+                        0,
+                        &raw_transfer_body(HOSTILE_ID, &[b"dup", b"dup"], 64, SEALED),
+                    ),
+                    fds: vec![memfd("dup", 64, SEALED)?, memfd("dup", 64, SEALED)?],
+                    expect: Expect::Reject(HOSTILE_ID, &[R::InvalidField]),
+                })
+            }),
+        ),
+        (
+            "malformed/duplicate-names-apart".into(),
+            probe(|| {
+                Ok(Probe {
+                    payload: framed_exact(
+                        1,
+                        0,
+                        &raw_transfer_body(HOSTILE_ID, &[b"a", b"b", b"c", b"b"], 64, SEALED),
+                    ),
+                    fds: ["a", "b", "c", "b"]
+                        .iter()
+                        .map(|name| memfd(name, 64, SEALED))
+                        .collect::<Fallible<_>>()?,
+                    expect: Expect::Reject(HOSTILE_ID, &[R::InvalidField]),
+                })
+            }),
         ),
         (
             "malformed/ack-sent-to-the-receiver".into(),
             probe(|| {
                 Ok(Probe {
-                    payload: encode(&Message::Ack(Ack { id: 9 })).map_err(|e| e.to_string())?,
+                    payload: encode(&Message::Ack(Ack { id: HOSTILE_ID }))
+                        .map_err(|e| e.to_string())?,
                     fds: Vec::new(),
-                    expect: Expect::Reject(&[R::UnexpectedMessage]),
+                    expect: Expect::Reject(HOSTILE_ID, &[R::UnexpectedMessage]),
                 })
             }),
         ),
         (
             "malformed/fds-but-no-header".into(),
-            hostile_header(|| Ok(Vec::new()), &[R::Truncated]),
+            hostile_header(|| Ok(Vec::new()), 0, &[R::Truncated]),
         ),
         (
             "malformed/header-but-no-fds".into(),
@@ -622,11 +693,11 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             probe(|| {
                 Ok(Probe {
                     payload: transfer_bytes(
-                        9,
-                        vec![segment("seg", 4096, SEALED), segment("seg", 4096, SEALED)],
+                        HOSTILE_ID,
+                        vec![segment("seg", 4096, SEALED), segment("seg2", 4096, SEALED)],
                     )?,
                     fds: vec![memfd("seg", 4096, SEALED)?],
-                    expect: Expect::Reject(&[R::FdCountMismatch]),
+                    expect: Expect::Reject(HOSTILE_ID, &[R::FdCountMismatch]),
                 })
             }),
         ),
@@ -679,9 +750,9 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             "malformed/missing-shrink".into(),
             probe(|| {
                 Ok(Probe {
-                    payload: transfer_bytes(9, vec![segment("seg", 4096, Seals::WRITE)])?,
+                    payload: transfer_bytes(HOSTILE_ID, vec![segment("seg", 4096, Seals::WRITE)])?,
                     fds: vec![memfd("seg", 4096, Seals::WRITE | Seals::GROW)?],
-                    expect: Expect::Reject(&[R::MissingSeals]),
+                    expect: Expect::Reject(HOSTILE_ID, &[R::MissingSeals]),
                 })
             }),
         ),
@@ -690,7 +761,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             probe(|| {
                 Ok(Probe {
                     payload: transfer_bytes(
-                        9,
+                        HOSTILE_ID,
                         vec![segment("seg", 4096, Seals::SHRINK | Seals::GROW)],
                     )?,
                     fds: vec![memfd(
@@ -698,7 +769,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                         4096,
                         Seals::SHRINK | Seals::GROW | Seals::FUTURE_WRITE,
                     )?],
-                    expect: Expect::Reject(&[R::MissingSeals]),
+                    expect: Expect::Reject(HOSTILE_ID, &[R::MissingSeals]),
                 })
             }),
         ),
@@ -736,11 +807,11 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             probe(|| {
                 Ok(Probe {
                     payload: transfer_bytes(
-                        9,
-                        vec![segment("seg", 4096, SEALED), segment("seg", 4096, SEALED)],
+                        HOSTILE_ID,
+                        vec![segment("seg", 4096, SEALED), segment("seg2", 4096, SEALED)],
                     )?,
-                    fds: vec![memfd("seg", 4096, SEALED)?, memfd("seg", 1, SEALED)?],
-                    expect: Expect::Reject(&[R::SizeMismatch]),
+                    fds: vec![memfd("seg", 4096, SEALED)?, memfd("seg2", 1, SEALED)?],
+                    expect: Expect::Reject(HOSTILE_ID, &[R::SizeMismatch]),
                 })
             }),
         ),
@@ -751,9 +822,12 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                 // 47-bit address space can map it.
                 let size = 3 << 46;
                 Ok(Probe {
-                    payload: transfer_bytes(9, vec![segment("huge", size, SEALED)])?,
+                    payload: transfer_bytes(HOSTILE_ID, vec![segment("huge", size, SEALED)])?,
                     fds: vec![memfd("huge", size, SEALED)?],
-                    expect: Expect::Reject(&[R::ResourceExhausted, R::MapFailed, R::MemoryLimit]),
+                    expect: Expect::Reject(
+                        HOSTILE_ID,
+                        &[R::ResourceExhausted, R::MapFailed, R::MemoryLimit],
+                    ),
                 })
             }),
         ),
@@ -819,7 +893,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
                 send(&connection, b"garbage, not a message", &[])?;
                 check_answer(
                     answer(&connection)?,
-                    &Expect::Reject(&[R::Truncated, R::BadMagic]),
+                    &Expect::Reject(0, &[R::Truncated, R::BadMagic]),
                 )?;
                 let (payload, fds) = valid_transfer(2, &[("after", 10)])?;
                 send(&connection, &payload, &fds)?;

@@ -25,34 +25,77 @@ enum Answering {
     AckAfterDelay,
     AckCarryingAnFd,
     Reject(RejectReason),
+    /// A `Reject` with id 0 as soon as the sender connects, then a close
+    /// without reading: the sender meets `EPIPE` or `ECONNRESET`, and the
+    /// reject is still queued for it (PROTOCOL.md section 2).
+    RefuseAtConnect(RejectReason),
     CloseWithoutAnswer,
     AckForAnotherId,
 }
 
-const SCENARIOS: &[(&str, Answering, bool)] = &[
-    ("ack", Answering::Ack, true),
-    ("ack-from-a-newer-minor", Answering::AckFromNewerMinor, true),
-    ("ack-after-a-delay", Answering::AckAfterDelay, true),
-    ("ack-carrying-an-fd", Answering::AckCarryingAnFd, true),
+/// What the sender must do.
+#[derive(Clone, Copy)]
+enum Outcome {
+    /// Exit 0.
+    Succeeds,
+    /// Exit nonzero.
+    Fails,
+    /// Exit nonzero, naming the reason (its name, or its code when unknown)
+    /// in what it prints.
+    Rejected(&'static str),
+}
+
+const SCENARIOS: &[(&str, Answering, Outcome)] = &[
+    ("ack", Answering::Ack, Outcome::Succeeds),
+    (
+        "ack-from-a-newer-minor",
+        Answering::AckFromNewerMinor,
+        Outcome::Succeeds,
+    ),
+    (
+        "ack-after-a-delay",
+        Answering::AckAfterDelay,
+        Outcome::Succeeds,
+    ),
+    (
+        "ack-carrying-an-fd",
+        Answering::AckCarryingAnFd,
+        Outcome::Succeeds,
+    ),
     (
         "reject",
         Answering::Reject(RejectReason::MissingSeals),
-        false,
+        Outcome::Rejected("MissingSeals"),
     ),
     (
         "reject-with-an-unknown-reason",
         Answering::Reject(RejectReason::Unknown(999)),
-        false,
+        Outcome::Rejected("999"),
+    ),
+    (
+        "refused-at-connect",
+        Answering::RefuseAtConnect(RejectReason::TooManyConnections),
+        Outcome::Rejected("TooManyConnections"),
+    ),
+    (
+        "refused-at-connect-again",
+        Answering::RefuseAtConnect(RejectReason::NotAllowed),
+        Outcome::Rejected("NotAllowed"),
+    ),
+    (
+        "refused-at-connect-a-third-time",
+        Answering::RefuseAtConnect(RejectReason::Timeout),
+        Outcome::Rejected("Timeout"),
     ),
     (
         "receiver-closes-without-answering",
         Answering::CloseWithoutAnswer,
-        false,
+        Outcome::Fails,
     ),
     (
         "ack-for-another-transfer",
         Answering::AckForAnotherId,
-        false,
+        Outcome::Fails,
     ),
 ];
 
@@ -111,6 +154,14 @@ fn answer(connection: &OwnedFd, id: u64, answering: Answering) -> Fallible<()> {
             &[],
         ),
         Answering::CloseWithoutAnswer => Ok(()),
+        Answering::RefuseAtConnect(reason) => send(
+            &encoded(&Message::Reject(Reject::new(
+                0,
+                reason,
+                "scripted refusal at connect",
+            )))?,
+            &[],
+        ),
         Answering::AckForAnotherId => send(
             &encoded(&Message::Ack(Ack {
                 id: id.wrapping_add(1000),
@@ -142,7 +193,7 @@ fn scenario(
     scratch: &Path,
     index: usize,
     answering: Answering,
-    succeeds: bool,
+    outcome: Outcome,
 ) -> Fallible<()> {
     let socket = scratch.join(format!("sender-{index}.sock"));
     let listener = fdpass::listen(&socket, 1).map_err(|e| e.to_string())?;
@@ -162,6 +213,12 @@ fn scenario(
     let served = fdpass::accept(listener.as_fd())
         .map_err(|e| format!("the sender never connected: {e}"))
         .and_then(|connection| {
+            if let Answering::RefuseAtConnect(_) = answering {
+                // Before reading anything, as a receiver refusing at accept.
+                answer(&connection, 0, answering)?;
+                drop(connection);
+                return Ok(());
+            }
             let id = verify_message(&connection)?;
             answer(&connection, id, answering)?;
             drop(connection);
@@ -178,21 +235,25 @@ fn scenario(
     };
     served.map_err(with_log)?;
     let status = status.map_err(with_log)?;
-    match (succeeds, status.code()) {
-        (true, Some(0)) => Ok(()),
-        (false, Some(code)) if code != 0 => Ok(()),
-        (true, _) => Err(with_log(format!("expected exit status 0; got {status}"))),
-        (false, _) => Err(with_log(format!(
+    match (outcome, status.code()) {
+        (Outcome::Succeeds, Some(0)) => Ok(()),
+        (Outcome::Fails, Some(code)) if code != 0 => Ok(()),
+        (Outcome::Rejected(reason), Some(code)) if code != 0 && log.contains(reason) => Ok(()),
+        (Outcome::Succeeds, _) => Err(with_log(format!("expected exit status 0; got {status}"))),
+        (Outcome::Fails, _) => Err(with_log(format!(
             "expected a nonzero exit status (not a signal); got {status}"
+        ))),
+        (Outcome::Rejected(reason), _) => Err(with_log(format!(
+            "expected a nonzero exit status and the reason {reason} in the output; got {status}"
         ))),
     }
 }
 
 pub fn check(command: &[String], scratch: &Path, report: &mut Report) {
-    for (index, (name, answering, succeeds)) in SCENARIOS.iter().enumerate() {
+    for (index, (name, answering, outcome)) in SCENARIOS.iter().enumerate() {
         report.record(
             &format!("sender/{name}"),
-            scenario(command, scratch, index, *answering, *succeeds),
+            scenario(command, scratch, index, *answering, *outcome),
         );
     }
 }

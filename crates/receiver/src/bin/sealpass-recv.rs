@@ -9,19 +9,26 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_proto::fdpass::PeerCredentials;
 use sealpass_proto::{Policy, Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
-use sealpass_receiver::{Access, Delivery, Limits, Listener, Service, VerifiedTransfer};
+use sealpass_receiver::{
+    Access, Delivery, ErrorChain, Limits, Listener, Service, VerifiedTransfer,
+};
 use serde::Serialize;
 
 /// Receive sealed memfds over a unix socket. Every fd is checked with the
 /// kernel (memfd? name, size, seals?) before it is mapped read-only; anything
 /// else is rejected with a reason and the receiver keeps serving.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "sealpass-recv", version, after_help = AFTER_HELP)]
 struct Cli {
     /// Where to listen. A stale socket left there is replaced; anything else is refused.
     #[arg(long, value_name = "PATH")]
@@ -32,15 +39,20 @@ struct Cli {
     /// Write each segment's bytes to stdout, in order (log lines go to stderr).
     #[arg(long, conflicts_with = "out")]
     print: bool,
-    /// Write each segment to DIR/NAME (names that could leave DIR are rejected).
+    /// Write each segment to DIR/NAME, atomically (through a unique temporary
+    /// file in DIR, renamed into place). DIR must be a writable directory; if
+    /// it does not exist it is created, but only when its parent exists.
+    /// Names that could leave DIR are rejected.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// One JSON line per accepted transfer (to stdout; to stderr with --print).
     #[arg(long)]
     json: bool,
     /// Seals every segment must carry [default: shrink,grow,write; with
-    /// --compat: none]. Outside compat mode SHRINK and WRITE are always
-    /// required: without them a mapping could fault or change under the reader.
+    /// --compat: none], as a list of seal names separated by ',' or '|'
+    /// (seal, shrink, grow, write, future_write, exec; or none). Outside
+    /// compat mode SHRINK and WRITE are always required: without them a
+    /// mapping could fault or change under the reader.
     #[arg(long, value_name = "LIST")]
     require_seals: Option<Seals>,
     /// Accept bare fd passing over SOCK_STREAM, as plain programs do it: any
@@ -77,7 +89,27 @@ struct Cli {
     /// Seconds a connection may stay silent between messages; then Reject(Timeout) (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     idle_timeout: u64,
+    /// Refuse memfds with holes (fewer bytes allocated than their size) with
+    /// Reject(Sparse). Without it a sparse memfd is accepted, and pages its
+    /// holes need when read are allocated then and charged to this process;
+    /// the mapped-bytes limits count every byte of the size either way.
+    #[arg(long)]
+    refuse_sparse: bool,
 }
+
+const AFTER_HELP: &str = "\
+Seal names: seal, shrink, grow, write, future_write, exec (case-insensitive),
+separated by ',' or '|'; 'none' for no seals.
+
+Exit status: 0 after SIGINT/SIGTERM or after --once's transfer; 1 a failure
+while running (the socket could not be bound, ...); 2 a usage error (bad flag
+or value, --out not a writable directory), found before the socket is bound.
+
+Signals: SIGINT or SIGTERM stop accepting, answer what peers already sent,
+remove the socket file and exit 0 (in --compat mode too).
+
+Logs go to stderr, one line per message, filtered by RUST_LOG (default info;
+e.g. RUST_LOG=debug, RUST_LOG=warn).";
 
 fn parse_mode(text: &str) -> Result<u32, String> {
     u32::from_str_radix(text.trim_start_matches("0o"), 8)
@@ -107,6 +139,9 @@ impl Cli {
 
 #[derive(Serialize)]
 struct TransferLine<'a> {
+    /// The connection's number (from 1, in accept order): with `id` it
+    /// names the transfer uniquely for the life of the receiver.
+    connection: u64,
     id: u64,
     version: String,
     peer: PeerLine,
@@ -129,8 +164,13 @@ struct SegmentLine<'a> {
     head: String,
 }
 
-fn describe<'a>(transfer: &'a VerifiedTransfer, peer: &PeerCredentials) -> TransferLine<'a> {
+fn describe<'a>(
+    transfer: &'a VerifiedTransfer,
+    peer: &PeerCredentials,
+    connection: u64,
+) -> TransferLine<'a> {
     TransferLine {
+        connection,
         id: transfer.id(),
         version: transfer.version().to_string(),
         peer: PeerLine {
@@ -185,6 +225,9 @@ fn store(dir: &Path, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
 
 /// Writes DIR/NAME through a temporary file renamed into place, so a reader
 /// of DIR never sees a half-written segment. NAME must be a plain file name.
+/// Each writer gets its own temporary file (`.sealpass-XXXXXX`, short enough
+/// beside any legal segment name), so concurrent transfers of one name never
+/// write into each other: the last rename wins, whole.
 fn write_into(
     dir: &Path,
     name: &str,
@@ -197,15 +240,49 @@ fn write_into(
         );
     }
     let target = dir.join(name);
-    let partial = dir.join(format!(".{name}.partial"));
-    let result = fs::File::create(&partial)
-        .map_err(anyhow::Error::from)
-        .and_then(|mut file| write(&mut file))
-        .and_then(|()| Ok(fs::rename(&partial, &target)?));
-    if result.is_err() {
-        let _ = fs::remove_file(&partial);
-    }
+    let result = (|| {
+        // Removed on every path until persisted.
+        let mut partial = tempfile::Builder::new()
+            .prefix(".sealpass-")
+            .tempfile_in(dir)?;
+        write(partial.as_file_mut())?;
+        partial.persist(&target).map_err(|error| error.error)?;
+        anyhow::Ok(())
+    })();
     result.with_context(|| format!("writing {}", target.display()))
+}
+
+/// Checks `--out DIR` before anything is bound: DIR must be a directory this
+/// process can create files in. A missing DIR is created, but only when its
+/// parent exists, so a typo cannot build a tree of directories.
+fn prepare_out_dir(dir: &Path) -> Result<(), String> {
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Ok(metadata) if metadata.is_dir() => {}
+        Ok(_) => return Err(format!("--out {shown}: exists and is not a directory")),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(dir).map_err(|error| {
+                if error.kind() == io::ErrorKind::NotFound {
+                    format!(
+                        "--out {shown}: does not exist, and neither does its parent; \
+                         create the parent first (only the last component is created)"
+                    )
+                } else {
+                    format!("--out {shown}: does not exist and cannot be created: {error}")
+                }
+            })?;
+        }
+        Err(error) => return Err(format!("--out {shown}: {error}")),
+    }
+    tempfile::Builder::new()
+        .prefix(".sealpass-check-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|error| {
+            format!(
+                "--out {shown}: cannot create files in it ({error}); expected a writable directory"
+            )
+        })
 }
 
 fn handle(cli: &Cli, delivery: &Delivery<'_>) -> anyhow::Result<()> {
@@ -223,7 +300,10 @@ fn handle(cli: &Cli, delivery: &Delivery<'_>) -> anyhow::Result<()> {
         stdout.flush().context("writing to stdout")?;
     }
     if cli.json {
-        emit_json(cli, &describe(transfer, &delivery.peer))?;
+        emit_json(
+            cli,
+            &describe(transfer, &delivery.peer, delivery.connection),
+        )?;
     }
     Ok(())
 }
@@ -292,23 +372,59 @@ fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves bare peers: no header, no answer. Returns after the first batch with `--once`.
-fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result<()> {
+/// Waits until `fd` is readable (`true`) or a stop was asked through `stop`
+/// by SIGINT or SIGTERM (`false`).
+fn readable_or_stopped(fd: BorrowedFd<'_>, stop: &UnixStream) -> io::Result<bool> {
     loop {
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(errno.into()),
+            Ok(_) => {}
+        }
+        let [ready, stopped] = fds;
+        if stopped.any().unwrap_or(false) {
+            return Ok(false);
+        }
+        if ready.any().unwrap_or(false) {
+            return Ok(true);
+        }
+    }
+}
+
+/// Serves bare peers: no header, no answer. Returns once stopped by a
+/// signal, or with `--once` after the first batch that delivered at least
+/// one accepted memfd.
+fn serve_bare(
+    cli: &Cli,
+    listener: &Listener,
+    required: Seals,
+    stop: &UnixStream,
+) -> anyhow::Result<()> {
+    loop {
+        if !readable_or_stopped(listener.socket(), stop)? {
+            return Ok(());
+        }
         let mut connection = match listener.accept_bare() {
             Ok(connection) => connection,
             Err(error) => {
-                tracing::warn!("{error}");
+                tracing::warn!("{}", ErrorChain(&error));
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
         loop {
+            if !readable_or_stopped(connection.socket(), stop)? {
+                return Ok(());
+            }
             let batch = match connection.receive(required) {
                 Ok(Some(batch)) => batch,
                 Ok(None) => break,
                 Err(error) => {
-                    tracing::info!("connection closed: {error}");
+                    tracing::info!("connection closed: {}", ErrorChain(&error));
                     break;
                 }
             };
@@ -316,44 +432,132 @@ fn serve_bare(cli: &Cli, listener: &Listener, required: Seals) -> anyhow::Result
             for result in batch {
                 match result {
                     Ok(segment) => accepted.push(segment),
-                    Err(error) => tracing::info!("refused {error}"),
+                    Err(error) => tracing::info!("refused a bare fd: {error}"),
                 }
             }
-            match handle_bare(cli, &accepted) {
-                Ok(()) => tracing::info!(
-                    "received {} bare memfds: {}",
-                    accepted.len(),
-                    accepted
-                        .iter()
-                        .map(|s| format!("{} ({} bytes, sealed {})", s.name(), s.size(), s.seals()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Err(error) => tracing::warn!("failed: {error:#}"),
+            if accepted.is_empty() {
+                continue;
             }
-            drop(accepted);
-            if cli.once {
-                return Ok(());
+            match handle_bare(cli, &accepted) {
+                Ok(()) => {
+                    tracing::info!(
+                        "received {}: {}",
+                        count(accepted.len(), "bare memfd"),
+                        accepted
+                            .iter()
+                            .map(|s| format!(
+                                "{} ({} bytes, sealed {})",
+                                s.name(),
+                                s.size(),
+                                s.seals()
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    if cli.once {
+                        return Ok(());
+                    }
+                }
+                Err(error) => tracing::warn!("failed: {error:#}"),
             }
         }
     }
 }
 
+/// `1 segment`, `2 segments`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A byte count as the flags take it: `8 GiB`, `512 MiB`, `4097 bytes`.
+fn bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| n >= *unit && n % unit == 0)
+        .map_or_else(
+            || format!("{n} bytes"),
+            |(unit, name)| format!("{} {name}", n / unit),
+        )
+}
+
+fn wait(limit: Option<Duration>) -> String {
+    limit.map_or_else(|| "never".to_owned(), |d| format!("{} s", d.as_secs()))
+}
+
+/// The start-up line: where, and every limit in force, in words.
+fn describe_start(cli: &Cli, policy: Policy, limits: &Limits, access: &Access) -> String {
+    let peers = if access.uids.is_empty() && access.gids.is_empty() {
+        "any peer that can open the socket".to_owned()
+    } else {
+        let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        format!(
+            "peers with uid in [{}] or gid in [{}]",
+            list(&access.uids),
+            list(&access.gids)
+        )
+    };
+    format!(
+        "listening on {} (mode {:o}); requiring seals {}{}; at most {} connections, {} per message, \
+         {} mapped per connection and {} in all; first message within {}, idle timeout {}; admitting {peers}",
+        cli.socket.display(),
+        cli.mode,
+        policy.required(),
+        if policy.refuses_sparse() {
+            ", no holes"
+        } else {
+            ""
+        },
+        limits.max_connections,
+        count(limits.max_segments, "segment"),
+        bytes(limits.max_mapped_per_connection),
+        bytes(limits.max_mapped_total),
+        wait(limits.first_message_deadline),
+        wait(limits.idle_timeout),
+    )
+}
+
+/// A usage error found after parsing: printed as clap prints its own, exit 2.
+fn usage_error(message: String) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ValueValidation, message)
+        .exit()
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(dir) = &cli.out {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Err(message) = prepare_out_dir(dir) {
+            usage_error(message);
+        }
     }
     if cli.compat {
         let mut listener = Listener::bind_compat(&cli.socket)?;
         listener.set_limits(cli.limits());
+        let (stop, stopper) = UnixStream::pair().context("creating the stop socket pair")?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::low_level::pipe::register(signal, stopper.try_clone()?)
+                .context("installing the signal handler")?;
+        }
         let required = cli.require_seals.unwrap_or(Seals::empty());
         tracing::info!(
-            "listening on {} in compat mode (SOCK_STREAM, bare fds, requiring {required})",
+            "listening on {} in compat mode (SOCK_STREAM, bare fds, requiring seals {required})",
             listener.path().display()
         );
-        return serve_bare(&cli, &listener, required);
+        serve_bare(&cli, &listener, required, &stop)?;
+        tracing::info!("stopped");
+        return Ok(());
     }
-    let policy = Policy::new(cli.require_seals.unwrap_or(Seals::RECEIVER_DEFAULT));
+    let policy = Policy::new(cli.require_seals.unwrap_or(Seals::RECEIVER_DEFAULT))
+        .with_refuse_sparse(cli.refuse_sparse);
     let mut listener = Listener::bind(&cli.socket)?;
     listener.set_policy(policy);
     listener.set_limits(cli.limits());
@@ -365,14 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         uids: cli.allow_uids.clone(),
         gids: cli.allow_gids.clone(),
     };
-    let description = format!(
-        "listening on {} (mode {:o}, requiring {}, {:?}, {:?})",
-        listener.path().display(),
-        cli.mode,
-        policy.required(),
-        listener.limits(),
-        access
-    );
+    let description = describe_start(&cli, policy, listener.limits(), &access);
     let service = Service::new(listener, access)?;
     let shutdown = service.shutdown_handle();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -21,6 +21,7 @@ pub struct RecvProcess {
     socket: PathBuf,
     idle_fds: usize,
     log: std::sync::mpsc::Receiver<String>,
+    started: String,
 }
 
 impl RecvProcess {
@@ -61,6 +62,7 @@ impl RecvProcess {
             socket,
             idle_fds: 0,
             log,
+            started: String::new(),
         };
         process.wait_until_listening();
         // Before any connection: the count the receiver returns to when idle.
@@ -69,7 +71,26 @@ impl RecvProcess {
     }
 
     fn wait_until_listening(&mut self) {
-        self.wait_for_log("listening on");
+        self.started = self.wait_for_log("listening on");
+    }
+
+    /// The log line that said the receiver listens.
+    pub fn started_line(&self) -> &str {
+        &self.started
+    }
+
+    /// Asks the receiver to stop, as an operator would (SIGTERM).
+    pub fn stop(&mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+    }
+
+    /// The log lines received so far and not yet waited for.
+    pub fn drain_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
     }
 
     /// Waits for a log line containing `text`; returns it.

@@ -1,49 +1,118 @@
 //! `sealpass-send`: put bytes into sealed memfds and hand them, in one
 //! message, to a `sealpass-recv`.
 
+use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use sealpass_proto::Seals;
-use sealpass_sender::{SealedSegment, Sender, Verdict, parse_size};
+use nix::errno::Errno;
+use sealpass_proto::{Seals, Segment, validate_transfer};
+use sealpass_sender::{SealedSegment, SendError, Sender, Verdict, parse_size};
 
 /// Hand buffers to a receiver as sealed memfds: zero copies, verified by the
 /// kernel. All segments go in one message, in the order given.
-///
-/// Exit status: 0 accepted, 3 rejected by the receiver, 2 usage error, 1 any other failure.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "sealpass-send", version, after_help = AFTER_HELP)]
 struct Cli {
     /// The receiver's socket.
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// A segment named NAME holding the bytes of the file at PATH.
-    #[arg(long = "file", value_name = "NAME=PATH")]
-    files: Vec<String>,
+    #[arg(long = "file", value_name = "NAME=PATH", value_parser = parse_file)]
+    files: Vec<(String, PathBuf)>,
     /// A segment named NAME of SIZE bytes, each BYTE (a character, or 0xNN).
     /// SIZE takes 4194304, 0x400000, 4M or 4MiB.
-    #[arg(long = "fill", value_name = "NAME=BYTE:SIZE")]
-    fills: Vec<String>,
-    /// A segment named NAME holding everything read from stdin.
-    #[arg(long = "stdin", value_name = "NAME")]
-    stdins: Vec<String>,
+    #[arg(long = "fill", value_name = "NAME=BYTE:SIZE", value_parser = parse_fill)]
+    fills: Vec<(String, u8, u64)>,
+    /// A segment named NAME holding everything read from stdin (once).
+    #[arg(long = "stdin", value_name = "NAME", value_parser = parse_name)]
+    stdin: Option<String>,
     /// Seals to apply to every segment.
     #[arg(long, value_name = "LIST", default_value = "shrink,grow,write,seal")]
     seals: Seals,
     /// Keep retrying the connection for this many seconds while the receiver starts.
-    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_seconds)]
     connect_timeout: f64,
     /// Send bare fds over SOCK_STREAM with a 256-byte zero payload and no
     /// header, for plain fd-passing receivers; no answer is awaited.
     #[arg(long)]
     compat: bool,
     /// Give up waiting for the verdict after this many seconds (0: never).
-    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_seconds)]
     answer_timeout: f64,
+}
+
+const AFTER_HELP: &str = "\
+Names: at most 249 bytes of UTF-8 without NUL, unique within the transfer;
+1 to 253 segments in all.
+
+Seal names: seal, shrink, grow, write, future_write, exec (case-insensitive),
+separated by ',' or '|'; 'none' for no seals.
+
+Exit status: 0 accepted; 3 rejected by the receiver (the reason goes to
+stderr); 2 usage error (found before any memfd is made or any connection
+opened); 1 any other failure, 'delivery unknown' included (the receiver
+vanished after the transfer was sent and before it answered).
+
+Signals: SIGINT and SIGTERM end the sender at once. A transfer already sent
+may still be delivered; its verdict is then unknown.
+
+Logs: none. RUST_LOG is not read; errors go to stderr, with a hint where one
+helps.";
+
+fn parse_name(name: &str) -> Result<String, String> {
+    sealpass_proto::message::validate_name(0, name)
+        .map(|()| name.to_owned())
+        .map_err(|error| format!("segment name {name:?}: {error}"))
+}
+
+fn split_name<'a>(spec: &'a str, expected: &str) -> Result<(String, &'a str), String> {
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("{spec:?}: expected {expected}"))?;
+    Ok((parse_name(name)?, rest))
+}
+
+fn parse_file(spec: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = split_name(spec, "NAME=PATH")?;
+    if path.is_empty() {
+        return Err(format!("{spec:?}: expected NAME=PATH, with a path"));
+    }
+    Ok((name, PathBuf::from(path)))
+}
+
+fn parse_fill(spec: &str) -> Result<(String, u8, u64), String> {
+    let (name, rest) = split_name(spec, "NAME=BYTE:SIZE")?;
+    let (byte, size) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{spec:?}: expected NAME=BYTE:SIZE"))?;
+    let size = parse_size(size).map_err(|error| format!("{spec:?}: {error}"))?;
+    Ok((name, parse_byte(byte)?, size))
+}
+
+fn parse_byte(text: &str) -> Result<u8, String> {
+    if let Some(hex) = text.strip_prefix("0x") {
+        return u8::from_str_radix(hex, 16)
+            .map_err(|_| format!("byte {text:?}: expected 0x00 to 0xff"));
+    }
+    match text.as_bytes() {
+        [byte] => Ok(*byte),
+        _ => Err(format!(
+            "byte {text:?}: expected one ASCII character or 0xNN"
+        )),
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|value| Duration::try_from_secs_f64(*value).is_ok())
+        .ok_or_else(|| format!("{text:?}: expected a number of seconds, 0 or more"))
 }
 
 enum Source {
@@ -52,24 +121,9 @@ enum Source {
     Stdin,
 }
 
-fn split_name<'a>(flag: &str, spec: &'a str) -> anyhow::Result<(&'a str, &'a str)> {
-    spec.split_once('=')
-        .with_context(|| format!("--{flag} {spec:?}: expected NAME=..."))
-}
-
-fn parse_byte(text: &str) -> anyhow::Result<u8> {
-    if let Some(hex) = text.strip_prefix("0x") {
-        return u8::from_str_radix(hex, 16)
-            .with_context(|| format!("byte {text:?}: expected 0x00 to 0xff"));
-    }
-    match text.as_bytes() {
-        [byte] => Ok(*byte),
-        _ => bail!("byte {text:?}: expected one ASCII character or 0xNN"),
-    }
-}
-
-/// The segments in command-line order, whatever flag each came from.
-fn sources(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<Vec<(usize, String, Source)>> {
+/// The segments in command-line order, whatever flag each came from, checked
+/// against the protocol's rules (count, names unique) before any is made.
+fn sources(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Source)>, String> {
     let indices = |id: &str| -> Vec<usize> {
         matches
             .indices_of(id)
@@ -77,50 +131,109 @@ fn sources(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<Vec<(usize, 
             .unwrap_or_default()
     };
     let mut sources = Vec::new();
-    for (spec, index) in cli.files.iter().zip(indices("files")) {
-        let (name, path) = split_name("file", spec)?;
-        sources.push((index, name.to_owned(), Source::File(path.into())));
+    for ((name, path), index) in cli.files.iter().zip(indices("files")) {
+        sources.push((index, name.clone(), Source::File(path.clone())));
     }
-    for (spec, index) in cli.fills.iter().zip(indices("fills")) {
-        let (name, rest) = split_name("fill", spec)?;
-        let (byte, size) = rest
-            .rsplit_once(':')
-            .with_context(|| format!("--fill {spec:?}: expected NAME=BYTE:SIZE"))?;
+    for ((name, byte, size), index) in cli.fills.iter().zip(indices("fills")) {
         let source = Source::Fill {
-            byte: parse_byte(byte)?,
-            size: parse_size(size)?,
+            byte: *byte,
+            size: *size,
         };
-        sources.push((index, name.to_owned(), source));
+        sources.push((index, name.clone(), source));
     }
-    if cli.stdins.len() > 1 {
-        bail!(
-            "--stdin given {} times; stdin can fill one segment",
-            cli.stdins.len()
-        );
-    }
-    for (name, index) in cli.stdins.iter().zip(indices("stdins")) {
-        sources.push((index, name.clone(), Source::Stdin));
+    if let (Some(name), Some(index)) = (&cli.stdin, indices("stdin").first()) {
+        sources.push((*index, name.clone(), Source::Stdin));
     }
     if sources.is_empty() {
-        bail!("nothing to send: give at least one --file, --fill or --stdin");
+        return Err("nothing to send: give at least one --file, --fill or --stdin".into());
     }
     sources.sort_by_key(|(index, _, _)| *index);
-    Ok(sources)
+    // The protocol's own rules, as the receiver will apply them.
+    let declared: Vec<Segment> = sources
+        .iter()
+        .map(|(_, name, _)| Segment::new(name.clone(), 0, Seals::empty()))
+        .collect();
+    validate_transfer(1, declared.iter()).map_err(|error| error.to_string())?;
+    Ok(sources
+        .into_iter()
+        .map(|(_, name, source)| (name, source))
+        .collect())
 }
 
-fn seconds(value: f64, flag: &str) -> anyhow::Result<Option<Duration>> {
-    if value == 0.0 {
-        return Ok(None);
-    }
+fn seconds(value: f64) -> Option<Duration> {
     Duration::try_from_secs_f64(value)
-        .map(Some)
-        .with_context(|| format!("--{flag} {value}: expected a number of seconds"))
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
-fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+/// `1 segment`, `2 segments`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// Fails before any memfd is filled when nobody can be listening at `path`,
+/// so a typo does not cost filling gigabytes first.
+fn check_socket_path(path: &Path) -> anyhow::Result<()> {
+    match fs::metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(anyhow::anyhow!(
+            "{} is not a socket; expected the socket of a running sealpass-recv",
+            path.display()
+        )),
+        Err(error) => Err(SendError::Connect {
+            path: path.to_owned(),
+            source: sealpass_proto::fdpass::TransportError::Sys {
+                op: sealpass_proto::fdpass::Op::Connect,
+                errno: Errno::from_raw(error.raw_os_error().unwrap_or(0)),
+            },
+        }
+        .into()),
+    }
+}
+
+/// What to do about a failure, where the cause suggests it.
+fn hint(error: &anyhow::Error, cli: &Cli) -> Option<String> {
+    let SendError::Connect { path, source } = error.downcast_ref::<SendError>()? else {
+        return None;
+    };
+    let path = path.display();
+    Some(match source.errno()? {
+        Errno::ENOENT => format!(
+            "no socket at {path}: start `sealpass-recv --socket {path}` first, \
+             or pass --connect-timeout SECS to wait for it"
+        ),
+        Errno::ECONNREFUSED => format!(
+            "a socket file is at {path} but nothing listens there: its receiver is gone \
+             (a new sealpass-recv replaces the stale file)"
+        ),
+        Errno::EPROTOTYPE if cli.compat => format!(
+            "the receiver at {path} speaks sealpass (SOCK_SEQPACKET), not bare fd passing: \
+             drop --compat"
+        ),
+        Errno::EPROTOTYPE => format!(
+            "the receiver at {path} listens on SOCK_STREAM: it runs in --compat mode \
+             (or is not sealpass); pass --compat to send bare fds"
+        ),
+        Errno::EACCES | Errno::EPERM => format!(
+            "permission denied at {path}: the socket's mode (sealpass-recv --mode) or a \
+             directory on its path does not admit this user"
+        ),
+        _ => return None,
+    })
+}
+
+fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    let patience = seconds(cli.connect_timeout);
+    if patience.is_none() {
+        check_socket_path(&cli.socket)?;
+    }
     let mut segments = Vec::new();
-    for (_, name, source) in sources(cli, matches)? {
+    for (name, source) in sources {
         let segment = match source {
             Source::File(path) => SealedSegment::from_file(&name, &path, cli.seals)?,
             Source::Fill { byte, size } => SealedSegment::filled(&name, byte, size, cli.seals)?,
@@ -134,26 +247,26 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     if cli.compat {
         sealpass_sender::send_bare(&cli.socket, &segments)?;
         println!(
-            "sent {} bare memfds, {bytes} bytes, no header (compat); prepared in {} us",
-            segments.len(),
+            "sent {}, {bytes} bytes, no header (compat); prepared in {} us",
+            count(segments.len(), "bare memfd"),
             prepared.as_micros()
         );
         return Ok(ExitCode::SUCCESS);
     }
 
-    let mut sender = match seconds(cli.connect_timeout, "connect-timeout")? {
+    let mut sender = match patience {
         Some(patience) => Sender::connect_with_retry(&cli.socket, patience)?,
         None => Sender::connect(&cli.socket)?,
     };
-    sender.set_answer_timeout(seconds(cli.answer_timeout, "answer-timeout")?)?;
+    sender.set_answer_timeout(seconds(cli.answer_timeout))?;
     let handoff_started = Instant::now();
     let verdict = sender.send(&segments)?;
     let handoff = handoff_started.elapsed();
     match verdict {
         Verdict::Accepted { id } => {
             println!(
-                "accepted transfer {id}: {} segments, {bytes} bytes; prepared in {} us, handed off in {} us",
-                segments.len(),
+                "accepted transfer {id}: {}, {bytes} bytes; prepared in {} us, handed off in {} us",
+                count(segments.len(), "segment"),
                 prepared.as_micros(),
                 handoff.as_micros()
             );
@@ -172,7 +285,12 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             reason,
             message,
         } => {
-            eprintln!("sealpass-send: rejected transfer {id}: {reason}: {message}");
+            let which = if id == 0 {
+                "the receiver refused the transfer".to_owned()
+            } else {
+                format!("rejected transfer {id}")
+            };
+            eprintln!("sealpass-send: {which}: {reason}: {message}");
             Ok(ExitCode::from(3))
         }
         other => {
@@ -188,10 +306,19 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
-    match run(&cli, &matches) {
+    let sources = match sources(&cli, &matches) {
+        Ok(sources) => sources,
+        Err(message) => Cli::command()
+            .error(ErrorKind::ValueValidation, message)
+            .exit(),
+    };
+    match run(&cli, sources) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("sealpass-send: error: {error:#}");
+            if let Some(hint) = hint(&error, &cli) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
