@@ -39,6 +39,8 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
         "sealpass-sender",
         "-p",
         "sealpass-receiver",
+        "--features",
+        "sealpass-sender/cli,sealpass-receiver/cli",
     ]);
     if release {
         build.arg("--release");

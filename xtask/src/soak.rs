@@ -10,10 +10,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         bail!("soak takes no arguments; got {args:?}");
     }
-    project::run(cargo().args(["build", "--release", "--bins"]))?;
+    project::run(cargo().args(["build", "--release", "--bins", "--all-features"]))?;
     project::run(cargo().env("SEALPASS_SOAK", "1").args([
         "test",
         "--release",
+        "--all-features",
         "--locked",
         "-p",
         "sealpass-receiver",

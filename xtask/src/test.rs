@@ -17,6 +17,7 @@ const STEPS: &[Step] = &[
             "clippy",
             "--workspace",
             "--all-targets",
+            "--all-features",
             "--locked",
             "--",
             "-D",
@@ -24,7 +25,7 @@ const STEPS: &[Step] = &[
         ]))
     }),
     ("tests", || {
-        project::run(cargo().args(["test", "--workspace", "--locked"]))
+        project::run(cargo().args(["test", "--workspace", "--all-features", "--locked"]))
     }),
     ("docs without warnings", || {
         project::run(cargo().env("RUSTDOCFLAGS", "-D warnings").args([

@@ -11,7 +11,9 @@ use crate::limits::{MAX_NAME_LEN, MAX_REJECT_MESSAGE_LEN, MAX_SEGMENTS};
 use crate::seals::Seals;
 
 /// One protocol message. On the wire the variant is a `u32` tag: 0, 1, 2.
+/// New kinds may come in later minor versions (PROTOCOL.md section 8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Message {
     /// Sender to receiver: the fds of this `sendmsg` are these segments, in order.
     Transfer(Transfer),
@@ -21,8 +23,10 @@ pub enum Message {
     Reject(Reject),
 }
 
-/// A message carrying one memfd per segment.
+/// A message carrying one memfd per segment. Build one with
+/// [`Transfer::new`]: newer minor versions may append fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Transfer {
     /// Chosen by the sender, unique on its connection, never 0.
     pub id: u64,
@@ -31,8 +35,9 @@ pub struct Transfer {
 }
 
 /// What a sender declares about one memfd. The receiver checks every field
-/// against what the kernel reports.
+/// against what the kernel reports. Build one with [`Segment::new`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Segment {
     /// The name given to `memfd_create`: UTF-8, at most [`MAX_NAME_LEN`] bytes, no NUL.
     pub name: String,
@@ -40,6 +45,20 @@ pub struct Segment {
     pub size: u64,
     /// Seals the memfd carries at least.
     pub seals: Seals,
+}
+
+impl Transfer {
+    /// A transfer of `segments`, one per fd, under the sender's `id`.
+    pub fn new(id: u64, segments: Vec<Segment>) -> Transfer {
+        Transfer { id, segments }
+    }
+}
+
+impl Ack {
+    /// The acknowledgement of transfer `id`.
+    pub fn new(id: u64) -> Ack {
+        Ack { id }
+    }
 }
 
 impl Segment {
@@ -54,15 +73,18 @@ impl Segment {
     }
 }
 
-/// The receiver verified and consumed transfer `id`.
+/// The receiver verified and consumed transfer `id`. Build one with
+/// [`Ack::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Ack {
     /// The id of the transfer.
     pub id: u64,
 }
 
-/// The receiver refused a transfer.
+/// The receiver refused a transfer. Build one with [`Reject::new`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Reject {
     /// The id of the refused transfer, or 0 when the message was too broken
     /// for its id to be read.
@@ -98,8 +120,9 @@ macro_rules! reject_reasons {
         /// Why a receiver refused a transfer. On the wire a `u16` code; codes
         /// are never reused. A code this version does not know decodes as
         /// [`RejectReason::Unknown`], so a newer receiver's reasons still reach
-        /// an older sender.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        /// an older sender. Reasons compare by code: `Unknown(15)` is
+        /// `MissingSeals`.
+        #[derive(Debug, Clone, Copy)]
         #[non_exhaustive]
         pub enum RejectReason {
             $($(#[doc = $doc])* $name,)*
@@ -186,6 +209,20 @@ reject_reasons! {
     /// A memfd has holes (fewer bytes allocated than its size) and the
     /// receiver refuses sparse memfds.
     Sparse = 23,
+}
+
+impl PartialEq for RejectReason {
+    fn eq(&self, other: &RejectReason) -> bool {
+        self.code() == other.code()
+    }
+}
+
+impl Eq for RejectReason {}
+
+impl std::hash::Hash for RejectReason {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.code().hash(state);
+    }
 }
 
 impl std::fmt::Display for RejectReason {
@@ -422,6 +459,11 @@ mod tests {
         }
         assert_eq!(RejectReason::from_code(999), RejectReason::Unknown(999));
         assert_eq!(RejectReason::Unknown(999).code(), 999);
+        // A known code spelled as Unknown is that reason, hash included.
+        assert_eq!(RejectReason::Unknown(15), RejectReason::MissingSeals);
+        let set: std::collections::HashSet<_> =
+            [RejectReason::Unknown(15), RejectReason::MissingSeals].into();
+        assert_eq!(set.len(), 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn segment() -> impl Strategy<Value = Segment> {
         .prop_filter("name within limit", |(name, _, _)| {
             name.len() <= MAX_NAME_LEN
         })
-        .prop_map(|(name, size, seals)| Segment { name, size, seals })
+        .prop_map(|(name, size, seals)| Segment::new(name, size, seals))
 }
 
 fn message() -> impl Strategy<Value = Message> {
@@ -29,9 +29,9 @@ fn message() -> impl Strategy<Value = Message> {
                 .into_iter()
                 .filter(|segment| seen.insert(segment.name.clone()))
                 .collect();
-            Message::Transfer(Transfer { id, segments })
+            Message::Transfer(Transfer::new(id, segments))
         }),
-        any::<u64>().prop_map(|id| Message::Ack(Ack { id })),
+        any::<u64>().prop_map(|id| Message::Ack(Ack::new(id))),
         (any::<u64>(), any::<u16>(), ".{0,80}").prop_map(|(id, code, text)| {
             Message::Reject(Reject::new(id, RejectReason::from_code(code), text))
         }),
@@ -86,7 +86,7 @@ proptest! {
         id in any::<u64>(),
         segments in prop::collection::vec(segment(), 0..8),
     ) {
-        let owned = encode(&Message::Transfer(Transfer { id, segments: segments.clone() }));
+        let owned = encode(&Message::Transfer(Transfer::new(id, segments.clone())));
         let mut borrowed = Vec::new();
         let result = sealpass_proto::codec::encode_transfer_into(id, segments.iter(), &mut borrowed);
         match owned {
@@ -103,16 +103,18 @@ proptest! {
 #[test]
 fn the_largest_transfer_encodes_and_decodes() {
     // The longest names, each unique: 246 'x' and three digits.
-    let message = Message::Transfer(Transfer {
-        id: u64::MAX,
-        segments: (0..MAX_SEGMENTS)
-            .map(|i| Segment {
-                name: format!("{}{i:03}", "x".repeat(MAX_NAME_LEN - 3)),
-                size: u64::MAX,
-                seals: Seals::all(),
+    let message = Message::Transfer(Transfer::new(
+        u64::MAX,
+        (0..MAX_SEGMENTS)
+            .map(|i| {
+                Segment::new(
+                    format!("{}{i:03}", "x".repeat(MAX_NAME_LEN - 3)),
+                    u64::MAX,
+                    Seals::all(),
+                )
             })
             .collect(),
-    });
+    ));
     let bytes = encode(&message).unwrap();
     assert_eq!(bytes.len(), 12 + 68_077);
     assert_eq!(decode(&bytes).unwrap().message, message);

@@ -14,23 +14,15 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
     vec![
         (
             "transfer",
-            Message::Transfer(Transfer {
-                id: 1,
-                segments: vec![
-                    Segment {
-                        name: "shma".into(),
-                        size: 0x40_0000,
-                        seals: Seals::SENDER_DEFAULT,
-                    },
-                    Segment {
-                        name: "shmb".into(),
-                        size: 0x40_0000,
-                        seals: Seals::SENDER_DEFAULT | Seals::EXEC,
-                    },
+            Message::Transfer(Transfer::new(
+                1,
+                vec![
+                    Segment::new("shma", 0x40_0000, Seals::SENDER_DEFAULT),
+                    Segment::new("shmb", 0x40_0000, Seals::SENDER_DEFAULT | Seals::EXEC),
                 ],
-            }),
+            )),
         ),
-        ("ack", Message::Ack(Ack { id: 1 })),
+        ("ack", Message::Ack(Ack::new(1))),
         (
             "reject",
             Message::Reject(Reject::new(

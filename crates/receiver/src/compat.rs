@@ -12,11 +12,34 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
-use sealpass_proto::verify::{BareMemfd, SegmentError, check_bare_fd};
-use sealpass_proto::{FdFacts, FileKind, Seals};
+use std::path::Path;
 
+use sealpass_proto::Seals;
+use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
+use sealpass_proto::session::unknown_fd_facts;
+use sealpass_proto::verify::{BareMemfd, SegmentError, check_bare_fd};
+
+use crate::connection::ServeError;
 use crate::inspect;
+use crate::listener::{BindError, Listener};
+
+impl Listener {
+    /// Listens at `path` on `SOCK_STREAM`, for bare fd-passing peers that
+    /// speak no sealpass header; accept them with [`Listener::accept_bare`].
+    pub fn bind_compat(path: impl AsRef<Path>) -> Result<Listener, BindError> {
+        Listener::bind_with(path.as_ref(), fdpass::listen_stream)
+    }
+
+    /// Waits for the next bare peer (on a listener from
+    /// [`Listener::bind_compat`]); its socket waits at most the idle timeout
+    /// of the listener's configuration.
+    pub fn accept_bare(&self) -> Result<BareConnection, ServeError> {
+        let socket = self.accept_socket().map_err(ServeError::Accept)?;
+        let idle = self.config().idle_timeout();
+        fdpass::set_timeouts(socket.as_fd(), idle, idle).map_err(ServeError::SetTimeout)?;
+        Ok(BareConnection::new(socket))
+    }
+}
 
 /// A failure in compat mode.
 #[derive(Debug, thiserror::Error)]
@@ -131,13 +154,7 @@ impl BareSegment {
 
 /// Judges one bare fd; on success it keeps the fd to read from.
 pub fn judge(index: usize, fd: OwnedFd, required: Seals) -> Result<BareSegment, SegmentError> {
-    let facts = inspect::facts(fd.as_fd()).unwrap_or(FdFacts {
-        kind: FileKind::Other,
-        seals: None,
-        size: 0,
-        allocated: 0,
-        link: Vec::new(),
-    });
+    let facts = inspect::facts(fd.as_fd()).unwrap_or_else(|_| unknown_fd_facts());
     let memfd = check_bare_fd(index, &facts, required)?;
     Ok(BareSegment {
         memfd,

@@ -27,7 +27,20 @@ pub fn facts(fd: BorrowedFd<'_>) -> Result<FdFacts, Errno> {
 ///
 /// Seals are read before the size: once SHRINK and GROW are seen set, the
 /// size read after them cannot change any more.
-pub fn facts_reusing(fd: BorrowedFd<'_>, mut link: Vec<u8>) -> Result<FdFacts, Errno> {
+pub fn facts_reusing(fd: BorrowedFd<'_>, link: Vec<u8>) -> Result<FdFacts, Errno> {
+    let mut facts = FdFacts {
+        kind: FileKind::Other,
+        seals: None,
+        size: 0,
+        allocated: 0,
+        link,
+    };
+    facts_into(fd, &mut facts)?;
+    Ok(facts)
+}
+
+/// [`facts`], written into `facts` (its link buffer reused).
+pub fn facts_into(fd: BorrowedFd<'_>, facts: &mut FdFacts) -> Result<(), Errno> {
     // EINVAL: the file does not support sealing, so it is no memfd.
     let seals = fcntl(fd, FcntlArg::F_GET_SEALS)
         .ok()
@@ -43,18 +56,15 @@ pub fn facts_reusing(fd: BorrowedFd<'_>, mut link: Vec<u8>) -> Result<FdFacts, E
         SFlag::S_IFLNK => FileKind::Symlink,
         _ => FileKind::Other,
     };
-    link.clear();
-    read_fd_link(fd, &mut link)?;
-    Ok(FdFacts {
-        kind,
-        seals,
-        size: u64::try_from(stat.st_size).unwrap_or(0),
-        // st_blocks counts 512-byte units whatever the file system's block size.
-        allocated: u64::try_from(stat.st_blocks)
-            .unwrap_or(0)
-            .saturating_mul(512),
-        link,
-    })
+    facts.kind = kind;
+    facts.seals = seals;
+    facts.size = u64::try_from(stat.st_size).unwrap_or(0);
+    // st_blocks counts 512-byte units whatever the file system's block size.
+    facts.allocated = u64::try_from(stat.st_blocks)
+        .unwrap_or(0)
+        .saturating_mul(512);
+    facts.link.clear();
+    read_fd_link(fd, &mut facts.link)
 }
 
 /// `/proc/self/fd`, opened by this process (`pid`): after a `fork` it would

@@ -25,17 +25,21 @@
 //! ```
 
 pub mod compat;
+mod connection;
 pub mod inspect;
-pub mod limits;
+mod listener;
 mod mapping;
-pub mod server;
 pub mod service;
+mod transfer;
 
-pub use limits::Limits;
-pub use server::{
-    BindError, Connection, Listener, Outcome, ServeError, VerifiedSegment, VerifiedTransfer,
+pub use connection::{AnswerError, Connection, Event, Outcome, ServeError};
+pub use listener::{BindError, Listener};
+pub use sealpass_proto::fdpass::PeerCredentials;
+pub use sealpass_proto::{
+    Access, Config, ConfigBuilder, ConfigError, MappedBudget, RejectReason, Seals, Version,
 };
-pub use service::{Access, Delivery, Service, ServiceStats, ShutdownHandle};
+pub use service::{Delivery, Service, ServiceStats, ShutdownHandle};
+pub use transfer::{IncomingTransfer, Responder, VerifiedSegment};
 
 /// Displays an error and each of its sources, `: `-separated. Every error of
 /// sealpass says only what failed at its own level and returns the cause as

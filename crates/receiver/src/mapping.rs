@@ -6,20 +6,24 @@ use std::os::fd::BorrowedFd;
 
 use memmap2::{Mmap, MmapOptions};
 use nix::errno::Errno;
+use sealpass_proto::session::Grant;
 
-/// Maps `size` bytes of a memfd read-only; `None` for size 0, which mmap refuses.
+/// Maps a verified memfd read-only, `grant.size()` bytes; `None` for size 0,
+/// which mmap refuses.
 ///
-/// The caller must have verified, through the kernel, that the memfd is
-/// `size` bytes long and carries `F_SEAL_SHRINK` and `F_SEAL_WRITE`
-/// ([`sealpass_proto::Seals::MAPPING_FLOOR`], which every policy includes).
+/// The [`Grant`] is the proof: only `Session::judge` makes one, after the
+/// kernel reported that the memfd is that size and carries `F_SEAL_SHRINK`
+/// and `F_SEAL_WRITE` ([`sealpass_proto::Seals::MAPPING_FLOOR`], which every
+/// policy includes). `fd` must be the fd the grant was judged for.
 /// With `populate`, the kernel faults every page in during the `mmap` call
 /// (`MAP_POPULATE`): one batch instead of a fault per 4 KiB page on first
 /// touch, for readers that read every byte.
 pub(crate) fn map_verified(
     fd: BorrowedFd<'_>,
-    size: u64,
+    grant: &Grant,
     populate: bool,
 ) -> io::Result<Option<Mmap>> {
+    let size = grant.size();
     if size == 0 {
         return Ok(None);
     }

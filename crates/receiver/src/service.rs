@@ -22,32 +22,16 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_proto::fdpass::{self, PeerCredentials};
-use sealpass_proto::{Message, Policy, Reject, RejectReason, encode};
+use sealpass_proto::session::admit;
+use sealpass_proto::{Config, MappedBudget, Message, Reject, RejectReason, encode};
 
-use crate::limits::{Limits, MappedBudget};
-use crate::server::{Connection, Listener, Outcome, ServeError, VerifiedTransfer};
-
-/// Who may connect. Empty lists allow everyone; otherwise a peer is allowed
-/// if its uid or its gid is listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Access {
-    /// Allowed user ids.
-    pub uids: Vec<u32>,
-    /// Allowed group ids.
-    pub gids: Vec<u32>,
-}
-
-impl Access {
-    /// Whether `peer` may connect.
-    pub fn allows(&self, peer: &PeerCredentials) -> bool {
-        (self.uids.is_empty() && self.gids.is_empty())
-            || self.uids.contains(&peer.uid)
-            || self.gids.contains(&peer.gid)
-    }
-}
+use crate::connection::{Connection, Outcome, ServeError};
+use crate::listener::Listener;
+use crate::transfer::IncomingTransfer;
 
 /// A verified transfer and who sent it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Delivery<'a> {
     /// The sender, as the kernel recorded it at `connect`.
     pub peer: PeerCredentials,
@@ -56,7 +40,7 @@ pub struct Delivery<'a> {
     /// for the life of the service: ids are only unique per connection.
     pub connection: u64,
     /// The transfer, mapped read-only.
-    pub transfer: &'a VerifiedTransfer,
+    pub transfer: &'a IncomingTransfer,
 }
 
 /// Stops a running [`Service`]: it stops accepting, lets every connection
@@ -82,6 +66,7 @@ impl ShutdownHandle {
 
 /// What a service did, for logs and tests.
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct ServiceStats {
     /// Connections being served now.
     pub active_connections: AtomicUsize,
@@ -93,8 +78,7 @@ pub struct ServiceStats {
 
 /// The state shared by the accept loop and the connection threads.
 struct Shared<H> {
-    policy: Policy,
-    limits: Limits,
+    config: Arc<Config>,
     budget: Arc<MappedBudget>,
     handler: H,
     stats: Arc<ServiceStats>,
@@ -148,7 +132,6 @@ impl<H> Drop for Slot<H> {
 #[derive(Debug)]
 pub struct Service {
     listener: Listener,
-    access: Access,
     budget: Arc<MappedBudget>,
     stats: Arc<ServiceStats>,
     wake_reader: UnixStream,
@@ -162,19 +145,24 @@ fn reserve() -> Option<File> {
     File::open("/dev/null").ok()
 }
 
-/// Answers a connection we will not serve, then closes it so that the peer
-/// reads the `Reject` before the end of the connection.
-fn refuse(socket: OwnedFd, reason: RejectReason, message: impl Display, stats: &ServiceStats) {
+/// Answers a connection the service will not serve, then closes it so that
+/// the peer reads the `Reject` before the end of the connection.
+fn refuse(socket: OwnedFd, reject: Reject, stats: &ServiceStats) {
     stats.rejected.fetch_add(1, Ordering::Relaxed);
     let _ = fdpass::set_timeouts(socket.as_fd(), None, Some(Duration::from_secs(1)));
-    if let Ok(bytes) = encode(&Message::Reject(Reject::new(
-        0,
-        reason,
-        message.to_string(),
-    ))) {
+    if let Ok(bytes) = encode(&Message::Reject(reject)) {
         let _ = fdpass::send(socket.as_fd(), &bytes, &[]);
     }
     fdpass::close_after_answer(socket.as_fd(), REFUSED_DISCARD);
+}
+
+/// The refusal of a connection the service has no fd to spare for.
+fn out_of_fds() -> Reject {
+    Reject::new(
+        0,
+        RejectReason::ResourceExhausted,
+        "the receiver is out of file descriptors; try again later",
+    )
 }
 
 /// Most messages a refused peer already queued that are discarded before
@@ -182,15 +170,15 @@ fn refuse(socket: OwnedFd, reason: RejectReason, message: impl Display, stats: &
 const REFUSED_DISCARD: usize = 16;
 
 impl Service {
-    /// A service on `listener`, which supplies the policy and the limits.
-    pub fn new(listener: Listener, access: Access) -> io::Result<Service> {
+    /// A service on `listener`, whose [`Config`] supplies the policy, the
+    /// limits and who may connect.
+    pub fn new(listener: Listener) -> io::Result<Service> {
         let (wake_reader, writer) = UnixStream::pair()?;
         writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
-        let budget = MappedBudget::new(listener.limits().max_mapped_total);
+        let budget = MappedBudget::new(listener.config().max_mapped_total());
         Ok(Service {
             listener,
-            access,
             budget,
             stats: Arc::default(),
             wake_reader,
@@ -226,8 +214,7 @@ impl Service {
         E: Display,
     {
         let shared = Arc::new(Shared {
-            policy: self.listener.policy(),
-            limits: self.listener.limits().clone(),
+            config: self.listener.shared_config(),
             budget: Arc::clone(&self.budget),
             handler,
             stats: Arc::clone(&self.stats),
@@ -237,7 +224,7 @@ impl Service {
         let mut next_connection = 0u64;
         loop {
             let mut fds = [
-                PollFd::new(self.listener.socket(), PollFlags::POLLIN),
+                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.wake_reader.as_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
@@ -287,12 +274,7 @@ impl Service {
                 self.reserve_fd = None;
                 if let Ok(socket) = self.listener.accept_socket() {
                     tracing::warn!("out of file descriptors: refusing a connection");
-                    refuse(
-                        socket,
-                        RejectReason::ResourceExhausted,
-                        "the receiver is out of file descriptors; try again later",
-                        &self.stats,
-                    );
+                    refuse(socket, out_of_fds(), &self.stats);
                 }
                 self.reserve_fd = reserve();
                 // Let connections finish and free fds before trying again.
@@ -316,47 +298,20 @@ impl Service {
         H: Fn(&Delivery<'_>) -> Result<(), E> + Send + Sync + 'static,
         E: Display,
     {
-        let peer = match fdpass::peer_credentials(socket.as_fd()) {
-            Ok(peer) => peer,
-            Err(error) => {
-                tracing::warn!("peer credentials unavailable, refusing: {error}");
-                return refuse(
-                    socket,
-                    RejectReason::NotAllowed,
-                    "peer credentials unavailable",
-                    &self.stats,
-                );
-            }
-        };
-        if !self.access.allows(&peer) {
-            tracing::info!(%peer, verdict = "NotAllowed", "refused connection");
-            return refuse(
-                socket,
-                RejectReason::NotAllowed,
-                format_args!("{peer} is not allowed to send to this receiver"),
-                &self.stats,
-            );
-        }
+        let peer = fdpass::peer_credentials(socket.as_fd())
+            .inspect_err(|error| tracing::warn!("peer credentials unavailable: {error}"))
+            .ok();
         let active = shared.stats.active_connections.load(Ordering::Acquire);
-        if active >= shared.limits.max_connections {
-            tracing::info!(%peer, verdict = "TooManyConnections", "refused connection");
-            return refuse(
-                socket,
-                RejectReason::TooManyConnections,
-                format_args!(
-                    "the receiver serves its limit of {} connections; try again later",
-                    shared.limits.max_connections
-                ),
-                &self.stats,
-            );
+        if let Err(reject) = admit(&shared.config, peer.as_ref(), active) {
+            let who = peer.map_or_else(|| "an unknown peer".to_owned(), |peer| peer.to_string());
+            tracing::info!(peer = %who, verdict = %reject.reason, "refused connection: {}", reject.message);
+            return refuse(socket, reject, &self.stats);
         }
+        let Some(peer) = peer else {
+            return refuse(socket, out_of_fds(), &self.stats);
+        };
         let Ok(duplicate) = socket.try_clone() else {
-            return refuse(
-                socket,
-                RejectReason::ResourceExhausted,
-                "the receiver is out of file descriptors",
-                &self.stats,
-            );
+            return refuse(socket, out_of_fds(), &self.stats);
         };
         let slot = Slot::take(shared, number, duplicate);
         let spawned = std::thread::Builder::new()
@@ -403,13 +358,18 @@ where
     H: Fn(&Delivery<'_>) -> Result<(), E>,
     E: Display,
 {
-    let mut connection = Connection::new(socket, shared.policy);
-    if let Err(error) =
-        connection.set_limits(shared.limits.clone(), Some(Arc::clone(&shared.budget)))
-    {
-        tracing::warn!(%peer, "cannot set socket timeouts: {error}");
-        return;
-    }
+    let mut connection = match Connection::serving(
+        socket,
+        Arc::clone(&shared.config),
+        Some(Arc::clone(&shared.budget)),
+        Some(peer),
+    ) {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::warn!(%peer, "cannot serve the connection: {}", crate::ErrorChain(&error));
+            return;
+        }
+    };
     tracing::debug!(%peer, "connected");
     while connection.is_open() {
         let started = Instant::now();

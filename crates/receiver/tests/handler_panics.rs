@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sealpass_proto::{RejectReason, Seals};
-use sealpass_receiver::{Access, Limits, Listener, Service};
+use sealpass_receiver::{Config, Listener, Service};
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 
 fn segment() -> SealedSegment {
@@ -28,11 +28,8 @@ fn a_panicking_handler_costs_neither_an_answer_nor_a_slot() {
     let socket = dir.path().join("panics.sock");
     let mut listener = Listener::bind(&socket).unwrap();
     // One slot: had the panic leaked it, the next peer would be refused.
-    listener.set_limits(Limits {
-        max_connections: 1,
-        ..Limits::default()
-    });
-    let service = Service::new(listener, Access::default()).unwrap();
+    listener.set_config(Config::builder().max_connections(1).build().unwrap());
+    let service = Service::new(listener).unwrap();
     let stats = service.stats();
     let shutdown = service.shutdown_handle();
     let panicked = Arc::new(AtomicBool::new(false));

@@ -34,15 +34,11 @@ fn memfd(name: &str, size: i64, seals: Seals) -> OwnedFd {
 }
 
 fn segment(name: &str, size: u64) -> Segment {
-    Segment {
-        name: name.into(),
-        size,
-        seals: SEALED,
-    }
+    Segment::new(name, size, SEALED)
 }
 
 fn transfer(segments: Vec<Segment>) -> Vec<u8> {
-    encode(&Message::Transfer(Transfer { id: 9, segments })).unwrap()
+    encode(&Message::Transfer(Transfer::new(9, segments))).unwrap()
 }
 
 fn one_segment() -> Vec<u8> {
@@ -91,7 +87,7 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
     let (socket_a, _socket_b) = fdpass::pair().unwrap();
     let disk_file = scratch.join("regular-file");
     std::fs::write(&disk_file, vec![0u8; 4096]).unwrap();
-    let ack = encode(&Message::Ack(Ack { id: 9 })).unwrap();
+    let ack = encode(&Message::Ack(Ack::new(9))).unwrap();
     let mut newer_minor_extra = one_segment();
     newer_minor_extra.push(0);
     newer_minor_extra[8] += 1;
@@ -186,10 +182,7 @@ fn cases(scratch: &std::path::Path) -> Vec<Case> {
         ),
         case(
             "a memfd without SHRINK",
-            transfer(vec![Segment {
-                seals: Seals::WRITE,
-                ..segment("seg", 4096)
-            }]),
+            transfer(vec![Segment::new("seg", 4096, Seals::WRITE)]),
             vec![memfd("seg", 4096, Seals::WRITE | Seals::GROW)],
             MissingSeals,
         ),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sealpass_proto::fdpass;
 use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode};
-use sealpass_receiver::{Access, Limits, Listener, Service};
+use sealpass_receiver::{Config, Listener, MappedBudget, Service};
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 
 /// These tests count this process's fds and mappings, so they run one at a time.
@@ -53,17 +53,17 @@ struct Running {
     socket: std::path::PathBuf,
     seen: Arc<Mutex<Vec<String>>>,
     shutdown: sealpass_receiver::ShutdownHandle,
-    budget: Arc<sealpass_receiver::limits::MappedBudget>,
+    budget: Arc<MappedBudget>,
     thread: thread::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
-fn start(limits: Limits) -> Running {
+fn start(config: Config) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("load.sock");
     let mut listener = Listener::bind(&socket).unwrap();
-    listener.set_limits(limits);
-    let service = Service::new(listener, Access::default()).unwrap();
+    listener.set_config(config);
+    let service = Service::new(listener).unwrap();
     let shutdown = service.shutdown_handle();
     let budget = service.mapped_budget();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -167,7 +167,7 @@ fn concurrent_senders_every_message_answered_nothing_lost_nothing_duplicated() {
     let _serial = serial();
     let (senders, messages) = if soak() { (64, 2000) } else { (64, 200) };
     let fds_before = open_fds();
-    let running = start(Limits::default());
+    let running = start(Config::default());
     let socket = running.socket.clone();
     let acknowledged = valid_senders(&socket, senders, messages);
     let seen = running.stop();
@@ -203,10 +203,10 @@ fn hostile_peer(socket: &Path, kind: usize, start: &Barrier) {
         1 => {
             thread::sleep(Duration::from_millis(300));
             let segment = SealedSegment::filled("slow", b'x', 10, Seals::SENDER_DEFAULT).unwrap();
-            let bytes = encode(&Message::Transfer(Transfer {
-                id: 1,
-                segments: vec![segment.declaration().clone()],
-            }))
+            let bytes = encode(&Message::Transfer(Transfer::new(
+                1,
+                vec![segment.declaration().clone()],
+            )))
             .unwrap();
             fdpass::send(connection.as_fd(), &bytes, &[segment.fd()]).unwrap();
             assert!(answer().unwrap().len > 0);
@@ -221,14 +221,10 @@ fn hostile_peer(socket: &Path, kind: usize, start: &Barrier) {
         // Fd flood: 253 pipes behind a one-segment header.
         3 => {
             let (read, _write) = nix::unistd::pipe().unwrap();
-            let header = encode(&Message::Transfer(Transfer {
-                id: 1,
-                segments: vec![Segment {
-                    name: "flood".into(),
-                    size: 1,
-                    seals: Seals::SENDER_DEFAULT,
-                }],
-            }))
+            let header = encode(&Message::Transfer(Transfer::new(
+                1,
+                vec![Segment::new("flood", 1, Seals::SENDER_DEFAULT)],
+            )))
             .unwrap();
             for _ in 0..20 {
                 fdpass::send(connection.as_fd(), &header, &vec![read.as_fd(); 253]).unwrap();
@@ -258,11 +254,12 @@ fn hostile_peers_delay_no_valid_sender() {
         (64, 200, 20)
     };
     let fds_before = open_fds();
-    let running = start(Limits {
-        first_message_deadline: Some(Duration::from_secs(2)),
-        idle_timeout: Some(Duration::from_secs(2)),
-        ..Limits::default()
-    });
+    let running = start(
+        Config::builder()
+            .timeouts(Some(Duration::from_secs(2)))
+            .build()
+            .unwrap(),
+    );
     let socket = running.socket.clone();
     let start_line = Arc::new(Barrier::new(hostile));
     let hostiles: Vec<_> = (0..hostile)
@@ -289,10 +286,7 @@ fn hostile_peers_delay_no_valid_sender() {
 #[test]
 fn the_mapped_bytes_budget_is_shared_and_given_back() {
     let _serial = serial();
-    let running = start(Limits {
-        max_mapped_total: 1 << 20,
-        ..Limits::default()
-    });
+    let running = start(Config::builder().max_mapped_total(1 << 20).build().unwrap());
     let mut sender = Sender::connect(&running.socket).unwrap();
     let big = SealedSegment::filled("c-big", b'x', 2 << 20, Seals::SENDER_DEFAULT).unwrap();
     match sender.send(&[big]).unwrap() {

@@ -202,10 +202,10 @@ fn sigterm_answers_what_was_sent_removes_the_socket_and_exits_0() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let memfd = segment("in-flight", 4096);
-    let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
-        id: 1,
-        segments: vec![memfd.declaration().clone()],
-    }))
+    let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer::new(
+        1,
+        vec![memfd.declaration().clone()],
+    )))
     .unwrap();
     fdpass::send(connection.as_fd(), &header, &[memfd.fd()]).unwrap();
     signal(&mut receiver, Signal::SIGTERM);
@@ -281,10 +281,10 @@ fn when_fds_run_short_new_work_is_refused_cleanly_and_service_recovers() {
     // A transfer with more fds than are left: refused, not a crash.
     if let Some(connection) = held.last() {
         let segments: Vec<_> = (0..40).map(|i| segment(&format!("f{i}"), 1)).collect();
-        let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer {
-            id: 1,
-            segments: segments.iter().map(|s| s.declaration().clone()).collect(),
-        }))
+        let header = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer::new(
+            1,
+            segments.iter().map(|s| s.declaration().clone()).collect(),
+        )))
         .unwrap();
         let fds: Vec<_> = segments.iter().map(SealedSegment::fd).collect();
         fdpass::send(connection.as_fd(), &header, &fds).unwrap();

@@ -10,13 +10,15 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_proto::fdpass::{self, ControlBuffer, Op, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, codec, decode};
+use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, Seals, codec, decode};
 
 use crate::memfd::SealedSegment;
 
-/// What the receiver answered.
+/// What the receiver answered. A `Rejected` verdict is no error of the
+/// call: ignoring it would ignore a refusal, hence `#[must_use]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "a Verdict may be a rejection"]
 pub enum Verdict {
     /// `Ack`: every segment was verified and consumed.
     Accepted {
@@ -56,6 +58,9 @@ pub enum SendError {
     /// Setting the socket's answer timeout failed.
     #[error("setting the answer timeout failed")]
     SetTimeout(#[source] TransportError),
+    /// Making a segment failed.
+    #[error("making the segment failed")]
+    Segment(#[from] crate::memfd::SegmentError),
     /// The transfer breaks a protocol rule.
     #[error("the transfer breaks a protocol rule")]
     Encode(#[from] EncodeError),
@@ -120,29 +125,40 @@ pub enum SendError {
     NothingInFlight,
 }
 
-/// The filler bytes a bare send carries: plain fd-passing receivers read a
-/// fixed-size payload beside the fds.
-pub const BARE_PAYLOAD_LEN: usize = 256;
-
-/// Sends `segments` the way plain fd-passing programs do, for receivers that
-/// speak no sealpass (compat mode): over `SOCK_STREAM`, with
-/// [`BARE_PAYLOAD_LEN`] zero bytes and no header, and no answer awaited.
-/// Each memfd's file offset is 0, so a receiver that `read()`s it gets the
-/// bytes from the start.
-pub fn send_bare(path: impl AsRef<Path>, segments: &[SealedSegment]) -> Result<(), SendError> {
-    let path = path.as_ref();
-    let socket = fdpass::connect_stream(path).map_err(|source| connect_error(path, source))?;
-    let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();
-    fdpass::send(socket.as_fd(), &[0; BARE_PAYLOAD_LEN], &fds).map_err(SendError::Send)
-}
-
 /// Whether a send failed because the receiver closed the connection (or
 /// stopped reading): answers it sent before may still be queued.
 fn closed_by_peer(error: &TransportError) -> bool {
     matches!(error.errno(), Some(Errno::EPIPE | Errno::ECONNRESET))
 }
 
-fn connect_error(path: &Path, source: TransportError) -> SendError {
+impl AsFd for Sender {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// Sends one buffer in one call: copies `bytes` into a memfd named `name`,
+/// seals it ([`Seals::SENDER_DEFAULT`]), connects to the receiver at
+/// `socket`, hands it over and waits for the verdict.
+///
+/// ```no_run
+/// # fn main() -> Result<(), sealpass_sender::SendError> {
+/// let frame = vec![0x80u8; 1 << 20];
+/// let verdict = sealpass_sender::send_bytes("/run/user/1000/sealpass.sock", "frame", &frame)?;
+/// assert!(verdict.is_accepted(), "{verdict:?}");
+/// # Ok(())
+/// # }
+/// ```
+pub fn send_bytes(
+    socket: impl AsRef<Path>,
+    name: &str,
+    bytes: &[u8],
+) -> Result<Verdict, SendError> {
+    let segment = SealedSegment::from_bytes(name, bytes, Seals::SENDER_DEFAULT)?;
+    Sender::connect(socket)?.send(&[segment])
+}
+
+pub(crate) fn connect_error(path: &Path, source: TransportError) -> SendError {
     SendError::Connect {
         path: path.to_owned(),
         source,
@@ -233,11 +249,6 @@ impl Sender {
         fdpass::set_timeouts(self.socket.as_fd(), timeout, None).map_err(SendError::SetTimeout)?;
         self.answer_timeout = timeout;
         Ok(())
-    }
-
-    /// The socket.
-    pub fn socket(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
     }
 
     /// Transfers submitted whose verdict has not been taken yet.

@@ -2,8 +2,7 @@
 //! them to a receiver in one message.
 //!
 //! ```no_run
-//! use sealpass_sender::{SealedSegment, Sender, Verdict};
-//! use sealpass_proto::Seals;
+//! use sealpass_sender::{Seals, SealedSegment, Sender, Verdict};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let frame = SealedSegment::with_mapping("frame-0001", 4 << 20, Seals::SENDER_DEFAULT, |pixels| {
@@ -23,11 +22,14 @@
 //! ```
 
 pub mod client;
+pub mod compat;
 pub mod memfd;
 
-pub use client::{BARE_PAYLOAD_LEN, SendError, Sender, Verdict, send_bare};
+pub use client::{SendError, Sender, Verdict, send_bytes};
+pub use compat::{BARE_PAYLOAD_LEN, send_bare};
 pub use memfd::{SealedSegment, SegmentError};
 pub use sealpass_proto::size::{ParseSizeError, parse_size};
+pub use sealpass_proto::{RejectReason, Seals};
 
 /// The README's example is compiled and run as a test of this crate.
 #[cfg(doctest)]

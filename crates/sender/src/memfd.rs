@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -85,6 +85,22 @@ pub enum SegmentError {
         /// What the fill function returned.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// An fd handed in is not a memfd (no seals, or not a memfd's link).
+    #[error("the fd is not a memfd: {found}")]
+    NotMemfd {
+        /// What it is, as far as the kernel says.
+        found: String,
+    },
+    /// An fd handed in lacks seals it must carry.
+    #[error("memfd {name:?} is sealed {found}; missing {missing}")]
+    NotSealed {
+        /// Its name.
+        name: String,
+        /// Its seals.
+        found: Seals,
+        /// The seals required but absent.
+        missing: Seals,
+    },
     /// `F_ADD_SEALS` or `F_GET_SEALS` failed.
     #[error("segment {name:?}: sealing with {seals} failed: {errno}")]
     Seal {
@@ -103,6 +119,29 @@ pub struct SealedSegment {
     /// What the header declares: the name, the size, the seals the kernel holds.
     declared: Segment,
     fd: OwnedFd,
+}
+
+/// The name, size and seals of a memfd, from the kernel: its link
+/// (`/memfd:NAME (deleted)`), `fstat` and `F_GET_SEALS`.
+fn sealed_facts(fd: BorrowedFd<'_>) -> Result<(String, u64, Seals), SegmentError> {
+    let not_memfd = |found: String| SegmentError::NotMemfd { found };
+    let seals = fcntl(fd, FcntlArg::F_GET_SEALS)
+        .map_err(|errno| not_memfd(format!("F_GET_SEALS failed: {errno}")))?;
+    let size = nix::sys::stat::fstat(fd)
+        .map_err(|errno| not_memfd(format!("fstat failed: {errno}")))?
+        .st_size;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|error| not_memfd(format!("reading its link failed: {error}")))?;
+    let link = link.to_string_lossy();
+    let name = link
+        .strip_prefix("/memfd:")
+        .and_then(|rest| rest.strip_suffix(" (deleted)"))
+        .ok_or_else(|| not_memfd(link.to_string()))?;
+    Ok((
+        name.to_owned(),
+        u64::try_from(size).unwrap_or(0),
+        Seals::from_bits_retain(seals as u32),
+    ))
 }
 
 /// Whether the kernel took `MFD_NOEXEC_SEAL` (Linux 6.3+); cleared at the
@@ -224,7 +263,12 @@ impl SealedSegment {
 
     /// A segment holding the bytes of the file at `path`, copied in the
     /// kernel (`copy_file_range`), never through the heap whole.
-    pub fn from_file(name: &str, path: &Path, seals: Seals) -> Result<Self, SegmentError> {
+    pub fn from_file(
+        name: &str,
+        path: impl AsRef<Path>,
+        seals: Seals,
+    ) -> Result<Self, SegmentError> {
+        let path = path.as_ref();
         let mut source = File::open(path).map_err(|source| SegmentError::Open {
             path: path.to_owned(),
             source,
@@ -246,7 +290,29 @@ impl SealedSegment {
         let actual = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(seal_error)?;
         let seals = Seals::from_bits_retain(actual as u32);
         Ok(SealedSegment {
-            declared: Segment { name, size, seals },
+            declared: Segment::new(name, size, seals),
+            fd,
+        })
+    }
+
+    /// A segment from a memfd that is sealed already, such as one received
+    /// from another process (`VerifiedSegment::into_fd` in
+    /// `sealpass-receiver`), to forward it without touching its bytes. Its
+    /// name, size and seals are read from the kernel; its seals must include
+    /// `required` (the receiver will check them anyway).
+    pub fn from_sealed_fd(fd: OwnedFd, required: Seals) -> Result<Self, SegmentError> {
+        let facts = sealed_facts(fd.as_fd())?;
+        let (name, size, seals) = facts;
+        let missing = required - seals;
+        if !missing.is_empty() {
+            return Err(SegmentError::NotSealed {
+                name,
+                found: seals,
+                missing,
+            });
+        }
+        Ok(SealedSegment {
+            declared: Segment::new(name, size, seals),
             fd,
         })
     }
@@ -279,6 +345,12 @@ impl SealedSegment {
     /// Gives up the memfd.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
+    }
+}
+
+impl AsFd for SealedSegment {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

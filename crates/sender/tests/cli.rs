@@ -16,7 +16,7 @@ use sealpass_proto::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use std::os::fd::AsFd;
 
-use sealpass_proto::{Message, Policy, Reject, RejectReason, Seals, encode};
+use sealpass_proto::{Message, Reject, RejectReason, Seals, encode};
 use sealpass_receiver::{Listener, Outcome};
 
 /// What the receiver saw of one segment.
@@ -28,9 +28,8 @@ struct Seen {
 }
 
 /// Serves one connection at `socket` under `policy`, reporting what arrived.
-fn receiver(socket: &Path, policy: Policy) -> mpsc::Receiver<(Outcome, Vec<Seen>)> {
-    let mut listener = Listener::bind(socket).unwrap();
-    listener.set_policy(policy);
+fn receiver(socket: &Path) -> mpsc::Receiver<(Outcome, Vec<Seen>)> {
+    let listener = Listener::bind(socket).unwrap();
     let (report, reports) = mpsc::channel();
     thread::spawn(move || {
         let mut connection = listener.accept().unwrap();
@@ -80,7 +79,7 @@ fn a_64_mib_file_arrives_byte_for_byte_with_every_source_in_order() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&file, &content).unwrap();
-    let reports = receiver(&socket, Policy::default());
+    let reports = receiver(&socket);
 
     let file_spec = format!("big={}", file.display());
     let output = send(
@@ -134,7 +133,7 @@ fn a_64_mib_file_arrives_byte_for_byte_with_every_source_in_order() {
 #[test]
 fn a_rejection_exits_3_with_the_reason() {
     let (_dir, socket) = scratch();
-    let reports = receiver(&socket, Policy::default());
+    let reports = receiver(&socket);
     let output = send(
         &socket,
         &["--fill", "a=A:4K", "--seals", "shrink,grow"],
@@ -239,7 +238,7 @@ fn connection_errors_name_the_socket_once_and_hint_at_the_fix() {
     assert_eq!(stderr, expected);
 
     // With a receiver there, a source that cannot be read is the error.
-    let _reports = receiver(&socket, Policy::default());
+    let _reports = receiver(&socket);
     check_failure_at(
         &socket,
         &["--file", "f=/nonexistent/file"],
@@ -319,7 +318,7 @@ fn connect_timeout_waits_for_a_receiver_that_starts_late() {
     let late = socket.clone();
     let starter = thread::spawn(move || {
         thread::sleep(std::time::Duration::from_millis(400));
-        receiver(&late, Policy::default())
+        receiver(&late)
     });
     let output = send(
         &socket,
@@ -406,7 +405,7 @@ fn version_help_and_summary_read_well() {
         );
     }
     let (_dir, socket) = scratch();
-    let _reports = receiver(&socket, Policy::default());
+    let _reports = receiver(&socket);
     let output = send(&socket, &["--fill", "one=A:1"], b"");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(

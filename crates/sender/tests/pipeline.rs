@@ -170,7 +170,7 @@ fn an_answer_out_of_order_is_an_error_not_a_verdict() {
         for _ in 0..2 {
             fdpass::receive(connection.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap();
         }
-        let ack = |id| codec::encode(&Message::Ack(Ack { id })).unwrap();
+        let ack = |id| codec::encode(&Message::Ack(Ack::new(id))).unwrap();
         fdpass::send(connection.as_fd(), &ack(2), &[]).unwrap();
         // The sender may already have failed on the first answer and closed
         // (EPIPE): this one only has to be there if it reads on.

@@ -35,15 +35,11 @@ pub fn memfd(name: &str, size: u64, seals: Seals) -> Fallible<OwnedFd> {
 pub const SEALED: Seals = Seals::SENDER_DEFAULT;
 
 pub fn segment(name: &str, size: u64, seals: Seals) -> Segment {
-    Segment {
-        name: name.to_owned(),
-        size,
-        seals,
-    }
+    Segment::new(name.to_owned(), size, seals)
 }
 
 pub fn transfer_bytes(id: u64, segments: Vec<Segment>) -> Fallible<Vec<u8>> {
-    encode(&Message::Transfer(Transfer { id, segments })).map_err(|e| e.to_string())
+    encode(&Message::Transfer(Transfer::new(id, segments))).map_err(|e| e.to_string())
 }
 
 /// A transfer with one sealed memfd per `(name, size)`, declared truthfully.

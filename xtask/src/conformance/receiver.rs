@@ -661,7 +661,7 @@ fn cases(scratch: &Path) -> Vec<(String, Script)> {
             "malformed/ack-sent-to-the-receiver".into(),
             probe(|| {
                 Ok(Probe {
-                    payload: encode(&Message::Ack(Ack { id: HOSTILE_ID }))
+                    payload: encode(&Message::Ack(Ack::new(HOSTILE_ID)))
                         .map_err(|e| e.to_string())?,
                     fds: Vec::new(),
                     expect: Expect::Reject(HOSTILE_ID, &[R::UnexpectedMessage]),

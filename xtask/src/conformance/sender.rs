@@ -129,7 +129,7 @@ fn answer(connection: &OwnedFd, id: u64, answering: Answering) -> Fallible<()> {
     let send = |payload: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
         fdpass::send(connection.as_fd(), payload, fds).map_err(|e| format!("answering: {e}"))
     };
-    let ack = Message::Ack(Ack { id });
+    let ack = Message::Ack(Ack::new(id));
     match answering {
         Answering::Ack => send(&encoded(&ack)?, &[]),
         Answering::AckFromNewerMinor => {
@@ -163,9 +163,7 @@ fn answer(connection: &OwnedFd, id: u64, answering: Answering) -> Fallible<()> {
             &[],
         ),
         Answering::AckForAnotherId => send(
-            &encoded(&Message::Ack(Ack {
-                id: id.wrapping_add(1000),
-            }))?,
+            &encoded(&Message::Ack(Ack::new(id.wrapping_add(1000))))?,
             &[],
         ),
     }

@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use sealpass_proto::fdpass::{self, ControlBuffer};
-use sealpass_receiver::Listener;
+use sealpass_receiver::{Config, Listener};
 
 use crate::{allocations, checksum, pin_to_cpu};
 
@@ -35,10 +35,15 @@ pub fn run(role: &str) {
         // The real receiver: every kernel check, mapping, Ack. With "read",
         // the handler also reads every byte.
         "sealpass" | "sealpass-read" | "sealpass-read-populate" => {
-            let listener = Listener::bind(&socket).unwrap();
+            let mut listener = Listener::bind(&socket).unwrap();
+            listener.set_config(
+                Config::builder()
+                    .timeouts(None)
+                    .populate(role == "sealpass-read-populate")
+                    .build()
+                    .unwrap(),
+            );
             let mut connection = listener.accept().unwrap();
-            connection.set_idle_timeout(None).unwrap();
-            connection.set_populate(role == "sealpass-read-populate");
             let read = role != "sealpass";
             let mut messages = 0u64;
             let before = allocations();
@@ -66,9 +71,9 @@ pub fn run(role: &str) {
         // resident anonymous and shared-memory pages while the handler holds
         // the mapping.
         "memory" | "memory-read" => {
-            let listener = Listener::bind(&socket).unwrap();
+            let mut listener = Listener::bind(&socket).unwrap();
+            listener.set_config(Config::builder().timeouts(None).build().unwrap());
             let mut connection = listener.accept().unwrap();
-            connection.set_idle_timeout(None).unwrap();
             println!("idle_hwm_kib={}", status_kib("VmHWM"));
             connection
                 .serve_one(|transfer| {

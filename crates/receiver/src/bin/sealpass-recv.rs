@@ -17,10 +17,10 @@ use clap::{CommandFactory, Parser};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_proto::fdpass::PeerCredentials;
-use sealpass_proto::{Policy, Seals, parse_size};
+use sealpass_proto::{Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
 use sealpass_receiver::{
-    Access, Delivery, ErrorChain, Limits, Listener, Service, VerifiedTransfer,
+    Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Service,
 };
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ struct Cli {
     #[arg(long = "allow-gid", value_name = "GID")]
     allow_gids: Vec<u32>,
     /// Connections served at once; one more gets Reject(TooManyConnections).
-    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_connections())]
     max_connections: usize,
     /// Segments per message (at most the protocol's 253); more gets Reject(TooManySegments).
     #[arg(long, value_name = "N", default_value_t = 253, value_parser = clap::value_parser!(u16).range(1..=253))]
@@ -125,15 +125,27 @@ fn seconds(value: u64) -> Option<Duration> {
 }
 
 impl Cli {
-    fn limits(&self) -> Limits {
-        Limits {
-            max_connections: self.max_connections,
-            max_segments: usize::from(self.max_segments),
-            max_mapped_per_connection: self.max_mapped_per_connection,
-            max_mapped_total: self.max_mapped_total,
-            first_message_deadline: seconds(self.first_message_deadline),
-            idle_timeout: seconds(self.idle_timeout),
-        }
+    /// The receiver's configuration from the flags; `default_seals` when
+    /// --require-seals is not given.
+    fn config(&self, default_seals: Seals) -> Config {
+        let access = self.allow_gids.iter().fold(
+            self.allow_uids
+                .iter()
+                .fold(Access::anyone(), |access, &uid| access.allow_uid(uid)),
+            |access, &gid| access.allow_gid(gid),
+        );
+        let config = Config::builder()
+            .required_seals(self.require_seals.unwrap_or(default_seals))
+            .refuse_sparse(self.refuse_sparse)
+            .access(access)
+            .max_connections(self.max_connections)
+            .max_segments(usize::from(self.max_segments))
+            .max_mapped_per_connection(self.max_mapped_per_connection)
+            .max_mapped_total(self.max_mapped_total)
+            .first_message_deadline(seconds(self.first_message_deadline))
+            .idle_timeout(seconds(self.idle_timeout))
+            .build();
+        config.unwrap_or_else(|error| usage_error(error.to_string()))
     }
 }
 
@@ -165,7 +177,7 @@ struct SegmentLine<'a> {
 }
 
 fn describe<'a>(
-    transfer: &'a VerifiedTransfer,
+    transfer: &'a IncomingTransfer,
     peer: &PeerCredentials,
     connection: u64,
 ) -> TransferLine<'a> {
@@ -203,7 +215,7 @@ fn safe_file_name(name: &str) -> bool {
 
 /// Writes every segment to `dir`, each through a temporary file renamed into
 /// place, so a reader of `dir` never sees a half-written segment.
-fn store(dir: &Path, transfer: &VerifiedTransfer) -> anyhow::Result<()> {
+fn store(dir: &Path, transfer: &IncomingTransfer) -> anyhow::Result<()> {
     if let Some(bad) = transfer
         .segments()
         .iter()
@@ -405,7 +417,7 @@ fn serve_bare(
     stop: &UnixStream,
 ) -> anyhow::Result<()> {
     loop {
-        if !readable_or_stopped(listener.socket(), stop)? {
+        if !readable_or_stopped(listener.as_fd(), stop)? {
             return Ok(());
         }
         let mut connection = match listener.accept_bare() {
@@ -495,15 +507,17 @@ fn wait(limit: Option<Duration>) -> String {
 }
 
 /// The start-up line: where, and every limit in force, in words.
-fn describe_start(cli: &Cli, policy: Policy, limits: &Limits, access: &Access) -> String {
-    let peers = if access.uids.is_empty() && access.gids.is_empty() {
+fn describe_start(cli: &Cli, config: &Config) -> String {
+    let access = config.access();
+    let policy = config.policy();
+    let peers = if access.admits_anyone() {
         "any peer that can open the socket".to_owned()
     } else {
         let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         format!(
             "peers with uid in [{}] or gid in [{}]",
-            list(&access.uids),
-            list(&access.gids)
+            list(access.uids()),
+            list(access.gids())
         )
     };
     format!(
@@ -517,12 +531,12 @@ fn describe_start(cli: &Cli, policy: Policy, limits: &Limits, access: &Access) -
         } else {
             ""
         },
-        limits.max_connections,
-        count(limits.max_segments, "segment"),
-        bytes(limits.max_mapped_per_connection),
-        bytes(limits.max_mapped_total),
-        wait(limits.first_message_deadline),
-        wait(limits.idle_timeout),
+        config.max_connections(),
+        count(config.max_segments(), "segment"),
+        bytes(config.max_mapped_per_connection()),
+        bytes(config.max_mapped_total()),
+        wait(config.first_message_deadline()),
+        wait(config.idle_timeout()),
     )
 }
 
@@ -541,7 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if cli.compat {
         let mut listener = Listener::bind_compat(&cli.socket)?;
-        listener.set_limits(cli.limits());
+        listener.set_config(cli.config(Seals::empty()));
         let (stop, stopper) = UnixStream::pair().context("creating the stop socket pair")?;
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::low_level::pipe::register(signal, stopper.try_clone()?)
@@ -556,21 +570,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!("stopped");
         return Ok(());
     }
-    let policy = Policy::new(cli.require_seals.unwrap_or(Seals::RECEIVER_DEFAULT))
-        .with_refuse_sparse(cli.refuse_sparse);
+    let config = cli.config(Seals::RECEIVER_DEFAULT);
+    let description = describe_start(&cli, &config);
     let mut listener = Listener::bind(&cli.socket)?;
-    listener.set_policy(policy);
-    listener.set_limits(cli.limits());
+    listener.set_config(config);
     if cli.mode != 0o600 {
         fs::set_permissions(&cli.socket, fs::Permissions::from_mode(cli.mode))
             .with_context(|| format!("setting mode {:o} on {}", cli.mode, cli.socket.display()))?;
     }
-    let access = Access {
-        uids: cli.allow_uids.clone(),
-        gids: cli.allow_gids.clone(),
-    };
-    let description = describe_start(&cli, policy, listener.limits(), &access);
-    let service = Service::new(listener, access)?;
+    let service = Service::new(listener)?;
     let shutdown = service.shutdown_handle();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::low_level::pipe::register(signal, shutdown.signal_fd()?)

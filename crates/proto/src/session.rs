@@ -1,0 +1,746 @@
+//! The receiver's side of one connection, as a state machine that does no
+//! I/O: no sockets, no clock, no file descriptors (quinn-proto's shape).
+//!
+//! A driver (the blocking `Connection` and `Service`, or an async one) moves
+//! bytes and fds and asks the kernel; the [`Session`] decides everything
+//! PROTOCOL.md section 6 leaves to a receiver:
+//!
+//! ```text
+//! driver                                   Session
+//!   recvmsg ─ Datagram ─────────────────▶  handle_datagram: framing, version,
+//!                                          limits, field rules, fd count
+//!          ◀──────────── Received::Inspect(Unverified) | Refused | End
+//!   fstat, F_GET_SEALS, readlink ──────▶  judge: name, size, seals, holes,
+//!     (a closure, per fd, in order)        memory budgets, reservation
+//!          ◀──────────────────── Verified (the only key to mapping)
+//!   mmap with the Grant ───────────────▶  map_failed, or deliver
+//!          ◀──────────────────── Ticket: the answer's place in wire order
+//!   the application decides ───────────▶  answer(ticket, verdict)
+//!   poll_transmit ◀──── Ack / Reject, in the order the messages came
+//!   poll_timeout / handle_timeout: first-message deadline, idle timeout
+//! ```
+//!
+//! Time is passed in as an [`Instant`], so tests drive every deadline with
+//! simulated time.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::fmt::Display;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::codec::{Version, decode};
+use crate::config::Config;
+use crate::fdpass::PeerCredentials;
+use crate::limits::MAX_MESSAGE_LEN;
+use crate::message::{Ack, Message, Reject, RejectReason, Segment, Transfer};
+use crate::seals::Seals;
+use crate::verify::{FdFacts, FileKind, check_fd_count, check_segment};
+
+/// A count of mapped bytes against a limit, shared by whoever maps under it
+/// (one connection, or every connection of a service).
+#[derive(Debug)]
+pub struct MappedBudget {
+    limit: u64,
+    in_use: AtomicU64,
+}
+
+impl MappedBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<MappedBudget> {
+        Arc::new(MappedBudget {
+            limit,
+            in_use: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes held right now.
+    pub fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Acquire)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Takes `bytes` from the budget until the reservation drops, or `None`
+    /// if they do not fit.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        self.take(bytes)?;
+        Some(Reservation {
+            budgets: [Some(Arc::clone(self)), None],
+            bytes,
+        })
+    }
+
+    fn take(&self, bytes: u64) -> Option<()> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .ok()
+            .map(drop)
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.in_use.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Bytes held from one or two [`MappedBudget`]s; given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    budgets: [Option<Arc<MappedBudget>>; 2],
+    bytes: u64,
+}
+
+impl Reservation {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Moves `bytes` of this reservation (at most all of it) into a new
+    /// one, from the same budgets, so parts can be given back separately.
+    pub fn split_off(&mut self, bytes: u64) -> Reservation {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Reservation {
+            budgets: self.budgets.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for budget in self.budgets.iter().flatten() {
+            budget.give_back(self.bytes);
+        }
+    }
+}
+
+/// Decides whether to serve a new connection: the peer's credentials
+/// against [`Config::access`] (`NotAllowed`), then the connections already
+/// served against [`Config::max_connections`] (`TooManyConnections`).
+/// `peer` is `None` where the kernel did not say who it is. A refusal is
+/// the `Reject` to send before closing.
+pub fn admit(config: &Config, peer: Option<&PeerCredentials>, active: usize) -> Result<(), Reject> {
+    let Some(peer) = peer else {
+        return Err(Reject::new(
+            0,
+            RejectReason::NotAllowed,
+            "peer credentials unavailable; this receiver admits only peers it can identify",
+        ));
+    };
+    if !config.access().allows(peer) {
+        return Err(Reject::new(
+            0,
+            RejectReason::NotAllowed,
+            format!("{peer} is not allowed to send to this receiver"),
+        ));
+    }
+    if active >= config.max_connections() {
+        return Err(Reject::new(
+            0,
+            RejectReason::TooManyConnections,
+            format!(
+                "the receiver serves its limit of {} connections; try again later",
+                config.max_connections()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What one `recvmsg` returned, as far as the session needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram<'a> {
+    /// The message's data (as much as fit in the buffer).
+    pub bytes: &'a [u8],
+    /// How many fds arrived with it.
+    pub fds: usize,
+    /// `MSG_TRUNC`: the data did not fit.
+    pub payload_truncated: bool,
+    /// `MSG_CTRUNC`: the control data did not fit.
+    pub control_truncated: bool,
+}
+
+impl Datagram<'_> {
+    /// Zero bytes, no fds, nothing cut: the peer closed the connection.
+    pub fn is_end_of_stream(&self) -> bool {
+        self.bytes.is_empty() && self.fds == 0 && !self.payload_truncated
+    }
+}
+
+/// What to do after a datagram.
+#[derive(Debug)]
+#[must_use]
+pub enum Received {
+    /// The peer closed its end: read no more. Answers still owed are still
+    /// sent.
+    End,
+    /// Refused: close every fd that came with it, then transmit (the
+    /// `Reject` is queued).
+    Refused(Reject),
+    /// A transfer that passed every check a header allows: gather the
+    /// kernel's facts about each fd, in order, with [`Session::judge`].
+    Inspect(Unverified),
+}
+
+/// A decoded transfer whose fds are yet to be judged.
+#[derive(Debug)]
+pub struct Unverified {
+    id: u64,
+    version: Version,
+    segments: Vec<Segment>,
+}
+
+impl Unverified {
+    /// The transfer's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// How many fds to inspect (one per segment).
+    pub fn fds(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// One segment the kernel vouched for, with its share of the memory
+/// budgets: the proof a driver must show to map an fd. Only
+/// [`Session::judge`] makes one.
+#[derive(Debug)]
+pub struct Grant {
+    confirmed: Segment,
+    reservation: Reservation,
+}
+
+impl Grant {
+    /// The segment as the kernel reported it: its name, its size (the bytes
+    /// to map, final since SHRINK and GROW are sealed) and all its seals.
+    pub fn segment(&self) -> &Segment {
+        &self.confirmed
+    }
+
+    /// The bytes to map.
+    pub fn size(&self) -> u64 {
+        self.confirmed.size
+    }
+
+    /// The segment and its reservation, to be kept together while the
+    /// mapping lives.
+    pub fn into_parts(self) -> (Segment, Reservation) {
+        (self.confirmed, self.reservation)
+    }
+}
+
+/// A transfer whose every fd the kernel vouched for, its bytes reserved in
+/// the budgets. Map each fd with its [`Grant`], then [`Session::deliver`],
+/// or report a mapping failure with [`Session::map_failed`].
+#[derive(Debug)]
+pub struct Verified {
+    id: u64,
+    version: Version,
+    grants: Vec<Grant>,
+}
+
+impl Verified {
+    /// The transfer's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The sender's protocol version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// One grant per fd, in order.
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+}
+
+/// A delivered transfer's place in the answer order. Give it back with
+/// [`Session::answer`]; a driver that drops it instead must answer for it,
+/// or every later answer waits.
+#[derive(Debug)]
+#[must_use = "a transfer's answer blocks every later one until it is given"]
+pub struct Ticket {
+    sequence: u64,
+    id: u64,
+}
+
+impl Ticket {
+    /// The id of the transfer it answers.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// What a delivered transfer is made of, for the driver to pair with its
+/// mappings.
+#[derive(Debug)]
+pub struct Delivered {
+    /// Where its answer goes.
+    pub ticket: Ticket,
+    /// Its id.
+    pub id: u64,
+    /// The sender's protocol version.
+    pub version: Version,
+    /// One grant per fd, in order, as judged.
+    pub grants: Vec<Grant>,
+}
+
+/// An answer to put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// `Ack` or `Reject`.
+    pub message: Message,
+    /// Close the connection once it is sent.
+    pub closes: bool,
+}
+
+/// One message's place in the answer order.
+#[derive(Debug)]
+struct Slot {
+    sequence: u64,
+    answer: Option<Message>,
+    closes: bool,
+}
+
+/// The connection's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading messages.
+    Open,
+    /// A closing `Reject` is queued; nothing more is read.
+    Closing,
+    /// The closing answer went out, or answering failed: done.
+    Closed,
+}
+
+/// The receiver's state for one connection. See the module documentation.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<Config>,
+    own: Arc<MappedBudget>,
+    total: Option<Arc<MappedBudget>>,
+    phase: Phase,
+    peer_closed: bool,
+    greeted: bool,
+    /// When silence becomes `Timeout`, counted from the connection's start
+    /// until the first message, then from the last message or answer.
+    deadline: Option<Instant>,
+    answers: VecDeque<Slot>,
+    next_sequence: u64,
+    /// Delivered transfers whose answer the application still owes.
+    owed: usize,
+}
+
+impl Session {
+    /// A session for a connection accepted at `now`, under `config`, its
+    /// mappings also counted in `total` (shared with other connections) if
+    /// given.
+    pub fn new(config: Arc<Config>, total: Option<Arc<MappedBudget>>, now: Instant) -> Session {
+        let deadline = config
+            .first_message_deadline()
+            .or(config.idle_timeout())
+            .and_then(|wait| now.checked_add(wait));
+        Session {
+            own: MappedBudget::new(config.max_mapped_per_connection()),
+            config,
+            total,
+            phase: Phase::Open,
+            peer_closed: false,
+            greeted: false,
+            deadline,
+            answers: VecDeque::new(),
+            next_sequence: 0,
+            owed: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Bytes this connection's transfers hold mapped right now.
+    pub fn mapped(&self) -> u64 {
+        self.own.in_use()
+    }
+
+    /// Whether to read another message: the connection is open and the
+    /// peer has not closed its end.
+    pub fn wants_to_read(&self) -> bool {
+        self.phase == Phase::Open && !self.peer_closed
+    }
+
+    /// Whether the connection is over: closed after a closing answer or a
+    /// failed one, or the peer closed and every answer it is owed went out.
+    pub fn is_done(&self) -> bool {
+        self.phase == Phase::Closed
+            || (self.peer_closed && self.owed == 0 && self.answers.is_empty())
+            || (self.phase == Phase::Closing && self.answers.is_empty())
+    }
+
+    /// Answers the application still owes (delivered, not answered).
+    pub fn owed(&self) -> usize {
+        self.owed
+    }
+
+    /// When to call [`Session::handle_timeout`] if nothing arrives before:
+    /// `None` while nothing can time out (no timeout configured, an answer
+    /// is owed to the peer, or reading is over).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.wants_to_read() || self.owed > 0 {
+            return None;
+        }
+        self.deadline
+    }
+
+    /// Time has come to `now`: past the deadline, the peer gets
+    /// `Reject(Timeout)` with id 0 and the connection closes. Returns the
+    /// reject if so.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<Reject> {
+        let deadline = self.poll_timeout()?;
+        if now < deadline {
+            return None;
+        }
+        let (what, waited) = if self.greeted {
+            ("no message", self.config.idle_timeout())
+        } else {
+            (
+                "no complete first message",
+                self.config
+                    .first_message_deadline()
+                    .or(self.config.idle_timeout()),
+            )
+        };
+        let reject = Reject::new(
+            0,
+            RejectReason::Timeout,
+            format!(
+                "{what} within {:?}; closing the connection",
+                waited.unwrap_or_default()
+            ),
+        );
+        self.queue_refusal(reject.clone(), true);
+        Some(reject)
+    }
+
+    /// Judges one datagram, up to what needs the fds themselves. Call it
+    /// only while [`Session::wants_to_read`].
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &Datagram<'_>) -> Received {
+        if !self.wants_to_read() {
+            return Received::End;
+        }
+        if datagram.is_end_of_stream() {
+            self.peer_closed = true;
+            return Received::End;
+        }
+        self.greeted = true;
+        self.rearm(now);
+        match self.screen(datagram) {
+            Ok(unverified) => Received::Inspect(unverified),
+            Err((reject, closes)) => {
+                self.queue_refusal(reject.clone(), closes);
+                Received::Refused(reject)
+            }
+        }
+    }
+
+    /// Steps 2 to 7 of PROTOCOL.md section 6.
+    fn screen(&self, datagram: &Datagram<'_>) -> Result<Unverified, (Reject, bool)> {
+        let refuse = |id, reason, message: &dyn Display| {
+            (Reject::new(id, reason, message.to_string()), false)
+        };
+        if datagram.payload_truncated {
+            return Err(refuse(
+                0,
+                RejectReason::TooLarge,
+                &format_args!(
+                    "message over {MAX_MESSAGE_LEN} bytes; expected at most {MAX_MESSAGE_LEN}"
+                ),
+            ));
+        }
+        if datagram.control_truncated {
+            // The control buffer has room for SCM_MAX_FD fds, so the kernel
+            // could not install them all: this process is short of fds.
+            return Err(refuse(
+                0,
+                RejectReason::ControlTruncated,
+                &format_args!(
+                    "control data was truncated (MSG_CTRUNC) after {} fds; the receiver may be out of file descriptors",
+                    datagram.fds
+                ),
+            ));
+        }
+        let decoded = decode(datagram.bytes).map_err(|error| {
+            (
+                Reject::new(error.reject_id(), error.reject_reason(), error.to_string()),
+                error.closes_connection(),
+            )
+        })?;
+        let version = decoded.version;
+        let Message::Transfer(Transfer { id, segments }) = decoded.message else {
+            return Err(refuse(
+                decoded.message.id(),
+                RejectReason::UnexpectedMessage,
+                &format_args!("got {}; expected Transfer", decoded.message.kind()),
+            ));
+        };
+        if segments.len() > self.config.max_segments() {
+            return Err(refuse(
+                id,
+                RejectReason::TooManySegments,
+                &format_args!(
+                    "{} segments; this receiver accepts at most {} per message",
+                    segments.len(),
+                    self.config.max_segments()
+                ),
+            ));
+        }
+        check_fd_count(datagram.fds, segments.len())
+            .map_err(|error| refuse(id, RejectReason::FdCountMismatch, &error))?;
+        Ok(Unverified {
+            id,
+            version,
+            segments,
+        })
+    }
+
+    /// Step 8 and 9: judges each fd, in order, from the facts `inspect`
+    /// gathers for it from the kernel into the `FdFacts` it is given (its
+    /// `link` buffer is reused from fd to fd), then reserves the transfer's
+    /// bytes in the budgets. A refusal is queued; the driver then closes
+    /// the fds and transmits.
+    pub fn judge<E: Display>(
+        &mut self,
+        unverified: Unverified,
+        scratch: &mut FdFacts,
+        mut inspect: impl FnMut(usize, &mut FdFacts) -> Result<(), E>,
+    ) -> Result<Verified, Reject> {
+        let result = self.check(unverified, scratch, &mut inspect);
+        result.inspect_err(|reject| self.queue_refusal(reject.clone(), false))
+    }
+
+    fn check<E: Display>(
+        &self,
+        unverified: Unverified,
+        scratch: &mut FdFacts,
+        inspect: &mut impl FnMut(usize, &mut FdFacts) -> Result<(), E>,
+    ) -> Result<Verified, Reject> {
+        let Unverified {
+            id,
+            version,
+            segments,
+        } = unverified;
+        let policy = self.config.policy();
+        let mut total = 0u64;
+        let mut confirmed = segments;
+        for (index, declared) in confirmed.iter_mut().enumerate() {
+            inspect(index, scratch).map_err(|error| {
+                Reject::new(
+                    id,
+                    RejectReason::NotMemfd,
+                    format!("segment {index}: inspecting the fd failed: {error}"),
+                )
+            })?;
+            check_segment(index, declared, scratch, &policy)
+                .map_err(|error| Reject::new(id, error.reject_reason(), error.to_string()))?;
+            // What the kernel reports: all its seals, and the size to map.
+            declared.seals = scratch.seals.unwrap_or(Seals::empty());
+            declared.size = scratch.size;
+            total = total.saturating_add(scratch.size);
+        }
+        let mut reservation = self.reserve(id, total)?;
+        let grants = confirmed
+            .into_iter()
+            .map(|segment| Grant {
+                reservation: reservation.split_off(segment.size),
+                confirmed: segment,
+            })
+            .collect();
+        Ok(Verified {
+            id,
+            version,
+            grants,
+        })
+    }
+
+    /// Takes `bytes` from this connection's budget and the shared one.
+    fn reserve(&self, id: u64, bytes: u64) -> Result<Reservation, Reject> {
+        let memory_limit = |message: String| Reject::new(id, RejectReason::MemoryLimit, message);
+        self.own.take(bytes).ok_or_else(|| {
+            memory_limit(format!(
+                "transfer of {bytes} bytes does not fit: this connection holds {} of the {} bytes it may map",
+                self.own.in_use(),
+                self.own.limit()
+            ))
+        })?;
+        if let Some(total) = &self.total {
+            if total.take(bytes).is_none() {
+                self.own.give_back(bytes);
+                return Err(memory_limit(format!(
+                    "transfer of {bytes} bytes does not fit: {} of {} bytes already mapped by all connections",
+                    total.in_use(),
+                    total.limit()
+                )));
+            }
+        }
+        Ok(Reservation {
+            budgets: [Some(Arc::clone(&self.own)), self.total.clone()],
+            bytes,
+        })
+    }
+
+    /// Step 10 failed: segment `index` of `verified` could not be mapped.
+    /// Queues the refusal (`ResourceExhausted` when memory or address space
+    /// ran out, `MapFailed` otherwise) and gives the reservation back.
+    pub fn map_failed(
+        &mut self,
+        verified: Verified,
+        index: usize,
+        error: &std::io::Error,
+    ) -> Reject {
+        let out_of_memory = error.kind() == std::io::ErrorKind::OutOfMemory
+            || matches!(error.raw_os_error(), Some(code) if code == nix::libc::ENOMEM || code == nix::libc::EOVERFLOW);
+        let reason = if out_of_memory {
+            RejectReason::ResourceExhausted
+        } else {
+            RejectReason::MapFailed
+        };
+        let (name, size) = verified
+            .grants
+            .get(index)
+            .map(|grant| (grant.confirmed.name.as_str(), grant.confirmed.size))
+            .unwrap_or_default();
+        let reject = Reject::new(
+            verified.id,
+            reason,
+            format!("segment {index} ({name:?}): mapping {size} bytes failed: {error}"),
+        );
+        drop(verified);
+        self.queue_refusal(reject.clone(), false);
+        reject
+    }
+
+    /// Step 11: every fd is mapped; the transfer goes to the application,
+    /// whose answer takes the next place in the answer order.
+    pub fn deliver(&mut self, verified: Verified) -> Delivered {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.answers.push_back(Slot {
+            sequence,
+            answer: None,
+            closes: false,
+        });
+        self.owed += 1;
+        Delivered {
+            ticket: Ticket {
+                sequence,
+                id: verified.id,
+            },
+            id: verified.id,
+            version: verified.version,
+            grants: verified.grants,
+        }
+    }
+
+    /// The application's verdict on a delivered transfer: `Ok` is `Ack`,
+    /// `Err` is `Reject(ApplicationRejected)` with its text. The answer
+    /// goes out once every earlier one has ([`Session::poll_transmit`]).
+    pub fn answer(&mut self, ticket: Ticket, verdict: Result<(), String>, now: Instant) {
+        let message = match verdict {
+            Ok(()) => Message::Ack(Ack { id: ticket.id }),
+            Err(text) => Message::Reject(Reject::new(
+                ticket.id,
+                RejectReason::ApplicationRejected,
+                text,
+            )),
+        };
+        if let Some(slot) = self
+            .answers
+            .iter_mut()
+            .find(|slot| slot.sequence == ticket.sequence && slot.answer.is_none())
+        {
+            slot.answer = Some(message);
+            self.owed = self.owed.saturating_sub(1);
+        }
+        // Silence is counted again once nothing is owed.
+        self.rearm(now);
+    }
+
+    /// The next answer to send, in the order the messages came; `None` when
+    /// the oldest is still owed by the application (or none is queued).
+    /// After one that `closes`, the connection is done.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.phase == Phase::Closed {
+            self.answers.clear();
+            return None;
+        }
+        let slot = self.answers.front()?;
+        slot.answer.as_ref()?;
+        let slot = self.answers.pop_front()?;
+        if slot.closes {
+            self.phase = Phase::Closed;
+        }
+        slot.answer.map(|message| Transmit {
+            message,
+            closes: slot.closes,
+        })
+    }
+
+    /// The connection broke (sending an answer or receiving failed: the
+    /// peer is gone or does not read): it is over; answers still owed are
+    /// dropped.
+    pub fn abort(&mut self) {
+        self.phase = Phase::Closed;
+        self.answers.clear();
+    }
+
+    fn queue_refusal(&mut self, reject: Reject, closes: bool) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.answers.push_back(Slot {
+            sequence,
+            answer: Some(Message::Reject(reject)),
+            closes,
+        });
+        if closes {
+            self.phase = Phase::Closing;
+        }
+    }
+
+    /// Restarts the idle clock at `now`. Before the first message the
+    /// first-message deadline stands, counted from the start.
+    fn rearm(&mut self, now: Instant) {
+        if self.greeted {
+            self.deadline = self
+                .config
+                .idle_timeout()
+                .and_then(|wait| now.checked_add(wait));
+        }
+    }
+}
+
+/// Facts for an fd that could not be inspected at all: judged not a memfd.
+pub fn unknown_fd_facts() -> FdFacts {
+    FdFacts {
+        kind: FileKind::Other,
+        seals: None,
+        size: 0,
+        allocated: 0,
+        link: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,190 @@
+//! Listening at a socket path: stale-socket handling, cleanup, accepting.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use sealpass_proto::Config;
+use sealpass_proto::fdpass::{self, TransportError};
+
+use crate::connection::{Connection, ServeError};
+use crate::inspect;
+
+/// Why the receiver could not start listening.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// Something that is not a socket is at the path; it is left alone.
+    #[error("{path} exists and is not a socket; refusing to remove it")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A receiver is listening at the path already.
+    #[error("{path} is in use: another receiver accepts connections there")]
+    InUse {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Inspecting or removing the stale socket failed.
+    #[error("inspecting or removing the old socket at {path} failed")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Binding or listening failed.
+    #[error("listening at {path} failed")]
+    Listen {
+        /// The path.
+        path: PathBuf,
+        /// The failure.
+        source: TransportError,
+    },
+}
+
+/// A listening socket. Dropping it removes the socket file, if the file at
+/// the path is still the one it created.
+///
+/// ```no_run
+/// use sealpass_receiver::{Config, Listener};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut listener = Listener::bind("/run/user/1000/sealpass.sock")?;
+/// listener.set_config(Config::builder().max_segments(8).build()?);
+/// let mut connection = listener.accept()?;
+/// while let Some(transfer) = connection.receive()? {
+///     println!("{} segments from {:?}", transfer.segments().len(), transfer.peer());
+///     transfer.accept()?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Listener {
+    socket: OwnedFd,
+    path: PathBuf,
+    inode: Option<(u64, u64)>,
+    config: Arc<Config>,
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
+    let io_error = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let metadata = match fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io_error(error)),
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(BindError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match fdpass::connect(path) {
+        Ok(_) => Err(BindError::InUse {
+            path: path.to_owned(),
+        }),
+        // Nobody listens: a socket left by a receiver that died.
+        Err(error) if error.errno() == Some(Errno::ECONNREFUSED) => {
+            fs::remove_file(path).map_err(io_error)
+        }
+        // A live listener of the other socket type.
+        Err(error) if error.errno() == Some(Errno::EPROTOTYPE) => Err(BindError::InUse {
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(BindError::Listen {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn inode_of(path: &Path) -> Option<(u64, u64)> {
+    fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Listener {
+    /// Listens at `path` under [`Config::default`], first removing a stale
+    /// socket left there (and refusing to touch anything that is not a
+    /// socket, or a live one). The socket file is owner-only (0600).
+    pub fn bind(path: impl AsRef<Path>) -> Result<Listener, BindError> {
+        Self::bind_with(path.as_ref(), fdpass::listen)
+    }
+
+    pub(crate) fn bind_with(
+        path: &Path,
+        listen: fn(&Path, i32) -> Result<OwnedFd, TransportError>,
+    ) -> Result<Listener, BindError> {
+        remove_stale_socket(path)?;
+        // Before the socket exists: no message can be served without it.
+        inspect::open_proc_fd_dir();
+        let socket = listen(path, 128).map_err(|source| BindError::Listen {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Listener {
+            socket,
+            path: path.to_owned(),
+            inode: inode_of(path),
+            config: Arc::new(Config::default()),
+        })
+    }
+
+    /// The policy, limits and access every accepted connection gets.
+    pub fn set_config(&mut self, config: Config) {
+        self.config = Arc::new(config);
+    }
+
+    /// The configuration every accepted connection gets.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn shared_config(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next connection and returns its bare socket.
+    pub fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
+        fdpass::accept(self.socket.as_fd())
+    }
+
+    /// Waits for the next connection, and serves it under this listener's
+    /// configuration. Access control and the connection limit are the
+    /// [`Service`](crate::Service)'s: a single connection is served whoever
+    /// it is.
+    pub fn accept(&self) -> Result<Connection, ServeError> {
+        let socket = self.accept_socket().map_err(ServeError::Accept)?;
+        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+        Connection::serving(socket, self.shared_config(), None, peer)
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // Only our own socket: another receiver may have replaced it since.
+        if self.inode.is_some() && inode_of(&self.path) == self.inode {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}

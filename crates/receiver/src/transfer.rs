@@ -1,0 +1,254 @@
+//! What a receiver hands the application: owned transfers, their verified
+//! segments, and the responder that answers for them in protocol order.
+#![forbid(unsafe_code)]
+
+use std::fmt::Display;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use memmap2::Mmap;
+use sealpass_proto::fdpass::PeerCredentials;
+use sealpass_proto::session::Ticket;
+use sealpass_proto::{Reservation, Seals, Segment, Version};
+
+use crate::connection::{AnswerError, Link};
+
+/// One verified memfd: its sealed fd, mapped read-only, its bytes counted
+/// in the receiver's memory budgets until it is dropped.
+///
+/// It can leave the connection's thread, outlive the answer, become a
+/// `bytes::Bytes` without a copy (feature `bytes`), or give up its fd to be
+/// forwarded ([`VerifiedSegment::into_fd`]).
+#[derive(Debug)]
+pub struct VerifiedSegment {
+    /// Confirmed by the kernel: its name, its size, and all its seals (which
+    /// may be more than were declared).
+    confirmed: Segment,
+    // Drop order is field order: the mapping goes before its share of the
+    // budget is given back.
+    mapping: Option<Mmap>,
+    fd: OwnedFd,
+    _reservation: Reservation,
+}
+
+impl VerifiedSegment {
+    pub(crate) fn new(
+        confirmed: Segment,
+        mapping: Option<Mmap>,
+        fd: OwnedFd,
+        reservation: Reservation,
+    ) -> VerifiedSegment {
+        VerifiedSegment {
+            confirmed,
+            mapping,
+            fd,
+            _reservation: reservation,
+        }
+    }
+
+    /// The memfd's name, as the kernel reports it.
+    pub fn name(&self) -> &str {
+        &self.confirmed.name
+    }
+
+    /// The size in bytes, as the kernel reports it.
+    pub fn size(&self) -> u64 {
+        self.confirmed.size
+    }
+
+    /// The seals the kernel reports.
+    pub fn seals(&self) -> Seals {
+        self.confirmed.seals
+    }
+
+    /// All three, as one protocol `Segment`.
+    pub fn segment(&self) -> &Segment {
+        &self.confirmed
+    }
+
+    /// The bytes. They cannot change: the memfd is sealed against writes
+    /// and shrinking.
+    pub fn bytes(&self) -> &[u8] {
+        self.mapping.as_deref().unwrap_or_default()
+    }
+
+    /// Gives up the sealed memfd, to forward it to another process (a
+    /// `sealpass_sender::SealedSegment::from_sealed_fd`, say) without
+    /// touching the bytes. The mapping goes, and with it this segment's
+    /// share of the memory budget.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// The bytes as a `bytes::Bytes`, without a copy: the `Bytes` owns this
+    /// segment, mapping and budget share included, until its last clone
+    /// drops.
+    #[cfg(feature = "bytes")]
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for VerifiedSegment {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl AsFd for VerifiedSegment {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Answers one transfer: [`Responder::accept`] sends `Ack`,
+/// [`Responder::reject`] `Reject(ApplicationRejected)`. Answers go out in
+/// the order the transfers came, whatever order they are given in: one given
+/// early waits for the earlier ones.
+///
+/// Dropped without an answer, it rejects the transfer
+/// (`ApplicationRejected`, "dropped without an answer"), so the peer is never
+/// left waiting.
+#[derive(Debug)]
+pub struct Responder {
+    ticket: Option<Ticket>,
+    link: Arc<Link>,
+}
+
+impl Responder {
+    pub(crate) fn new(ticket: Ticket, link: Arc<Link>) -> Responder {
+        Responder {
+            ticket: Some(ticket),
+            link,
+        }
+    }
+
+    /// The id of the transfer this answers.
+    pub fn id(&self) -> u64 {
+        self.ticket.as_ref().map_or(0, Ticket::id)
+    }
+
+    /// Answers `Ack`: the transfer is the application's.
+    pub fn accept(mut self) -> Result<(), AnswerError> {
+        self.answer(Ok(()))
+    }
+
+    /// Answers `Reject(ApplicationRejected)`, with `why` for the sender.
+    pub fn reject(mut self, why: impl Display) -> Result<(), AnswerError> {
+        self.answer(Err(why.to_string()))
+    }
+
+    fn answer(&mut self, verdict: Result<(), String>) -> Result<(), AnswerError> {
+        match self.ticket.take() {
+            Some(ticket) => self.link.answer(ticket, verdict, Instant::now()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        // The peer hears about it either way; a send error has no one to
+        // go to here.
+        let _ = self.answer(Err(
+            "the receiving application dropped the transfer without answering".to_owned(),
+        ));
+    }
+}
+
+/// A transfer whose every segment the kernel vouched for, owned by the
+/// application: it may be kept, queued, or moved to another thread, and
+/// answered before or after its bytes are dropped.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let mut connection = sealpass_receiver::Listener::bind("/tmp/doc.sock")?.accept()?;
+/// let (work, results) = std::sync::mpsc::channel();
+/// let worker = std::thread::spawn(move || {
+///     for transfer in results {
+///         let transfer: sealpass_receiver::IncomingTransfer = transfer;
+///         let checksum: u64 = transfer.segments()[0].bytes().iter().map(|&b| u64::from(b)).sum();
+///         println!("transfer {}: checksum {checksum}", transfer.id());
+///         transfer.accept().ok(); // unmaps, then answers Ack
+///     }
+/// });
+/// while let Some(transfer) = connection.receive()? {
+///     work.send(transfer)?; // the connection reads on while the worker works
+/// }
+/// # drop(work); worker.join().ok();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct IncomingTransfer {
+    id: u64,
+    version: Version,
+    peer: Option<PeerCredentials>,
+    segments: Vec<VerifiedSegment>,
+    responder: Responder,
+}
+
+impl IncomingTransfer {
+    pub(crate) fn new(
+        version: Version,
+        peer: Option<PeerCredentials>,
+        segments: Vec<VerifiedSegment>,
+        responder: Responder,
+    ) -> IncomingTransfer {
+        IncomingTransfer {
+            id: responder.id(),
+            version,
+            peer,
+            segments,
+            responder,
+        }
+    }
+
+    /// The sender's id for it (unique on its connection).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The protocol version the sender wrote.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The sender, as the kernel recorded it at `connect` (`SO_PEERCRED`),
+    /// where known.
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.peer
+    }
+
+    /// The segments, in the order sent.
+    pub fn segments(&self) -> &[VerifiedSegment] {
+        &self.segments
+    }
+
+    /// The sum of the segment sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(VerifiedSegment::size).sum()
+    }
+
+    /// Drops the segments (unmapping them), then answers `Ack`.
+    pub fn accept(self) -> Result<(), AnswerError> {
+        let (segments, responder) = self.into_parts();
+        drop(segments);
+        responder.accept()
+    }
+
+    /// Drops the segments, then answers `Reject(ApplicationRejected)` with
+    /// `why`.
+    pub fn reject(self, why: impl Display) -> Result<(), AnswerError> {
+        let (segments, responder) = self.into_parts();
+        drop(segments);
+        responder.reject(why)
+    }
+
+    /// The segments and the responder, apart: keep the bytes and answer now,
+    /// or answer later, from anywhere.
+    pub fn into_parts(self) -> (Vec<VerifiedSegment>, Responder) {
+        (self.segments, self.responder)
+    }
+}

@@ -1,0 +1,28 @@
+//! Compat mode: bare fd passing, as plain programs do it, for receivers that
+//! speak no sealpass (`sealpass-recv --compat`, or any program that reads
+//! fds beside a fixed payload over `SOCK_STREAM`). No header, no answer.
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+
+use sealpass_proto::fdpass;
+
+use crate::client::{SendError, connect_error};
+use crate::memfd::SealedSegment;
+
+/// The filler bytes a bare send carries: plain fd-passing receivers read a
+/// fixed-size payload beside the fds.
+pub const BARE_PAYLOAD_LEN: usize = 256;
+
+/// Sends `segments` the way plain fd-passing programs do, for receivers that
+/// speak no sealpass (compat mode): over `SOCK_STREAM`, with
+/// [`BARE_PAYLOAD_LEN`] zero bytes and no header, and no answer awaited.
+/// Each memfd's file offset is 0, so a receiver that `read()`s it gets the
+/// bytes from the start.
+pub fn send_bare(path: impl AsRef<Path>, segments: &[SealedSegment]) -> Result<(), SendError> {
+    let path = path.as_ref();
+    let socket = fdpass::connect_stream(path).map_err(|source| connect_error(path, source))?;
+    let fds: Vec<BorrowedFd<'_>> = segments.iter().map(SealedSegment::fd).collect();
+    fdpass::send(socket.as_fd(), &[0; BARE_PAYLOAD_LEN], &fds).map_err(SendError::Send)
+}
