@@ -6,7 +6,7 @@ use anyhow::bail;
 
 use crate::project::{self, cargo};
 
-pub const HELP: &str = "\
+pub(crate) const HELP: &str = "\
 usage: cargo xtask bench [--quick] [--hot-path] [--pipelined]
 
 Runs the handoff benchmark in release mode, sender and receiver in separate
@@ -25,7 +25,7 @@ Changes no system setting.
 
 const FLAGS: &[&str] = &["--quick", "--hot-path", "--pipelined"];
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|arg| arg == "--help" || arg == "-h") {
         print!("{HELP}");
         return Ok(());

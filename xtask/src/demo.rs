@@ -14,7 +14,7 @@ use crate::project::{self, Scratch};
 const SEGMENT_SIZE: usize = 4 << 20;
 const SEGMENTS: [(&str, u8); 2] = [("shma", b'A'), ("shmb", b'B')];
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let release = match args {
         [] => false,
         [flag] if flag == "--release" => true,

@@ -6,20 +6,20 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// The workspace root.
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     let xtask_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     xtask_dir.parent().unwrap_or(xtask_dir).to_owned()
 }
 
 /// `cargo` as the one running this task, run from the workspace root.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(root());
     command
 }
 
 /// Runs `command`, failing if it fails.
-pub fn run(command: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command
         .status()
         .with_context(|| format!("starting {command:?}"))?;
@@ -30,7 +30,7 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
 }
 
 /// Builds the two binaries and returns their paths (sender, receiver).
-pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut build = cargo();
     build.args([
         "build",
@@ -53,17 +53,17 @@ pub fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)> {
 }
 
 /// A scratch directory removed when dropped.
-pub struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    pub fn new(label: &str) -> anyhow::Result<Scratch> {
+    pub(crate) fn new(label: &str) -> anyhow::Result<Scratch> {
         let path = std::env::temp_dir().join(format!("sealpass-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Scratch(path))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }

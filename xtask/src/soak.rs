@@ -6,7 +6,7 @@ use anyhow::bail;
 
 use crate::project::{self, cargo};
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         bail!("soak takes no arguments; got {args:?}");
     }

@@ -36,6 +36,7 @@ const STEPS: &[Step] = &[
         ]))
     }),
     ("demo", || crate::demo::run(&[])),
+    ("examples, each with its own peers", run_examples),
     ("conformance of this project's binaries", || {
         crate::conformance::run(&[])
     }),
@@ -48,6 +49,33 @@ const STEPS: &[Step] = &[
         catches_broken_receivers,
     ),
 ];
+
+/// The programs in `crates/receiver/examples/`: each starts its own peers
+/// and exits 0 by itself when all went as it says.
+const EXAMPLES: &[&str] = &[
+    "handoff_64mib",
+    "service_shutdown",
+    "worker_queue",
+    "forward",
+    "bare_peer",
+];
+
+fn run_examples() -> anyhow::Result<()> {
+    for example in EXAMPLES {
+        eprintln!("  example {example}");
+        project::run(cargo().args([
+            "run",
+            "--quiet",
+            "--locked",
+            "--all-features",
+            "-p",
+            "sealpass-receiver",
+            "--example",
+            example,
+        ]))?;
+    }
+    Ok(())
+}
 
 /// The Python receiver written from PROTOCOL.md, with `flags`.
 fn spec_receiver(flags: &[&str]) -> String {
@@ -104,7 +132,7 @@ fn catches_broken_receivers() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         bail!("test takes no arguments; got {args:?}");
     }

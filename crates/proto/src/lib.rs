@@ -7,6 +7,22 @@
 //! moves fds through a socket; sender and receiver both use it.
 //!
 //! The normative byte-level specification is `PROTOCOL.md` at the repository root.
+//!
+//! ```
+//! use sealpass_proto::{Message, Seals, Segment, Transfer, decode, encode};
+//!
+//! let transfer = Message::Transfer(Transfer::new(1, vec![
+//!     Segment::new("shma", 4 << 20, Seals::SENDER_DEFAULT),
+//! ]));
+//! let bytes = encode(&transfer)?; // 12-byte preamble, then the body
+//! assert_eq!(&bytes[..4], b"SLPS");
+//! assert_eq!(decode(&bytes)?.message, transfer);
+//!
+//! // Untrusted bytes get a typed error that says what a Reject would.
+//! let error = decode(b"SLPX\x01\x00\x00\x00\x00\x00\x00\x00").unwrap_err();
+//! assert_eq!(error.reject_reason().name(), "BadMagic");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod codec;
 pub mod config;

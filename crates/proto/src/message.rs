@@ -95,6 +95,20 @@ pub struct Reject {
     pub message: String,
 }
 
+/// `MissingSeals (transfer 9): segment 0 lacks WRITE`. A `Reject` is also an
+/// error value, for code that turns a refusal into one with `?`.
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (transfer {}): {}",
+            self.reason, self.id, self.message
+        )
+    }
+}
+
+impl std::error::Error for Reject {}
+
 impl Reject {
     /// A reject whose message is cut, on a character boundary, to the
     /// protocol's limit.

@@ -9,6 +9,18 @@ bitflags::bitflags! {
     ///
     /// Bits this version does not name are kept, not dropped: a newer kernel's
     /// seal reported by `F_GET_SEALS` still takes part in superset checks.
+    ///
+    /// ```
+    /// use sealpass_proto::Seals;
+    ///
+    /// let seals: Seals = "shrink,grow|WRITE".parse()?;
+    /// assert_eq!(seals, Seals::RECEIVER_DEFAULT);
+    /// assert_eq!(seals.to_string(), "SHRINK|GROW|WRITE");
+    /// assert!((seals | Seals::SEAL).contains(Seals::MAPPING_FLOOR));
+    /// assert_eq!("none".parse::<Seals>()?, Seals::empty());
+    /// assert!("shrnk".parse::<Seals>().is_err());
+    /// # Ok::<(), sealpass_proto::ParseSealsError>(())
+    /// ```
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
     pub struct Seals: u32 {
         /// `F_SEAL_SEAL`: no further seals can be added.

@@ -21,7 +21,47 @@
 //! ```
 //!
 //! Time is passed in as an [`Instant`], so tests drive every deadline with
-//! simulated time.
+//! simulated time:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::{Duration, Instant};
+//! use sealpass_proto::session::{Datagram, Received, Session, unknown_fd_facts};
+//! use sealpass_proto::{Config, FdFacts, FileKind, Message, Seals, Segment, Transfer, encode};
+//!
+//! let start = Instant::now();
+//! let mut session = Session::new(Arc::new(Config::default()), None, start);
+//! // The peer says nothing for 10 s: Reject(Timeout), and the connection closes.
+//! assert_eq!(session.poll_timeout(), Some(start + Duration::from_secs(10)));
+//!
+//! // A transfer arrives at 1 s, with one fd.
+//! let bytes = encode(&Message::Transfer(Transfer::new(1, vec![
+//!     Segment::new("frame", 4096, Seals::SENDER_DEFAULT),
+//! ])))?;
+//! let now = start + Duration::from_secs(1);
+//! let datagram = Datagram { bytes: &bytes, fds: 1, payload_truncated: false, control_truncated: false };
+//! let Received::Inspect(unverified) = session.handle_datagram(now, &datagram) else { panic!() };
+//! // What the kernel says of the fd (a driver asks fstat, F_GET_SEALS, readlink).
+//! let verified = session.judge(unverified, &mut unknown_fd_facts(), |_index, facts| {
+//!     *facts = FdFacts {
+//!         kind: FileKind::Regular,
+//!         seals: Some(Seals::SENDER_DEFAULT),
+//!         size: 4096,
+//!         allocated: 4096,
+//!         link: b"/memfd:frame (deleted)".to_vec(),
+//!     };
+//!     Ok::<(), std::io::Error>(())
+//! })?;
+//! // A driver maps each fd with its Grant here, then delivers.
+//! assert_eq!(verified.grants()[0].size(), 4096);
+//! let delivered = session.deliver(verified);
+//! assert_eq!(session.mapped(), 4096); // until the grants (mappings) drop
+//! drop(delivered.grants);
+//! session.answer(delivered.ticket, Ok(()), now);
+//! let ack = session.poll_transmit().expect("the Ack");
+//! assert_eq!((ack.message.kind(), ack.message.id()), ("Ack", 1));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;

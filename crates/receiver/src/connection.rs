@@ -251,14 +251,19 @@ impl Connection {
     /// The next verified transfer, waiting for it; messages refused on the
     /// way are answered and skipped. `None` once nothing more will come.
     ///
-    /// ```no_run
+    /// ```
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let mut connection = sealpass_receiver::Listener::bind("/tmp/doc.sock")?.accept()?;
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
+    /// # let mut connection = listener.accept()?;
     /// while let Some(transfer) = connection.receive()? {
     ///     let first = transfer.segments().first().map(|s| s.bytes().len());
     ///     println!("transfer {}: first segment {first:?} bytes", transfer.id());
     ///     transfer.accept()?;
     /// }
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
     /// # Ok(())
     /// # }
     /// ```

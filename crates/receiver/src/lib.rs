@@ -2,11 +2,21 @@
 //! trust, verify each with the kernel (never the header), map it read-only
 //! and answer.
 //!
-//! ```no_run
+//! The decisions are [`sealpass_proto::Session`]'s, a state machine without
+//! I/O; this crate drives it with blocking calls: [`Listener`] and
+//! [`Connection`] for one peer at a time, [`Service`] for many at once.
+//! [`Connection::receive`] hands out owned [`IncomingTransfer`]s, and
+//! [`Connection::serve_one`] runs a handler on one:
+//!
+//! ```
 //! use sealpass_receiver::{Listener, Outcome};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let listener = Listener::bind("/run/user/1000/sealpass.sock")?;
+//! # let dir = tempfile::tempdir()?;
+//! # let socket = dir.path().join("doc.sock");
+//! # let path = socket.clone();
+//! # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", b"hello"));
+//! let listener = Listener::bind(&socket)?;
 //! let mut connection = listener.accept()?;
 //! while connection.is_open() {
 //!     let outcome = connection.serve_one(|transfer| {
@@ -20,11 +30,14 @@
 //!         eprintln!("refused: {reason}: {message}");
 //!     }
 //! }
+//! # assert!(sender.join().expect("sender")?.is_accepted());
 //! # Ok(())
 //! # }
 //! ```
 
 pub mod compat;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod connection;
 pub mod inspect;
 mod listener;

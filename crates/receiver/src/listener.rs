@@ -52,17 +52,22 @@ pub enum BindError {
 /// A listening socket. Dropping it removes the socket file, if the file at
 /// the path is still the one it created.
 ///
-/// ```no_run
+/// ```
 /// use sealpass_receiver::{Config, Listener};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let mut listener = Listener::bind("/run/user/1000/sealpass.sock")?;
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("doc.sock");
+/// # let path = socket.clone();
+/// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", b"hello"));
+/// let mut listener = Listener::bind(&socket)?;
 /// listener.set_config(Config::builder().max_segments(8).build()?);
 /// let mut connection = listener.accept()?;
 /// while let Some(transfer) = connection.receive()? {
 ///     println!("{} segments from {:?}", transfer.segments().len(), transfer.peer());
 ///     transfer.accept()?;
 /// }
+/// # assert!(sender.join().expect("sender")?.is_accepted());
 /// # Ok(())
 /// # }
 /// ```

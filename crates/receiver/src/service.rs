@@ -128,7 +128,34 @@ impl<H> Drop for Slot<H> {
     }
 }
 
-/// A receiving service. See the module documentation.
+/// A receiving service: many peers at once, each on its own thread, behind
+/// the access rules and limits of its listener's [`Config`].
+///
+/// ```
+/// use sealpass_receiver::{Config, Listener, Service};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("service.sock");
+/// let mut listener = Listener::bind(&socket)?;
+/// listener.set_config(Config::builder().max_connections(16).build()?);
+/// let service = Service::new(listener)?;
+/// let shutdown = service.shutdown_handle(); // or signal_fd() for SIGTERM
+/// let running = std::thread::spawn(move || {
+///     service.run(|delivery| {
+///         println!("connection {}: {} bytes from pid {}",
+///             delivery.connection, delivery.transfer.total_bytes(), delivery.peer.pid);
+///         Ok::<(), String>(()) // Err(..) or a panic: Reject(ApplicationRejected)
+///     })
+/// });
+/// let verdict = sealpass_sender::send_bytes(&socket, "frame", b"hello")?;
+/// assert!(verdict.is_accepted());
+/// shutdown.shutdown(); // stop accepting, answer what was sent, remove the socket
+/// running.join().expect("service")?;
+/// assert!(!socket.exists());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Service {
     listener: Listener,

@@ -20,6 +20,39 @@ use crate::connection::{AnswerError, Link};
 /// It can leave the connection's thread, outlive the answer, become a
 /// `bytes::Bytes` without a copy (feature `bytes`), or give up its fd to be
 /// forwarded ([`VerifiedSegment::into_fd`]).
+///
+/// ```
+/// use sealpass_sender::{Seals, SealedSegment, Sender};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("doc.sock");
+/// # let path = socket.clone();
+/// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", &[7; 4096]));
+/// let mut connection = sealpass_receiver::Listener::bind(&socket)?.accept()?;
+/// let transfer = connection.receive()?.expect("a transfer");
+/// let (mut segments, responder) = transfer.into_parts();
+/// responder.accept()?; // answered; the bytes are still ours
+/// let segment = segments.pop().expect("one segment");
+/// assert_eq!(segment.bytes(), &[7; 4096][..]);
+/// assert_eq!(connection.mapped(), 4096); // counted until dropped
+///
+/// // Pass the same sealed memfd on, untouched, to another receiver.
+/// let forwarded = SealedSegment::from_sealed_fd(segment.into_fd(), Seals::SENDER_DEFAULT)?;
+/// assert_eq!(connection.mapped(), 0);
+/// # let next = dir.path().join("next.sock");
+/// # let listener = sealpass_receiver::Listener::bind(&next)?;
+/// # let onward = std::thread::spawn(move || -> Result<(), sealpass_receiver::ServeError> {
+/// #     let transfer = listener.accept()?.receive()?.expect("forwarded");
+/// #     assert_eq!(transfer.segments()[0].bytes(), &[7; 4096][..]);
+/// #     Ok(transfer.accept()?)
+/// # });
+/// assert!(Sender::connect(&next)?.send(&[forwarded])?.is_accepted());
+/// # onward.join().expect("onward")?;
+/// # assert!(sender.join().expect("sender")?.is_accepted());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct VerifiedSegment {
     /// Confirmed by the kernel: its name, its size, and all its seals (which
@@ -84,6 +117,27 @@ impl VerifiedSegment {
     /// The bytes as a `bytes::Bytes`, without a copy: the `Bytes` owns this
     /// segment, mapping and budget share included, until its last clone
     /// drops.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let path = socket.clone();
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", b"hello, bytes"));
+    /// let mut connection = sealpass_receiver::Listener::bind(&socket)?.accept()?;
+    /// let transfer = connection.receive()?.expect("a transfer");
+    /// let (mut segments, responder) = transfer.into_parts();
+    /// let segment = segments.pop().expect("one segment");
+    /// let mapped_at = segment.bytes().as_ptr();
+    /// let bytes: bytes::Bytes = segment.into_bytes();
+    /// assert_eq!(bytes.as_ptr(), mapped_at); // the mapping itself, no copy
+    /// responder.accept()?;
+    /// let hello = bytes.slice(0..5);
+    /// assert_eq!(&hello[..], b"hello");
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "bytes")]
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from_owner(self)
@@ -161,9 +215,20 @@ impl Drop for Responder {
 /// application: it may be kept, queued, or moved to another thread, and
 /// answered before or after its bytes are dropped.
 ///
-/// ```no_run
+/// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// # let mut connection = sealpass_receiver::Listener::bind("/tmp/doc.sock")?.accept()?;
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("doc.sock");
+/// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+/// # let sender = std::thread::spawn(move || -> Result<(), sealpass_sender::SendError> {
+/// #     let mut sender = sealpass_sender::Sender::connect(&socket)?;
+/// #     for n in 0..4u8 {
+/// #         let segment = sealpass_sender::SealedSegment::filled("s", n, 4096, sealpass_sender::Seals::SENDER_DEFAULT)?;
+/// #         assert!(sender.send(&[segment])?.is_accepted());
+/// #     }
+/// #     Ok(())
+/// # });
+/// # let mut connection = listener.accept()?;
 /// let (work, results) = std::sync::mpsc::channel();
 /// let worker = std::thread::spawn(move || {
 ///     for transfer in results {
@@ -177,6 +242,7 @@ impl Drop for Responder {
 ///     work.send(transfer)?; // the connection reads on while the worker works
 /// }
 /// # drop(work); worker.join().ok();
+/// # sender.join().expect("sender")?;
 /// # Ok(())
 /// # }
 /// ```

@@ -246,27 +246,32 @@ fn recv_with_nofile(
 fn when_fds_run_short_new_work_is_refused_cleanly_and_service_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, socket) = recv_with_nofile(32, dir.path());
-    // Hold connections until the receiver runs out of fds and says so.
+    // Hold connections until the receiver runs out of fds and says so. Each
+    // connection sends a header without its fd: one being served answers
+    // FdCountMismatch and stays open; one refused at accept gets the refusal.
+    let probe = sealpass_proto::encode(&Message::Transfer(sealpass_proto::Transfer::new(
+        1,
+        vec![sealpass_proto::Segment::new(
+            "probe",
+            1,
+            Seals::SENDER_DEFAULT,
+        )],
+    )))
+    .unwrap();
     let mut held: Vec<OwnedFd> = Vec::new();
     let mut refused = None;
     for _ in 0..64 {
         let connection = fdpass::connect(&socket).unwrap();
-        fdpass::set_timeouts(connection.as_fd(), Some(Duration::from_millis(300)), None).unwrap();
-        let mut buffer = vec![0; 4096];
-        match fdpass::receive(
-            connection.as_fd(),
-            &mut buffer,
-            &mut fdpass::ControlBuffer::new(),
-        ) {
-            Ok(received) if received.len > 0 => {
-                refused = Some(
-                    sealpass_proto::decode(&buffer[..received.len])
-                        .unwrap()
-                        .message,
-                );
+        // A refused connection may be closed before the probe goes out.
+        let _ = fdpass::send(connection.as_fd(), &probe, &[]);
+        match answer_to(&connection) {
+            Some(Message::Reject(reject)) if reject.reason == RejectReason::FdCountMismatch => {
+                held.push(connection); // served, now silently waiting
+            }
+            other => {
+                refused = other;
                 break;
             }
-            _ => held.push(connection), // served, silently waiting for a message
         }
     }
     match refused {

@@ -141,11 +141,20 @@ impl AsFd for Sender {
 /// seals it ([`Seals::SENDER_DEFAULT`]), connects to the receiver at
 /// `socket`, hands it over and waits for the verdict.
 ///
-/// ```no_run
-/// # fn main() -> Result<(), sealpass_sender::SendError> {
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("doc.sock");
+/// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+/// # let receiver = std::thread::spawn(move || -> Result<(), sealpass_receiver::ServeError> {
+/// #     let transfer = listener.accept()?.receive()?.expect("a transfer");
+/// #     assert_eq!(transfer.segments()[0].bytes().len(), 1 << 20);
+/// #     Ok(transfer.accept()?)
+/// # });
 /// let frame = vec![0x80u8; 1 << 20];
-/// let verdict = sealpass_sender::send_bytes("/run/user/1000/sealpass.sock", "frame", &frame)?;
+/// let verdict = sealpass_sender::send_bytes(&socket, "frame", &frame)?;
 /// assert!(verdict.is_accepted(), "{verdict:?}");
+/// # receiver.join().expect("receiver")?;
 /// # Ok(())
 /// # }
 /// ```
@@ -183,6 +192,38 @@ pub(crate) fn connect_error(path: &Path, source: TransportError) -> SendError {
 ///
 /// After an error other than a `Reject`, the connection's state is unknown:
 /// drop the sender.
+///
+/// ```
+/// use sealpass_sender::{Seals, SealedSegment, Sender, Verdict};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("doc.sock");
+/// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+/// # let receiver = std::thread::spawn(move || -> Result<(), sealpass_receiver::ServeError> {
+/// #     let mut connection = listener.accept()?;
+/// #     while let Some(transfer) = connection.receive()? { transfer.accept()?; }
+/// #     Ok(())
+/// # });
+/// let mut sender = Sender::connect(&socket)?;
+/// // One at a time:
+/// let first = SealedSegment::from_bytes("first", b"one", Seals::SENDER_DEFAULT)?;
+/// assert_eq!(sender.send(&[first])?, Verdict::Accepted { id: 1 });
+/// // Pipelined: 16 in flight, verdicts oldest first.
+/// for n in 0..16 {
+///     let frame = SealedSegment::filled(&format!("frame-{n}"), n, 4096, Seals::SENDER_DEFAULT)?;
+///     sender.submit(&[frame])?;
+/// }
+/// let mut expected = 2;
+/// while sender.in_flight() > 0 {
+///     assert_eq!(sender.next_verdict()?, Verdict::Accepted { id: expected });
+///     expected += 1;
+/// }
+/// # drop(sender);
+/// # receiver.join().expect("receiver")?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Sender {
     socket: OwnedFd,

@@ -1,22 +1,31 @@
 //! The sending side of sealpass: put bytes into memfds, seal them, and hand
 //! them to a receiver in one message.
 //!
-//! ```no_run
+//! ```
 //! use sealpass_sender::{Seals, SealedSegment, Sender, Verdict};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let socket = dir.path().join("doc.sock");
+//! # let listener = sealpass_receiver::Listener::bind(&socket)?;
+//! # let receiver = std::thread::spawn(move || -> Result<(), sealpass_receiver::ServeError> {
+//! #     let mut connection = listener.accept()?;
+//! #     let transfer = connection.receive()?.expect("a transfer");
+//! #     Ok(transfer.accept()?)
+//! # });
 //! let frame = SealedSegment::with_mapping("frame-0001", 4 << 20, Seals::SENDER_DEFAULT, |pixels| {
 //!     pixels.fill(0x80); // render straight into the shared memory
 //!     Ok::<(), std::io::Error>(())
 //! })?;
 //! let text = SealedSegment::from_bytes("caption", b"hello", Seals::SENDER_DEFAULT)?;
 //!
-//! let mut sender = Sender::connect("/run/user/1000/sealpass.sock")?;
+//! let mut sender = Sender::connect(&socket)?;
 //! match sender.send(&[frame, text])? {
 //!     Verdict::Accepted { id } => println!("transfer {id} accepted"),
 //!     Verdict::Rejected { reason, message, .. } => eprintln!("rejected: {reason}: {message}"),
 //!     _ => {}
 //! }
+//! # receiver.join().expect("receiver")?;
 //! # Ok(())
 //! # }
 //! ```

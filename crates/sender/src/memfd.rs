@@ -114,6 +114,39 @@ pub enum SegmentError {
 }
 
 /// A memfd filled and sealed, ready to send. Dropping it closes the fd.
+///
+/// Every way to fill one ends before sealing, so the seal cannot fail on a
+/// writable mapping:
+///
+/// ```
+/// use sealpass_sender::{Seals, SealedSegment};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let seals = Seals::SENDER_DEFAULT; // SEAL | SHRINK | GROW | WRITE
+/// let copied = SealedSegment::from_bytes("caption", b"hello", seals)?;
+/// let filled = SealedSegment::filled("zeros", 0, 1 << 30, seals)?; // sparse: costs no memory
+/// let written = SealedSegment::with_mapping("frame", 4096, seals, |bytes| {
+///     bytes.fill(0x80); // straight into the shared pages
+///     Ok::<(), std::io::Error>(())
+/// })?;
+/// let streamed = SealedSegment::from_reader("stream", &mut &b"from any reader"[..], seals)?;
+/// # let file = tempfile::NamedTempFile::new()?;
+/// # std::fs::write(file.path(), b"from a file")?;
+/// let from_disk = SealedSegment::from_file("file", file.path(), seals)?; // copy_file_range
+///
+/// assert_eq!((copied.name(), copied.size()), ("caption", 5));
+/// assert_eq!(filled.size(), 1 << 30);
+/// assert_eq!((written.size(), streamed.size(), from_disk.size()), (4096, 15, 11));
+/// // The seals the kernel reports, which may be more than asked for
+/// // (MFD_NOEXEC_SEAL adds EXEC).
+/// assert!(copied.seals().contains(seals));
+///
+/// // A sealed memfd received from elsewhere can be sent on as it is.
+/// let again = SealedSegment::from_sealed_fd(copied.into_fd(), Seals::SENDER_DEFAULT)?;
+/// assert_eq!((again.name(), again.size()), ("caption", 5));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct SealedSegment {
     /// What the header declares: the name, the size, the seals the kernel holds.

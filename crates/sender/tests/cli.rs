@@ -315,22 +315,30 @@ fn a_receiver_that_dies_before_answering_means_delivery_unknown() {
 #[test]
 fn connect_timeout_waits_for_a_receiver_that_starts_late() {
     let (_dir, socket) = scratch();
-    let late = socket.clone();
-    let starter = thread::spawn(move || {
-        thread::sleep(std::time::Duration::from_millis(400));
-        receiver(&late)
-    });
-    let output = send(
-        &socket,
-        &["--connect-timeout", "20", "--fill", "a=A:1"],
-        b"",
-    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpass-send"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--connect-timeout", "20", "--fill", "a=A:1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The receiver starts only once the sender says it is waiting for one.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let first = lines.next().unwrap().unwrap();
     assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        first.contains(&format!(
+            "no receiver at {} yet; waiting up to 20s",
+            socket.display()
+        )),
+        "{first}"
     );
-    let (outcome, _) = starter.join().unwrap().recv().unwrap();
+    let reports = receiver(&socket);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let (outcome, _) = reports.recv().unwrap();
     assert!(matches!(outcome, Outcome::Accepted { .. }), "{outcome:?}");
 
     // Without it, an absent receiver is an immediate, clear failure.

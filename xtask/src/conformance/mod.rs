@@ -9,7 +9,6 @@
 //! and nonzero otherwise. CMD is split on whitespace (no shell quoting).
 //! With neither flag, this project's own binaries are checked.
 
-mod fixtures;
 mod receiver;
 mod sender;
 
@@ -18,7 +17,7 @@ use anyhow::bail;
 use crate::project::{self, Scratch};
 
 /// Results, one line per case.
-pub struct Report {
+pub(crate) struct Report {
     passed: usize,
     failed: Vec<String>,
     quiet: bool,
@@ -26,13 +25,13 @@ pub struct Report {
 
 impl Report {
     /// The names of the cases that failed.
-    pub fn failed(&self) -> &[String] {
+    pub(crate) fn failed(&self) -> &[String] {
         &self.failed
     }
 }
 
 impl Report {
-    fn record(&mut self, name: &str, result: fixtures::Fallible<()>) {
+    fn record(&mut self, name: &str, result: Result<(), String>) {
         match result {
             Ok(()) => {
                 self.passed += 1;
@@ -54,7 +53,7 @@ fn words(command: &str) -> Vec<String> {
     command.split_whitespace().map(str::to_owned).collect()
 }
 
-pub fn run(args: &[String]) -> anyhow::Result<()> {
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let mut receiver = None;
     let mut sender = None;
     let mut rest = args.iter();
@@ -86,7 +85,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
 
 /// Runs the cases for whichever of the two commands is given, printing a
 /// line per case and a closing count unless `quiet`.
-pub fn check(
+pub(crate) fn check(
     receiver: Option<Vec<String>>,
     sender: Option<Vec<String>>,
     quiet: bool,
@@ -110,7 +109,7 @@ pub fn check(
                 Err(format!("{error:#}")),
             );
         }
-        for (reason, why) in receiver::NOT_PROVOKED {
+        for (reason, why) in sealpass_receiver::conformance::NOT_PROVOKED {
             say(format!("note: {reason} is not provoked: {why}"));
         }
     }

@@ -15,7 +15,7 @@ use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, decode, 
 use sealpass_receiver::inspect;
 
 use super::Report;
-use super::fixtures::{Fallible, PATIENCE, framed_exact, memfd};
+use sealpass_receiver::conformance::fixtures::{Fallible, PATIENCE, framed_exact, memfd};
 
 /// How the scripted receiver answers.
 #[derive(Clone, Copy)]
@@ -247,7 +247,7 @@ fn scenario(
     }
 }
 
-pub fn check(command: &[String], scratch: &Path, report: &mut Report) {
+pub(crate) fn check(command: &[String], scratch: &Path, report: &mut Report) {
     for (index, (name, answering, outcome)) in SCENARIOS.iter().enumerate() {
         report.record(
             &format!("sender/{name}"),

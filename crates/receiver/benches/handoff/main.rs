@@ -61,13 +61,13 @@ unsafe impl GlobalAlloc for CountingAllocator {
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Heap allocations so far in this process.
-pub fn allocations() -> u64 {
+pub(crate) fn allocations() -> u64 {
     ALLOCATIONS.load(Ordering::Relaxed)
 }
 
 /// Touches every byte, at memory speed: the reader's cost of consuming the
 /// data, the same function on every path.
-pub fn checksum(bytes: &[u8]) -> u64 {
+pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let words = bytes.chunks_exact(8);
     let tail: u64 = words.remainder().iter().map(|&b| u64::from(b)).sum();
     words.fold(tail, |sum, word| {
@@ -80,7 +80,7 @@ static ALLOWED_CPUS: OnceLock<CpuSet> = OnceLock::new();
 
 /// Pins this process to `cpu`, or with `None` gives it back the CPUs it
 /// started with.
-pub fn pin_to_cpu(cpu: Option<usize>) {
+pub(crate) fn pin_to_cpu(cpu: Option<usize>) {
     let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
     let set = match cpu {
         Some(cpu) => {

@@ -16,7 +16,7 @@ use sealpass_sender::{SealedSegment, Sender};
 
 use crate::{allocations, peer};
 
-pub struct Peer {
+pub(crate) struct Peer {
     child: Option<Child>,
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -25,7 +25,7 @@ pub struct Peer {
 impl Peer {
     /// Starts `role` with `parameter`, on `cpu` if given, and waits until it
     /// listens.
-    pub fn start(role: &str, parameter: usize, cpu: Option<usize>) -> Peer {
+    pub(crate) fn start(role: &str, parameter: usize, cpu: Option<usize>) -> Peer {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("bench.sock");
         if role == "pipe" {
@@ -66,7 +66,7 @@ impl Peer {
 
     /// Waits for the peer to end (the caller closed its connection first)
     /// and returns the `key=value` lines it printed.
-    pub fn finish(mut self) -> HashMap<String, f64> {
+    pub(crate) fn finish(mut self) -> HashMap<String, f64> {
         let child = self.child.take().unwrap();
         let output = child.wait_with_output().unwrap();
         assert!(output.status.success(), "bench peer failed");
@@ -90,7 +90,7 @@ impl Drop for Peer {
 }
 
 /// Mean time per iteration of `step` in µs, after a warm-up.
-pub fn per_op(iterations: usize, mut step: impl FnMut()) -> f64 {
+pub(crate) fn per_op(iterations: usize, mut step: impl FnMut()) -> f64 {
     for _ in 0..iterations.div_ceil(10) {
         step();
     }
@@ -102,7 +102,7 @@ pub fn per_op(iterations: usize, mut step: impl FnMut()) -> f64 {
 }
 
 /// Bare `sendmsg`/`recvmsg` round trip carrying `fds` fds and 64 bytes.
-pub fn floor(fds: usize, iterations: usize, cpu: Option<usize>) -> f64 {
+pub(crate) fn floor(fds: usize, iterations: usize, cpu: Option<usize>) -> f64 {
     let peer = Peer::start("floor", 0, cpu);
     let connection = fdpass::connect(&peer.socket).unwrap();
     let memfd = SealedSegment::filled("floor", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
@@ -117,7 +117,7 @@ pub fn floor(fds: usize, iterations: usize, cpu: Option<usize>) -> f64 {
 
 /// Bare one-way messages per second, each with one fd and 64 bytes, the
 /// sender never waiting for more than the socket's own flow control.
-pub fn floor_one_way_rate(messages: usize) -> f64 {
+pub(crate) fn floor_one_way_rate(messages: usize) -> f64 {
     let peer = Peer::start("floor-sink", messages, None);
     let connection = fdpass::connect(&peer.socket).unwrap();
     let memfd = SealedSegment::filled("floor", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
@@ -136,7 +136,7 @@ pub fn floor_one_way_rate(messages: usize) -> f64 {
 }
 
 /// What one handoff measurement saw.
-pub struct Handoff {
+pub(crate) struct Handoff {
     pub micros: f64,
     /// Heap allocations per message in the sending process.
     pub sender_allocations: f64,
@@ -147,7 +147,7 @@ pub struct Handoff {
 /// A pre-sealed segment handed over `iterations` times; with a reading
 /// `role`, the receiver reads every byte (filling stays outside the timing,
 /// as it does for the copy baselines' pre-filled source).
-pub fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<usize>) -> Handoff {
+pub(crate) fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<usize>) -> Handoff {
     let peer = Peer::start(role, 0, cpu);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     let segment =
@@ -172,7 +172,7 @@ pub fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<usize>) -
     }
 }
 
-pub fn end_to_end(size: usize, iterations: usize) -> f64 {
+pub(crate) fn end_to_end(size: usize, iterations: usize) -> f64 {
     let peer = Peer::start("sealpass-read", 0, None);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     per_op(iterations, || {
@@ -182,7 +182,7 @@ pub fn end_to_end(size: usize, iterations: usize) -> f64 {
     })
 }
 
-pub fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
+pub(crate) fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
     let peer = Peer::start("stream", source.len(), None);
     let mut connection = File::from(fdpass::connect_stream(&peer.socket).unwrap());
     let mut ack = [0u8; 1];
@@ -192,7 +192,7 @@ pub fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
     })
 }
 
-pub fn pipe_copy(iterations: usize, source: &[u8]) -> f64 {
+pub(crate) fn pipe_copy(iterations: usize, source: &[u8]) -> f64 {
     let peer = Peer::start("pipe", source.len(), None);
     let mut data = File::options()
         .write(true)
@@ -206,7 +206,7 @@ pub fn pipe_copy(iterations: usize, source: &[u8]) -> f64 {
     })
 }
 
-pub fn memcpy(iterations: usize, source: &[u8]) -> f64 {
+pub(crate) fn memcpy(iterations: usize, source: &[u8]) -> f64 {
     let mut target = vec![0u8; source.len()];
     per_op(iterations, || {
         target.copy_from_slice(black_box(source));
@@ -217,7 +217,7 @@ pub fn memcpy(iterations: usize, source: &[u8]) -> f64 {
 /// The receiver's memory when handed one segment of `size` bytes, read or
 /// not: peak RSS before and after, and the resident anonymous and shared
 /// pages while the mapping is held. KiB.
-pub fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
+pub(crate) fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
     let peer = Peer::start(if read { "memory-read" } else { "memory" }, 0, None);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     let segment =
@@ -229,7 +229,7 @@ pub fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
 
 /// Messages per second through one connection, each carrying `segments`
 /// pre-sealed 4 KiB segments, with up to `window` transfers in flight.
-pub fn pipelined_rate(segments: usize, messages: usize, window: usize) -> f64 {
+pub(crate) fn pipelined_rate(segments: usize, messages: usize, window: usize) -> f64 {
     let peer = Peer::start("sealpass", 0, None);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     let list: Vec<SealedSegment> = (0..segments)

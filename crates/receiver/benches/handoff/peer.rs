@@ -13,14 +13,14 @@ use sealpass_receiver::{Config, Listener};
 
 use crate::{allocations, checksum, pin_to_cpu};
 
-pub const ROLE: &str = "SEALPASS_BENCH_PEER";
-pub const SOCKET: &str = "SEALPASS_BENCH_SOCKET";
+pub(crate) const ROLE: &str = "SEALPASS_BENCH_PEER";
+pub(crate) const SOCKET: &str = "SEALPASS_BENCH_SOCKET";
 /// Bytes per message for the copy roles; messages per batch for the sink.
-pub const PARAMETER: &str = "SEALPASS_BENCH_PARAMETER";
+pub(crate) const PARAMETER: &str = "SEALPASS_BENCH_PARAMETER";
 /// Pin the peer to this CPU (the one-CPU regime).
-pub const CPU: &str = "SEALPASS_BENCH_CPU";
+pub(crate) const CPU: &str = "SEALPASS_BENCH_CPU";
 
-pub fn run(role: &str) {
+pub(crate) fn run(role: &str) {
     let socket = PathBuf::from(std::env::var_os(SOCKET).unwrap());
     let parameter: usize = std::env::var(PARAMETER).unwrap().parse().unwrap();
     if let Some(cpu) = std::env::var(CPU).ok().and_then(|cpu| cpu.parse().ok()) {

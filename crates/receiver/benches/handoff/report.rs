@@ -5,14 +5,14 @@ use std::path::Path;
 use plotters::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
-pub struct Stat {
+pub(crate) struct Stat {
     pub median: f64,
     pub min: f64,
     pub max: f64,
 }
 
 impl Stat {
-    pub fn of(mut samples: Vec<f64>) -> Stat {
+    pub(crate) fn of(mut samples: Vec<f64>) -> Stat {
         assert!(!samples.is_empty(), "no samples");
         samples.sort_by(f64::total_cmp);
         Stat {
@@ -29,7 +29,7 @@ impl Stat {
 
 /// Where sender and receiver ran.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Regime {
+pub(crate) enum Regime {
     /// Unpinned: the scheduler puts the two processes on different CPUs.
     TwoCpus,
     /// Both processes pinned to one CPU: no cross-CPU wakeup, so sealpass's
@@ -46,7 +46,7 @@ impl Regime {
     }
 }
 
-pub struct Row {
+pub(crate) struct Row {
     pub regime: Regime,
     pub method: String,
     pub bytes: Option<usize>,
@@ -58,7 +58,7 @@ pub struct Row {
 
 /// What a closing figure should be.
 #[derive(Clone, Copy, Debug)]
-pub enum Target {
+pub(crate) enum Target {
     AtMost(f64),
     AtLeast(f64),
     Below(f64),
@@ -83,19 +83,19 @@ impl Target {
 }
 
 /// A closing ratio or figure, with the target it answers if any.
-pub struct Line {
+pub(crate) struct Line {
     pub what: String,
     pub value: f64,
     pub target: Option<Target>,
 }
 
 #[derive(Default)]
-pub struct Report {
+pub(crate) struct Report {
     pub rows: Vec<Row>,
     pub lines: Vec<Line>,
 }
 
-pub fn human(size: usize) -> String {
+pub(crate) fn human(size: usize) -> String {
     match size {
         s if s >= 1 << 30 => format!("{} GiB", s >> 30),
         s if s >= 1 << 20 => format!("{} MiB", s >> 20),
@@ -104,7 +104,7 @@ pub fn human(size: usize) -> String {
 }
 
 impl Report {
-    pub fn row(
+    pub(crate) fn row(
         &mut self,
         regime: Regime,
         method: impl Into<String>,
@@ -124,7 +124,7 @@ impl Report {
     }
 
     /// A closing figure, and the target it answers if any.
-    pub fn line(&mut self, what: impl Into<String>, value: f64, target: Option<Target>) {
+    pub(crate) fn line(&mut self, what: impl Into<String>, value: f64, target: Option<Target>) {
         self.lines.push(Line {
             what: what.into(),
             value,
@@ -132,7 +132,7 @@ impl Report {
         });
     }
 
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         println!(
             "{:<7} {:<62} {:>8} {:>12} {:>24} {:>7} {:>8}",
             "regime", "method", "size", "median", "spread", "unit", "x floor"
@@ -169,7 +169,7 @@ impl Report {
         }
     }
 
-    pub fn json(&self, runs: usize, quick: bool) -> serde_json::Value {
+    pub(crate) fn json(&self, runs: usize, quick: bool) -> serde_json::Value {
         let rows: Vec<_> = self
             .rows
             .iter()
@@ -210,7 +210,7 @@ impl Report {
 
     /// Time against size, both axes logarithmic, one line per method measured at
     /// several sizes in µs.
-    pub fn plot(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    pub(crate) fn plot(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
         for row in &self.rows {
             let (Some(bytes), "µs") = (row.bytes, row.unit) else {

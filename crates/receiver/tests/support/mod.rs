@@ -15,7 +15,7 @@ use sealpass_sender::{SealedSegment, Sender, Verdict};
 /// CI machines are slow and shared; passing tests never wait this long.
 const SETTLE: Duration = Duration::from_secs(10);
 
-pub struct RecvProcess {
+pub(crate) struct RecvProcess {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
@@ -25,13 +25,13 @@ pub struct RecvProcess {
 }
 
 impl RecvProcess {
-    pub fn start(extra: &[&str]) -> RecvProcess {
+    pub(crate) fn start(extra: &[&str]) -> RecvProcess {
         Self::start_with(extra, Stdio::null())
     }
 
     /// Starts the receiver; returns once it logs that it is listening, with
     /// everything it holds while idle in place.
-    pub fn start_with(extra: &[&str], stdout: Stdio) -> RecvProcess {
+    pub(crate) fn start_with(extra: &[&str], stdout: Stdio) -> RecvProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("recv.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
@@ -75,12 +75,12 @@ impl RecvProcess {
     }
 
     /// The log line that said the receiver listens.
-    pub fn started_line(&self) -> &str {
+    pub(crate) fn started_line(&self) -> &str {
         &self.started
     }
 
     /// Asks the receiver to stop, as an operator would (SIGTERM).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -89,12 +89,12 @@ impl RecvProcess {
     }
 
     /// The log lines received so far and not yet waited for.
-    pub fn drain_log(&self) -> Vec<String> {
+    pub(crate) fn drain_log(&self) -> Vec<String> {
         self.log.try_iter().collect()
     }
 
     /// Waits for a log line containing `text`; returns it.
-    pub fn wait_for_log(&self, text: &str) -> String {
+    pub(crate) fn wait_for_log(&self, text: &str) -> String {
         let deadline = Instant::now() + SETTLE;
         loop {
             match self
@@ -108,25 +108,25 @@ impl RecvProcess {
         }
     }
 
-    pub fn socket(&self) -> &Path {
+    pub(crate) fn socket(&self) -> &Path {
         &self.socket
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         &mut self.child
     }
 
     /// The receiver's open fds when it serves no connection.
-    pub fn idle_fds(&self) -> usize {
+    pub(crate) fn idle_fds(&self) -> usize {
         self.idle_fds
     }
 
     /// The receiver's open fds, from /proc/PID/fd.
-    pub fn open_fds(&self) -> usize {
+    pub(crate) fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .unwrap()
             .count()
@@ -134,7 +134,7 @@ impl RecvProcess {
 
     /// Waits until the receiver's open-fd count is `expected` (it closes a
     /// peer's socket only after seeing the peer close).
-    pub fn wait_for_open_fds(&self, expected: usize, case: &str) {
+    pub(crate) fn wait_for_open_fds(&self, expected: usize, case: &str) {
         let deadline = Instant::now() + SETTLE;
         loop {
             let now = self.open_fds();
@@ -158,7 +158,7 @@ impl Drop for RecvProcess {
 }
 
 /// A valid transfer on a new connection must be accepted.
-pub fn send_valid(receiver: &RecvProcess) {
+pub(crate) fn send_valid(receiver: &RecvProcess) {
     let mut sender = Sender::connect(receiver.socket()).unwrap();
     let segment = SealedSegment::filled("valid", b'v', 4096, Seals::SENDER_DEFAULT).unwrap();
     let verdict = sender.send(&[segment]).unwrap();
@@ -167,7 +167,7 @@ pub fn send_valid(receiver: &RecvProcess) {
 }
 
 /// The next message on `connection`, or `None` once it is closed.
-pub fn answer_to(connection: &OwnedFd) -> Option<Message> {
+pub(crate) fn answer_to(connection: &OwnedFd) -> Option<Message> {
     fdpass::set_timeouts(connection.as_fd(), Some(SETTLE), None).unwrap();
     let mut buffer = vec![0; MAX_MESSAGE_LEN];
     let received =

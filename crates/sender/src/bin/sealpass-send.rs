@@ -195,6 +195,16 @@ fn check_socket_path(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Whether connecting failed because the receiver is not listening yet (no
+/// socket, or nobody accepting), which `--connect-timeout` waits out.
+fn receiver_not_up_yet(error: &SendError) -> bool {
+    matches!(
+        error,
+        SendError::Connect { source, .. }
+            if matches!(source.errno(), Some(Errno::ENOENT | Errno::ECONNREFUSED))
+    )
+}
+
 /// What to do about a failure, where the cause suggests it.
 fn hint(error: &anyhow::Error, cli: &Cli) -> Option<String> {
     let SendError::Connect { path, source } = error.downcast_ref::<SendError>()? else {
@@ -254,9 +264,16 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let mut sender = match patience {
-        Some(patience) => Sender::connect_with_retry(&cli.socket, patience)?,
-        None => Sender::connect(&cli.socket)?,
+    let mut sender = match (Sender::connect(&cli.socket), patience) {
+        (Ok(sender), _) => sender,
+        (Err(error), Some(patience)) if receiver_not_up_yet(&error) => {
+            eprintln!(
+                "sealpass-send: no receiver at {} yet; waiting up to {patience:?}",
+                cli.socket.display()
+            );
+            Sender::connect_with_retry(&cli.socket, patience)?
+        }
+        (Err(error), _) => return Err(error.into()),
     };
     sender.set_answer_timeout(seconds(cli.answer_timeout))?;
     let handoff_started = Instant::now();

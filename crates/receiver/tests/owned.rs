@@ -1,0 +1,320 @@
+//! Owned deliveries across real processes: transfers kept, moved to other
+//! threads, answered out of order or not at all, bytes that outlive the
+//! answer, `bytes::Bytes` without a copy, and a sealed fd forwarded to a
+//! third process. The peers are this test binary, run again in a role.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+
+use sealpass_receiver::{Config, Listener, RejectReason, Seals};
+use sealpass_sender::{SealedSegment, Sender, Verdict};
+
+const ROLE: &str = "SEALPASS_TEST_ROLE";
+const SOCKET: &str = "SEALPASS_TEST_SOCKET";
+const SIZE: usize = 1 << 20;
+
+/// The byte at `offset` of transfer `id`'s segment.
+fn pattern(id: u64, offset: usize) -> u8 {
+    (offset as u64).wrapping_mul(31).wrapping_add(id) as u8
+}
+
+fn filled(name: &str, id: u64) -> SealedSegment {
+    SealedSegment::with_mapping(name, SIZE as u64, Seals::SENDER_DEFAULT, |bytes| {
+        for (offset, byte) in bytes.iter_mut().enumerate() {
+            *byte = pattern(id, offset);
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .unwrap()
+}
+
+fn check_bytes(id: u64, bytes: &[u8]) {
+    assert_eq!(bytes.len(), SIZE);
+    assert!(
+        bytes
+            .iter()
+            .enumerate()
+            .all(|(offset, &byte)| byte == pattern(id, offset)),
+        "transfer {id}: bytes differ"
+    );
+}
+
+/// A peer process, killed if the test fails before it is finished.
+struct Peer(Option<Child>);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Peer {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().unwrap()
+    }
+}
+
+/// This binary, run again as a peer in `role`, at `socket`. Its stdout is
+/// piped back: one line per event.
+fn peer(role: &str, socket: &Path) -> Peer {
+    Peer(Some(spawn_peer(role, socket)))
+}
+
+fn spawn_peer(role: &str, socket: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "peer_roles",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(ROLE, role)
+        .env(SOCKET, socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The lines a peer printed (its own, not the test harness's), once it exits
+/// successfully.
+fn finish(mut peer: Peer) -> Vec<String> {
+    let output = peer.0.take().unwrap().wait_with_output().unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "peer failed: {}: {stdout}",
+        output.status
+    );
+    stdout.lines().filter_map(said).collect()
+}
+
+/// What a peer said on `line`, if anything: the harness may print the
+/// test's name before it on the same line.
+fn said(line: &str) -> Option<String> {
+    line.split_once("peer: ").map(|(_, said)| said.to_owned())
+}
+
+fn describe(verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Accepted { id } => format!("{id} Ack"),
+        Verdict::Rejected {
+            id,
+            reason,
+            message,
+        } => format!("{id} Reject {reason}: {message}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The peers. Does nothing unless run as one by [`peer`].
+#[test]
+fn peer_roles() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let socket = std::env::var_os(SOCKET).unwrap();
+    match role.as_str() {
+        // Four transfers in flight, then their verdicts in order.
+        "pipelining-sender" => {
+            let mut sender = Sender::connect(&socket).unwrap();
+            for id in 1..=4 {
+                assert_eq!(sender.submit(&[filled(&format!("t{id}"), id)]).unwrap(), id);
+            }
+            for _ in 1..=4 {
+                println!("peer: {}", describe(&sender.next_verdict().unwrap()));
+            }
+        }
+        "one-sender" => {
+            let verdict = Sender::connect(&socket)
+                .unwrap()
+                .send(&[filled("frame", 7)])
+                .unwrap();
+            println!("peer: {}", describe(&verdict));
+        }
+        // The third process: receives what is forwarded to it and checks it.
+        "checking-receiver" => {
+            let listener = Listener::bind(&socket).unwrap();
+            println!("peer: listening");
+            let mut connection = listener.accept().unwrap();
+            let transfer = connection.receive().unwrap().unwrap();
+            let segment = &transfer.segments()[0];
+            check_bytes(7, segment.bytes());
+            println!(
+                "peer: got {} ({} bytes) from pid {}",
+                segment.name(),
+                segment.size(),
+                transfer.peer().unwrap().pid
+            );
+            transfer.accept().unwrap();
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn transfers_move_to_a_worker_and_answers_keep_their_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("owned.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let sender = peer("pipelining-sender", &socket);
+    let mut connection = listener.accept().unwrap();
+
+    // The connection thread only receives; a worker holds the transfers.
+    let (to_worker, inbox) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let mut held: Vec<sealpass_receiver::IncomingTransfer> = inbox.iter().collect();
+        assert_eq!(held.len(), 4);
+        for transfer in &held {
+            check_bytes(transfer.id(), transfer.segments()[0].bytes());
+        }
+        let four = held.pop().unwrap();
+        let three = held.pop().unwrap();
+        let two = held.pop().unwrap();
+        let one = held.pop().unwrap();
+        // Out of order: 4 and 3 first (they wait), 2 is dropped unanswered.
+        four.accept().unwrap();
+        three.reject("three is not wanted").unwrap();
+        drop(two);
+        one.accept().unwrap();
+    });
+    for _ in 0..4 {
+        let transfer = connection.receive().unwrap().expect("a transfer");
+        to_worker.send(transfer).unwrap();
+    }
+    drop(to_worker);
+    worker.join().unwrap();
+    assert_eq!(
+        finish(sender),
+        [
+            "1 Ack",
+            "2 Reject ApplicationRejected: the receiving application dropped the transfer without answering",
+            "3 Reject ApplicationRejected: three is not wanted",
+            "4 Ack",
+        ]
+    );
+    assert!(
+        connection.receive().unwrap().is_none(),
+        "the sender is gone"
+    );
+    assert_eq!(connection.mapped(), 0);
+}
+
+#[test]
+fn bytes_outlive_the_answer_and_stay_counted_until_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("outlive.sock");
+    let mut listener = Listener::bind(&socket).unwrap();
+    listener.set_config(
+        Config::builder()
+            .max_mapped_per_connection(SIZE as u64)
+            .build()
+            .unwrap(),
+    );
+    let sender = peer("one-sender", &socket);
+    let mut connection = listener.accept().unwrap();
+    let transfer = connection.receive().unwrap().unwrap();
+    let (segments, responder) = transfer.into_parts();
+    responder.accept().unwrap();
+    // The sender has its Ack and is gone, its fds closed; the bytes stay.
+    assert_eq!(finish(sender), ["1 Ack"]);
+    assert_eq!(connection.mapped(), SIZE as u64, "counted while held");
+    let keeper = std::thread::spawn(move || {
+        check_bytes(7, segments[0].bytes());
+        segments
+    });
+    let segments = keeper.join().unwrap();
+    drop(segments);
+    assert_eq!(connection.mapped(), 0, "given back when dropped");
+}
+
+#[cfg(feature = "bytes")]
+#[test]
+fn a_segment_becomes_bytes_without_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("bytes.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let sender = peer("one-sender", &socket);
+    let mut connection = listener.accept().unwrap();
+    let transfer = connection.receive().unwrap().unwrap();
+    let (mut segments, responder) = transfer.into_parts();
+    let segment = segments.pop().unwrap();
+    let mapped_at = segment.bytes().as_ptr();
+    let bytes = segment.into_bytes();
+    assert_eq!(bytes.as_ptr(), mapped_at, "the same pages, not a copy");
+    responder.accept().unwrap();
+    assert_eq!(finish(sender), ["1 Ack"]);
+    let clone = bytes.slice(10..20);
+    let reader = std::thread::spawn(move || check_bytes(7, &bytes));
+    reader.join().unwrap();
+    assert_eq!(connection.mapped(), SIZE as u64, "a clone still holds it");
+    assert_eq!(clone[0], pattern(7, 10));
+    drop(clone);
+    assert_eq!(connection.mapped(), 0);
+}
+
+#[test]
+fn a_sealed_segment_is_forwarded_to_a_third_process_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbound = dir.path().join("in.sock");
+    let outbound = dir.path().join("out.sock");
+    let listener = Listener::bind(&inbound).unwrap();
+    let origin = peer("one-sender", &inbound);
+    let mut destination = peer("checking-receiver", &outbound);
+    let mut said_lines = BufReader::new(destination.child().stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| said(&line));
+    assert_eq!(said_lines.next().as_deref(), Some("listening"));
+
+    let mut connection = listener.accept().unwrap();
+    let transfer = connection.receive().unwrap().unwrap();
+    let (mut segments, responder) = transfer.into_parts();
+    let fd = segments.pop().unwrap().into_fd();
+    assert_eq!(connection.mapped(), 0, "the mapping went with into_fd");
+    let forwarded = SealedSegment::from_sealed_fd(fd, Seals::SENDER_DEFAULT).unwrap();
+    assert_eq!((forwarded.name(), forwarded.size()), ("frame", SIZE as u64));
+    let verdict = Sender::connect(&outbound)
+        .unwrap()
+        .send(&[forwarded])
+        .unwrap();
+    assert!(verdict.is_accepted(), "{verdict:?}");
+    responder.accept().unwrap();
+    assert_eq!(finish(origin), ["1 Ack"]);
+    assert_eq!(
+        said_lines.next(),
+        Some(format!(
+            "got frame ({SIZE} bytes) from pid {}",
+            std::process::id()
+        ))
+    );
+    assert!(destination.child().wait().unwrap().success());
+}
+
+#[test]
+fn an_unsealed_or_foreign_fd_is_not_forwarded() {
+    let (pipe, _writer) = nix::unistd::pipe().unwrap();
+    assert!(SealedSegment::from_sealed_fd(pipe, Seals::empty()).is_err());
+    let loose = SealedSegment::filled("loose", 1, 10, Seals::GROW)
+        .unwrap()
+        .into_fd();
+    let error = SealedSegment::from_sealed_fd(loose, Seals::SENDER_DEFAULT).unwrap_err();
+    assert!(error.to_string().contains("missing"), "{error}");
+}
+
+#[test]
+fn a_reason_by_any_spelling_is_the_reason() {
+    assert_eq!(RejectReason::Unknown(17), RejectReason::ApplicationRejected);
+}
