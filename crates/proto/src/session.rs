@@ -53,10 +53,10 @@
 //!     Ok::<(), std::io::Error>(())
 //! })?;
 //! // A driver maps each fd with its Grant here, then delivers.
-//! assert_eq!(verified.grants()[0].size(), 4096);
+//! assert_eq!(verified.grants().map(|grant| grant.size()).sum::<u64>(), 4096);
 //! let delivered = session.deliver(verified);
-//! assert_eq!(session.mapped(), 4096); // until the grants (mappings) drop
-//! drop(delivered.grants);
+//! assert_eq!(session.mapped(), 4096); // until the reservation (the mappings') drops
+//! drop(delivered.reservation);
 //! session.answer(delivered.ticket, Ok(()), now);
 //! let ack = session.poll_transmit().expect("the Ack");
 //! assert_eq!((ack.message.kind(), ack.message.id()), ("Ack", 1));
@@ -250,31 +250,24 @@ impl Unverified {
     }
 }
 
-/// One segment the kernel vouched for, with its share of the memory
-/// budgets: the proof a driver must show to map an fd. Only
-/// [`Session::judge`] makes one.
-#[derive(Debug)]
-pub struct Grant {
-    confirmed: Segment,
-    reservation: Reservation,
+/// One segment the kernel vouched for: the proof a driver must show to map
+/// an fd. Only a [`Verified`] transfer hands them out, and only
+/// [`Session::judge`] makes one of those.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a> {
+    confirmed: &'a Segment,
 }
 
-impl Grant {
+impl Grant<'_> {
     /// The segment as the kernel reported it: its name, its size (the bytes
     /// to map, final since SHRINK and GROW are sealed) and all its seals.
     pub fn segment(&self) -> &Segment {
-        &self.confirmed
+        self.confirmed
     }
 
     /// The bytes to map.
     pub fn size(&self) -> u64 {
         self.confirmed.size
-    }
-
-    /// The segment and its reservation, to be kept together while the
-    /// mapping lives.
-    pub fn into_parts(self) -> (Segment, Reservation) {
-        (self.confirmed, self.reservation)
     }
 }
 
@@ -285,7 +278,8 @@ impl Grant {
 pub struct Verified {
     id: u64,
     version: Version,
-    grants: Vec<Grant>,
+    confirmed: Vec<Segment>,
+    reservation: Reservation,
 }
 
 impl Verified {
@@ -300,8 +294,8 @@ impl Verified {
     }
 
     /// One grant per fd, in order.
-    pub fn grants(&self) -> &[Grant] {
-        &self.grants
+    pub fn grants(&self) -> impl ExactSizeIterator<Item = Grant<'_>> {
+        self.confirmed.iter().map(|confirmed| Grant { confirmed })
     }
 }
 
@@ -332,8 +326,11 @@ pub struct Delivered {
     pub id: u64,
     /// The sender's protocol version.
     pub version: Version,
-    /// One grant per fd, in order, as judged.
-    pub grants: Vec<Grant>,
+    /// The segments as the kernel reported them, in order.
+    pub segments: Vec<Segment>,
+    /// The transfer's bytes in the budgets; split it per segment
+    /// ([`Reservation::split_off`]) so each is given back with its mapping.
+    pub reservation: Reservation,
 }
 
 /// An answer to put on the wire.
@@ -599,18 +596,12 @@ impl Session {
             declared.size = scratch.size;
             total = total.saturating_add(scratch.size);
         }
-        let mut reservation = self.reserve(id, total)?;
-        let grants = confirmed
-            .into_iter()
-            .map(|segment| Grant {
-                reservation: reservation.split_off(segment.size),
-                confirmed: segment,
-            })
-            .collect();
+        let reservation = self.reserve(id, total)?;
         Ok(Verified {
             id,
             version,
-            grants,
+            confirmed,
+            reservation,
         })
     }
 
@@ -657,9 +648,9 @@ impl Session {
             RejectReason::MapFailed
         };
         let (name, size) = verified
-            .grants
+            .confirmed
             .get(index)
-            .map(|grant| (grant.confirmed.name.as_str(), grant.confirmed.size))
+            .map(|segment| (segment.name.as_str(), segment.size))
             .unwrap_or_default();
         let reject = Reject::new(
             verified.id,
@@ -689,7 +680,8 @@ impl Session {
             },
             id: verified.id,
             version: verified.version,
-            grants: verified.grants,
+            segments: verified.confirmed,
+            reservation: verified.reservation,
         }
     }
 

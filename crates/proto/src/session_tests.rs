@@ -418,6 +418,13 @@ fn every_reason_code_comes_from_the_state_machine() {
             })
             .unwrap();
         assert_eq!(session.mapped(), 4096, "reserved before mapping");
+        assert_eq!(
+            verified
+                .grants()
+                .map(|grant| grant.size())
+                .collect::<Vec<_>>(),
+            [4096]
+        );
         let reject = session.map_failed(verified, 0, &error);
         assert_eq!(
             (reject.id, reject.reason),
@@ -523,9 +530,13 @@ fn the_budget_shared_by_all_connections_counts_every_live_mapping() {
     assert_eq!(second.mapped(), 0, "the refused one holds nothing");
     // Each segment's share is given back when that segment's mapping goes,
     // whether or not the transfer was answered yet.
-    let Delivered { ticket, grants, .. } = held;
+    let Delivered {
+        ticket,
+        reservation,
+        ..
+    } = held;
     assert_eq!(first.mapped(), 6000);
-    drop(grants);
+    drop(reservation);
     assert_eq!((total.in_use(), first.mapped()), (0, 0));
     first.answer(ticket, Ok(()), now);
     let _held = offer(
@@ -566,14 +577,15 @@ fn segments_reserve_separately_and_give_back_separately() {
         ],
     )
     .unwrap();
-    let sizes: Vec<u64> = delivered.grants.iter().map(Grant::size).collect();
+    let sizes: Vec<u64> = delivered.segments.iter().map(|s| s.size).collect();
     assert_eq!(sizes, [100, 0, 900]);
-    let mut grants = delivered.grants.into_iter();
-    let a = grants.next().unwrap();
+    let mut whole = delivered.reservation;
+    let a = whole.split_off(100);
+    assert_eq!((a.bytes(), whole.bytes()), (100, 900));
     assert_eq!(session.mapped(), 1000);
     drop(a);
     assert_eq!(session.mapped(), 900);
-    drop(grants);
+    drop(whole);
     assert_eq!(session.mapped(), 0);
     session.answer(delivered.ticket, Ok(()), now);
 }
@@ -589,7 +601,7 @@ fn confirmed_segments_carry_what_the_kernel_reports() {
         vec![Segment::new("seg", 64, Seals::SHRINK | Seals::WRITE)],
     );
     let delivered = offer(&mut session, now, &bytes, &[Some(facts)]).unwrap();
-    assert_eq!(delivered.grants[0].segment().seals, SEALED | Seals::EXEC);
+    assert_eq!(delivered.segments[0].seals, SEALED | Seals::EXEC);
     session.answer(delivered.ticket, Ok(()), now);
 }
 

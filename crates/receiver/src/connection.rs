@@ -428,27 +428,33 @@ impl Connection {
         };
         let mut mappings = std::mem::take(&mut self.spare_mappings);
         mappings.clear();
-        for (index, (grant, fd)) in verified.grants().iter().zip(&fds).enumerate() {
+        let mut failed = None;
+        for (index, (grant, fd)) in verified.grants().zip(&fds).enumerate() {
             match mapping::map_verified(fd.as_fd(), grant, self.config.populate()) {
                 Ok(mapping) => mappings.push(mapping),
                 Err(error) => {
-                    mappings.clear();
-                    self.spare_mappings = mappings;
-                    let reject = state.session.map_failed(verified, index, &error);
-                    return self.refused(fds, &mut state, reject);
+                    failed = Some((index, error));
+                    break;
                 }
             }
         }
+        if let Some((index, error)) = failed {
+            mappings.clear();
+            self.spare_mappings = mappings;
+            let reject = state.session.map_failed(verified, index, &error);
+            return self.refused(fds, &mut state, reject);
+        }
         let delivered = state.session.deliver(verified);
         drop(state);
+        let mut reservation = delivered.reservation;
         let segments = delivered
-            .grants
+            .segments
             .into_iter()
             .zip(mappings.drain(..))
             .zip(fds.drain(..))
-            .map(|((grant, mapping), fd)| {
-                let (confirmed, reservation) = grant.into_parts();
-                VerifiedSegment::new(confirmed, mapping, fd, reservation)
+            .map(|((confirmed, mapping), fd)| {
+                let share = reservation.split_off(confirmed.size);
+                VerifiedSegment::new(confirmed, mapping, fd, share)
             })
             .collect();
         self.spare_mappings = mappings;

@@ -20,7 +20,7 @@ use sealpass_proto::session::Grant;
 /// touch, for readers that read every byte.
 pub(crate) fn map_verified(
     fd: BorrowedFd<'_>,
-    grant: &Grant,
+    grant: Grant<'_>,
     populate: bool,
 ) -> io::Result<Option<Mmap>> {
     let size = grant.size();

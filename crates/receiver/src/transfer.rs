@@ -203,11 +203,13 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        // The peer hears about it either way; a send error has no one to
-        // go to here.
-        let _ = self.answer(Err(
-            "the receiving application dropped the transfer without answering".to_owned(),
-        ));
+        if self.ticket.is_some() {
+            // The peer hears about it either way; a send error has no one
+            // to go to here.
+            let _ = self.answer(Err(
+                "the receiving application dropped the transfer without answering".to_owned(),
+            ));
+        }
     }
 }
 

@@ -40,7 +40,9 @@ impl Process {
             .map_err(|e| anyhow::anyhow!("starting {program}: {e}"))?;
         let mut target = Process { child, socket, log };
         let deadline = Instant::now() + PATIENCE;
-        while fdpass::connect(&target.socket).is_err() {
+        // Listening is read from the kernel's table of unix sockets, not by
+        // connecting: a connection would be one more thing to count.
+        while !listening_at(&target.socket) {
             if let Some(status) = target.child.try_wait()? {
                 anyhow::bail!(
                     "the receiver exited at start ({status}):\n{}",
@@ -57,7 +59,7 @@ impl Process {
         Ok(target)
     }
 
-    fn open_fds(&self) -> Option<usize> {
+    pub(crate) fn open_fds(&self) -> Option<usize> {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
             .ok()
             .map(Iterator::count)
@@ -78,6 +80,20 @@ impl Process {
     }
 }
 
+/// Whether a socket listens at `path`: `/proc/net/unix` lists it with the
+/// `__SO_ACCEPTCON` flag (`00010000`) that `listen` sets.
+fn listening_at(path: &Path) -> bool {
+    const ACCEPTCON: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return fdpass::connect(path).is_ok();
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(3) == Some(&ACCEPTCON) && fields.get(7).copied() == Some(wanted.as_ref())
+    })
+}
+
 impl Target for Process {
     fn connect(&self) -> Fallible<OwnedFd> {
         fdpass::connect(&self.socket).map_err(|e| format!("connecting: {e}"))
@@ -91,49 +107,27 @@ impl Drop for Process {
     }
 }
 
-/// A valid transfer on a new connection is accepted; then this side shuts
-/// down writing and reads until the receiver's end of the connection closes.
-/// That end of stream is the signal that the receiver has let go of the
-/// connection (its socket and anything held with it), no timing involved.
-fn served_and_let_go(target: &Process) -> Fallible<()> {
+/// A valid transfer on a new connection is accepted.
+fn serves_a_valid_transfer(target: &Process) -> Fallible<()> {
     let connection = target.connect()?;
     let (payload, fds) = valid_transfer(1, &[("still-serving", 4096)])?;
     send(&connection, &payload, &fds)?;
     drop(fds);
     match answer(&connection)? {
-        Answer::Message(sealpass_proto::Message::Ack(_)) => {}
-        other => return Err(format!("a valid transfer got {other:?}")),
-    }
-    nix::sys::socket::shutdown(
-        std::os::fd::AsRawFd::as_raw_fd(&connection),
-        nix::sys::socket::Shutdown::Write,
-    )
-    .map_err(|e| e.to_string())?;
-    match answer(&connection)? {
-        Answer::Closed => Ok(()),
-        other => Err(format!(
-            "after the peer's end, expected the end; got {other:?}"
-        )),
+        Answer::Message(sealpass_proto::Message::Ack(_)) => Ok(()),
+        other => Err(format!("a valid transfer got {other:?}")),
     }
 }
 
-/// After a case: the receiver is alive, serves a fresh valid transfer, and
-/// its fd count is back at `baseline`.
-fn still_serves(target: &mut Process, baseline: Option<usize>) -> Fallible<()> {
-    target.alive()?;
-    served_and_let_go(target).map_err(|e| format!("afterwards a valid transfer failed: {e}"))?;
-    let Some(baseline) = baseline else {
-        return Ok(());
-    };
-    // Connections of the case itself may still be closing: wait for the
-    // count, bounded.
+/// Waits until the receiver holds `baseline` fds again; bounded.
+fn back_to(target: &Process, baseline: usize) -> Fallible<()> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         match target.open_fds() {
             Some(now) if now == baseline => return Ok(()),
             Some(now) if Instant::now() >= deadline => {
                 return Err(format!(
-                    "afterwards the receiver holds {now} fds; it held {baseline} before (leak)"
+                    "afterwards the receiver holds {now} fds; it held {baseline} before its first connection (leak)"
                 ));
             }
             _ => std::thread::sleep(Duration::from_millis(10)),
@@ -141,13 +135,26 @@ fn still_serves(target: &mut Process, baseline: Option<usize>) -> Fallible<()> {
     }
 }
 
+/// After a case: the receiver is alive, serves a fresh valid transfer, and
+/// once the connections close its fd count is back at `baseline`.
+fn still_serves(target: &mut Process, baseline: Option<usize>) -> Fallible<()> {
+    target.alive()?;
+    serves_a_valid_transfer(target)
+        .map_err(|e| format!("afterwards a valid transfer failed: {e}"))?;
+    match baseline {
+        Some(baseline) => back_to(target, baseline),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check(command: &[String], scratch: &Path, report: &mut Report) -> anyhow::Result<()> {
     let mut target = Process::start(command, scratch)?;
-    // After a first transfer (some receivers open files lazily), and once
-    // the receiver has let go of that connection: the count it returns to.
-    served_and_let_go(&target)
-        .map_err(|e| anyhow::anyhow!("the receiver does not accept a valid transfer: {e}"))?;
+    // What the receiver holds listening, before any connection: the count
+    // it must come back to once every connection has closed.
     let baseline = target.open_fds();
+    still_serves(&mut target, baseline).map_err(|e| {
+        anyhow::anyhow!("the receiver does not serve a valid transfer cleanly: {e}")
+    })?;
     for case in conformance::cases(scratch) {
         let result = (case.script)(&target).and_then(|()| still_serves(&mut target, baseline));
         report.record(
