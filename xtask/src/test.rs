@@ -41,6 +41,10 @@ const STEPS: &[Step] = &[
         crate::conformance::run(&[])
     }),
     (
+        "conformance of the async example receiver and sender",
+        async_conformance,
+    ),
+    (
         "conformance of a receiver written from PROTOCOL.md alone",
         || crate::conformance::run(&["--receiver".into(), spec_receiver(&[])]),
     ),
@@ -58,23 +62,45 @@ const EXAMPLES: &[&str] = &[
     "worker_queue",
     "forward",
     "bare_peer",
+    "async_receiver",
+    "async_sender",
 ];
 
+/// Builds every example (with every feature: the async ones need `tokio`)
+/// and returns the directory they are in.
+fn build_examples() -> anyhow::Result<std::path::PathBuf> {
+    project::run(cargo().args([
+        "build",
+        "--quiet",
+        "--locked",
+        "--all-features",
+        "-p",
+        "sealpass-receiver",
+        "--examples",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project::root().join("target"), std::path::PathBuf::from);
+    Ok(target.join("debug").join("examples"))
+}
+
 fn run_examples() -> anyhow::Result<()> {
+    let dir = build_examples()?;
     for example in EXAMPLES {
         eprintln!("  example {example}");
-        project::run(cargo().args([
-            "run",
-            "--quiet",
-            "--locked",
-            "--all-features",
-            "-p",
-            "sealpass-receiver",
-            "--example",
-            example,
-        ]))?;
+        project::run(&mut std::process::Command::new(dir.join(example)))?;
     }
     Ok(())
+}
+
+/// The async example receiver and sender, through the whole suite.
+fn async_conformance() -> anyhow::Result<()> {
+    let dir = build_examples()?;
+    crate::conformance::run(&[
+        "--receiver".into(),
+        dir.join("async_receiver").display().to_string(),
+        "--sender".into(),
+        dir.join("async_sender").display().to_string(),
+    ])
 }
 
 /// The Python receiver written from PROTOCOL.md, with `flags`.

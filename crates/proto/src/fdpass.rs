@@ -385,6 +385,55 @@ pub fn receive_reusing(
     receive_with_flags(sock, buffer, control, fds, libc::MSG_CMSG_CLOEXEC)
 }
 
+/// [`receive_reusing`] without blocking (`MSG_DONTWAIT`): `Ok(None)` when
+/// nothing is queued. For drivers that wait for readiness themselves (an
+/// async runtime's reactor).
+pub fn try_receive_reusing(
+    sock: BorrowedFd<'_>,
+    buffer: &mut [u8],
+    control: &mut ControlBuffer,
+    fds: Vec<OwnedFd>,
+) -> Result<Option<Received>, TransportError> {
+    match receive_with_flags(
+        sock,
+        buffer,
+        control,
+        fds,
+        libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+    ) {
+        Ok(received) => Ok(Some(received)),
+        Err(TransportError::TimedOut { .. }) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Accepts one connection without blocking, close-on-exec and non-blocking
+/// itself: `Ok(None)` when none is pending.
+pub fn try_accept(listener: BorrowedFd<'_>) -> Result<Option<OwnedFd>, TransportError> {
+    loop {
+        match socket::accept4(listener, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(None),
+            other => {
+                return other
+                    .map(Some)
+                    .map_err(|e| TransportError::sys(Op::Accept, e));
+            }
+        }
+    }
+}
+
+/// Puts `sock` in non-blocking mode (`O_NONBLOCK`), for a readiness-driven
+/// driver. It applies to the open file description, so to every duplicate.
+pub fn set_nonblocking(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
+    let fcntl_error = |errno| TransportError::sys(Op::SetOption, errno);
+    let flags = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_GETFL).map_err(fcntl_error)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map(drop)
+        .map_err(fcntl_error)
+}
+
 /// Prepares a connection to be closed after its last answer, so that the
 /// peer reads that answer rather than an error: stops writing (the peer sees the end after
 /// the answer), then reads and discards, closing their fds, up to `max`

@@ -103,19 +103,45 @@ pub enum Event {
     Closed,
 }
 
+/// How a connection's socket is waited on.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    /// Blocking calls, bounded by `SO_RCVTIMEO`/`SO_SNDTIMEO`.
+    Blocking(OwnedFd),
+    /// Non-blocking, registered with a tokio reactor.
+    #[cfg(feature = "tokio")]
+    Async(tokio::io::unix::AsyncFd<OwnedFd>),
+}
+
+impl Socket {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Blocking(fd) => fd.as_fd(),
+            #[cfg(feature = "tokio")]
+            Socket::Async(fd) => fd.get_ref().as_fd(),
+        }
+    }
+}
+
 /// The session and its socket, shared by the connection and the responders
 /// of the transfers it delivered. Dropped with the last of them, it closes
 /// the socket so that the peer reads every answer first.
 #[derive(Debug)]
 pub(crate) struct Link {
-    socket: OwnedFd,
+    pub(crate) socket: Socket,
     state: Mutex<LinkState>,
+    /// Woken when an answer could not go out at once (a non-blocking socket
+    /// whose peer's queue is full): the async driver's flusher waits for room.
+    #[cfg(feature = "tokio")]
+    pub(crate) flusher: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[derive(Debug)]
-struct LinkState {
-    session: Session,
+pub(crate) struct LinkState {
+    pub(crate) session: Session,
     outgoing: Vec<u8>,
+    /// The kind of the answer encoded in `outgoing` that is still to be sent.
+    pending: Option<&'static str>,
 }
 
 /// Most queued messages discarded when a connection closes, so the peer
@@ -124,12 +150,30 @@ const DISCARD_ON_CLOSE: usize = 64;
 
 impl Drop for Link {
     fn drop(&mut self) {
-        fdpass::close_after_answer(self.socket.as_fd(), DISCARD_ON_CLOSE);
+        fdpass::close_after_answer(self.socket.fd(), DISCARD_ON_CLOSE);
+        #[cfg(feature = "tokio")]
+        if let Some(flusher) = &self.flusher {
+            // Lets the flusher see the link is gone, and end.
+            flusher.notify_one();
+        }
     }
 }
 
 impl Link {
-    fn lock(&self) -> MutexGuard<'_, LinkState> {
+    pub(crate) fn new(socket: Socket, session: Session) -> Link {
+        Link {
+            socket,
+            state: Mutex::new(LinkState {
+                session,
+                outgoing: Vec::new(),
+                pending: None,
+            }),
+            #[cfg(feature = "tokio")]
+            flusher: None,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LinkState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -146,234 +190,117 @@ impl Link {
         self.flush(&mut state)
     }
 
-    /// Sends every answer that is due, in order.
-    fn flush(&self, state: &mut LinkState) -> Result<(), AnswerError> {
-        while let Some(transmit) = state.session.poll_transmit() {
-            let answer = transmit.message.kind();
-            codec::encode_into(&transmit.message, &mut state.outgoing)
-                .map_err(|source| AnswerError::Encode { answer, source })?;
-            if let Err(source) = fdpass::send(self.socket.as_fd(), &state.outgoing, &[]) {
-                state.session.abort();
-                return Err(AnswerError::Send { answer, source });
+    /// Sends every answer that is due, in order. On a blocking socket each
+    /// send waits (at most the idle timeout). On a non-blocking one, an
+    /// answer the peer has no room for stays pending, the flusher is woken,
+    /// and `Ok` returns: it goes out, in order, once there is room.
+    pub(crate) fn flush(&self, state: &mut LinkState) -> Result<(), AnswerError> {
+        loop {
+            let answer = match state.pending {
+                Some(answer) => answer,
+                None => {
+                    let Some(transmit) = state.session.poll_transmit() else {
+                        return Ok(());
+                    };
+                    let answer = transmit.message.kind();
+                    codec::encode_into(&transmit.message, &mut state.outgoing)
+                        .map_err(|source| AnswerError::Encode { answer, source })?;
+                    state.pending = Some(answer);
+                    answer
+                }
+            };
+            let sent = match &self.socket {
+                Socket::Blocking(fd) => {
+                    fdpass::send(fd.as_fd(), &state.outgoing, &[]).map(|()| true)
+                }
+                #[cfg(feature = "tokio")]
+                Socket::Async(fd) => {
+                    fdpass::try_send_each(fd.get_ref().as_fd(), &state.outgoing, std::iter::empty())
+                }
+            };
+            match sent {
+                Ok(true) => state.pending = None,
+                Ok(false) => {
+                    #[cfg(feature = "tokio")]
+                    if let Some(flusher) = &self.flusher {
+                        flusher.notify_one();
+                    }
+                    return Ok(());
+                }
+                Err(source) => {
+                    state.pending = None;
+                    state.session.abort();
+                    return Err(AnswerError::Send { answer, source });
+                }
             }
         }
-        Ok(())
+    }
+
+    /// Whether an answer waits for room in the peer's queue.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn has_pending(state: &LinkState) -> bool {
+        state.pending.is_some()
     }
 }
 
-/// One peer's connection, served message by message on the calling thread.
-///
-/// [`Connection::receive`] returns owned transfers; [`Connection::serve_one`]
-/// runs a handler on one and answers for it. Dropping the connection closes
-/// the socket once every transfer it handed out has been answered: writing
-/// stops first, then messages already queued are discarded, so the peer
-/// reads every answer it was sent and then the end of the connection.
+/// What a driver needs to take messages through the session, whatever it
+/// waits with: the link, the buffers it reuses, the kernel-facts scratch.
 #[derive(Debug)]
-pub struct Connection {
-    link: Arc<Link>,
-    config: Arc<Config>,
-    peer: Option<PeerCredentials>,
-    incoming: Vec<u8>,
-    control: Box<ControlBuffer>,
+pub(crate) struct Core {
+    pub(crate) link: Arc<Link>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) peer: Option<PeerCredentials>,
+    pub(crate) incoming: Vec<u8>,
+    pub(crate) control: Box<ControlBuffer>,
     // Reused from message to message, so serving one allocates only what the
     // transfer it delivers owns.
-    spare_fds: Vec<OwnedFd>,
+    pub(crate) spare_fds: Vec<OwnedFd>,
     spare_mappings: Vec<Option<Mmap>>,
     scratch: FdFacts,
-    /// The receive timeout set on the socket (`None`: none).
-    receive_timeout: Option<Duration>,
+    /// Where big mappings are released, off the async runtime's threads.
+    #[cfg(feature = "tokio")]
+    pub(crate) release: Option<tokio::runtime::Handle>,
 }
 
-/// A receive timeout within this of the one wanted is left as it is: it
-/// saves a `setsockopt` per message, and a wake-up at most this early or
-/// late is corrected by the session's own deadline.
-const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
-
-impl Connection {
-    /// Serves a connected `SOCK_SEQPACKET` socket under `config` (its own
-    /// mapped-bytes budget; no shared one).
-    pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, Arc::new(config), None, peer)
-    }
-
-    pub(crate) fn serving(
-        socket: OwnedFd,
+impl Core {
+    /// A core whose receive buffer is its own (`own_buffer`), or lent per
+    /// message by its driver.
+    pub(crate) fn new(
+        link: Arc<Link>,
         config: Arc<Config>,
-        total: Option<Arc<MappedBudget>>,
         peer: Option<PeerCredentials>,
-    ) -> Result<Connection, ServeError> {
-        inspect::open_proc_fd_dir();
-        // The idle timeout also bounds how long an answer waits for room.
-        fdpass::set_timeouts(socket.as_fd(), None, config.idle_timeout())
-            .map_err(ServeError::SetTimeout)?;
-        let session = Session::new(Arc::clone(&config), total, Instant::now());
-        Ok(Connection {
-            link: Arc::new(Link {
-                socket,
-                state: Mutex::new(LinkState {
-                    session,
-                    outgoing: Vec::new(),
-                }),
-            }),
+        own_buffer: bool,
+    ) -> Core {
+        Core {
+            link,
             config,
             peer,
-            incoming: vec![0; MAX_MESSAGE_LEN],
+            incoming: if own_buffer {
+                vec![0; MAX_MESSAGE_LEN]
+            } else {
+                Vec::new()
+            },
             control: ControlBuffer::new(),
             spare_fds: Vec::new(),
             spare_mappings: Vec::new(),
             scratch: unknown_fd_facts(),
-            receive_timeout: None,
-        })
-    }
-
-    /// The configuration it is served under.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The peer, as the kernel recorded it at `connect`, where known.
-    pub fn peer(&self) -> Option<PeerCredentials> {
-        self.peer
-    }
-
-    /// Whether more messages may come: false once the peer closed, or after
-    /// a reject that ends the connection (unsupported version, timeout).
-    pub fn is_open(&self) -> bool {
-        self.link.lock().session.wants_to_read()
-    }
-
-    /// Bytes this connection's transfers hold mapped right now.
-    pub fn mapped(&self) -> u64 {
-        self.link.lock().session.mapped()
-    }
-
-    /// The next verified transfer, waiting for it; messages refused on the
-    /// way are answered and skipped. `None` once nothing more will come.
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let socket = dir.path().join("doc.sock");
-    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
-    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
-    /// # let mut connection = listener.accept()?;
-    /// while let Some(transfer) = connection.receive()? {
-    ///     let first = transfer.segments().first().map(|s| s.bytes().len());
-    ///     println!("transfer {}: first segment {first:?} bytes", transfer.id());
-    ///     transfer.accept()?;
-    /// }
-    /// # assert!(sender.join().expect("sender")?.is_accepted());
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn receive(&mut self) -> Result<Option<IncomingTransfer>, ServeError> {
-        loop {
-            match self.next_event()? {
-                Event::Transfer(transfer) => return Ok(Some(transfer)),
-                Event::Refused(_) => {}
-                Event::Closed => return Ok(None),
-            }
+            #[cfg(feature = "tokio")]
+            release: None,
         }
     }
 
-    /// Receives one message, verifies it and hands a valid transfer to
-    /// `handler`; then drops its mappings and answers: `Ack` once `handler`
-    /// returns `Ok`, `Reject(ApplicationRejected)` with its error otherwise.
-    /// A refused message is answered and reported as such.
-    pub fn serve_one<E: Display>(
-        &mut self,
-        handler: impl FnOnce(&IncomingTransfer) -> Result<(), E>,
-    ) -> Result<Outcome, ServeError> {
-        let transfer = match self.next_event()? {
-            Event::Transfer(transfer) => transfer,
-            Event::Refused(reject) => {
-                return Ok(Outcome::Rejected {
-                    id: reject.id,
-                    reason: reject.reason,
-                    message: reject.message,
-                });
-            }
-            Event::Closed => return Ok(Outcome::Closed),
-        };
-        let handled = handler(&transfer).map_err(|error| error.to_string());
-        let (id, segments, bytes) = (
-            transfer.id(),
-            transfer.segments().len(),
-            transfer.total_bytes(),
-        );
-        let (mappings, responder) = transfer.into_parts();
-        // The Ack promises the receiver holds nothing of the transfer.
-        drop(mappings);
-        match handled {
-            Ok(()) => {
-                responder.accept()?;
-                Ok(Outcome::Accepted {
-                    id,
-                    segments,
-                    bytes,
-                })
-            }
-            Err(message) => {
-                let reject = Reject::new(id, RejectReason::ApplicationRejected, message);
-                responder.reject(&reject.message)?;
-                Ok(Outcome::Rejected {
-                    id,
-                    reason: reject.reason,
-                    message: reject.message,
-                })
-            }
-        }
+    /// The deadline to wait to, or `None` for none; `Err(Closed)` when
+    /// nothing more is to be read.
+    pub(crate) fn deadline(&self) -> Option<Option<Instant>> {
+        let state = self.link.lock();
+        state
+            .session
+            .wants_to_read()
+            .then(|| state.session.poll_timeout())
     }
 
-    /// What the next message brings, waiting for it: a transfer, a refusal
-    /// (already answered), or the end. A peer that stays silent past the
-    /// deadline or the idle timeout gets `Reject(Timeout)` and the
-    /// connection closes.
-    pub fn next_event(&mut self) -> Result<Event, ServeError> {
-        loop {
-            let deadline = {
-                let state = self.link.lock();
-                if !state.session.wants_to_read() {
-                    return Ok(Event::Closed);
-                }
-                state.session.poll_timeout()
-            };
-            let now = Instant::now();
-            let wait = match deadline {
-                Some(deadline) if deadline <= now => {
-                    if let Some(reject) = self.timed_out(now)? {
-                        return Ok(Event::Refused(reject));
-                    }
-                    continue;
-                }
-                Some(deadline) => Some(deadline - now),
-                None => None,
-            };
-            self.set_receive_timeout(wait)?;
-            let received = match fdpass::receive_reusing(
-                self.link.socket.as_fd(),
-                &mut self.incoming,
-                &mut self.control,
-                std::mem::take(&mut self.spare_fds),
-            ) {
-                Ok(received) => received,
-                Err(TransportError::TimedOut { .. }) => {
-                    if let Some(reject) = self.timed_out(Instant::now())? {
-                        return Ok(Event::Refused(reject));
-                    }
-                    continue;
-                }
-                Err(error) => {
-                    self.link.lock().session.abort();
-                    return Err(ServeError::Receive(error));
-                }
-            };
-            return self.judge(received, Instant::now());
-        }
-    }
-
-    fn timed_out(&mut self, now: Instant) -> Result<Option<Reject>, ServeError> {
+    /// The deadline passed: the session may answer `Timeout` and close.
+    pub(crate) fn timed_out(&mut self, now: Instant) -> Result<Option<Reject>, ServeError> {
         let mut state = self.link.lock();
         let reject = state.session.handle_timeout(now);
         if reject.is_some() {
@@ -382,24 +309,20 @@ impl Connection {
         Ok(reject)
     }
 
-    fn set_receive_timeout(&mut self, wanted: Option<Duration>) -> Result<(), ServeError> {
-        let close_enough = match (wanted, self.receive_timeout) {
-            (None, None) => true,
-            (Some(wanted), Some(set)) => wanted.abs_diff(set) <= TIMEOUT_SLACK,
-            _ => false,
-        };
-        if !close_enough {
-            fdpass::set_timeouts(self.link.socket.as_fd(), wanted, self.config.idle_timeout())
-                .map_err(ServeError::SetTimeout)?;
-            self.receive_timeout = wanted;
-        }
-        Ok(())
+    /// Reading failed: the connection is over.
+    pub(crate) fn receive_failed(&self, error: TransportError) -> ServeError {
+        self.link.lock().session.abort();
+        ServeError::Receive(error)
     }
 
     /// Takes one received message through the session: header, each fd's
     /// facts, mapping, delivery. Every fd of a refused message is closed
     /// before its `Reject` goes out.
-    fn judge(&mut self, received: fdpass::Received, now: Instant) -> Result<Event, ServeError> {
+    pub(crate) fn judge(
+        &mut self,
+        received: fdpass::Received,
+        now: Instant,
+    ) -> Result<Event, ServeError> {
         let mut fds = received.fds;
         let datagram = Datagram {
             bytes: self.incoming.get(..received.len).unwrap_or_default(),
@@ -454,7 +377,10 @@ impl Connection {
             .zip(fds.drain(..))
             .map(|((confirmed, mapping), fd)| {
                 let share = reservation.split_off(confirmed.size);
-                VerifiedSegment::new(confirmed, mapping, fd, share)
+                let segment = VerifiedSegment::new(confirmed, mapping, fd, share);
+                #[cfg(feature = "tokio")]
+                let segment = segment.released_on(self.release.as_ref());
+                segment
             })
             .collect();
         self.spare_mappings = mappings;
@@ -482,8 +408,220 @@ impl Connection {
     }
 }
 
+/// Runs `handler` on a transfer as [`Connection::serve_one`] does: then drops
+/// its mappings and answers by the result.
+pub(crate) fn answer_by<E: Display>(
+    transfer: IncomingTransfer,
+    handled: Result<(), E>,
+) -> Result<Outcome, ServeError> {
+    let (id, segments, bytes) = (
+        transfer.id(),
+        transfer.segments().len(),
+        transfer.total_bytes(),
+    );
+    let (mappings, responder) = transfer.into_parts();
+    drop(mappings);
+    match handled {
+        Ok(()) => {
+            responder.accept()?;
+            Ok(Outcome::Accepted {
+                id,
+                segments,
+                bytes,
+            })
+        }
+        Err(error) => {
+            let reject = Reject::new(id, RejectReason::ApplicationRejected, error.to_string());
+            responder.reject(&reject.message)?;
+            Ok(Outcome::Rejected {
+                id,
+                reason: reject.reason,
+                message: reject.message,
+            })
+        }
+    }
+}
+
+/// One peer's connection, served message by message on the calling thread.
+///
+/// [`Connection::receive`] returns owned transfers; [`Connection::serve_one`]
+/// runs a handler on one and answers for it. Dropping the connection closes
+/// the socket once every transfer it handed out has been answered: writing
+/// stops first, then messages already queued are discarded, so the peer
+/// reads every answer it was sent and then the end of the connection.
+#[derive(Debug)]
+pub struct Connection {
+    core: Core,
+    /// The receive timeout set on the socket (`None`: none).
+    receive_timeout: Option<Duration>,
+}
+
+/// A receive timeout within this of the one wanted is left as it is: it
+/// saves a `setsockopt` per message, and a wake-up at most this early or
+/// late is corrected by the session's own deadline.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+impl Connection {
+    /// Serves a connected `SOCK_SEQPACKET` socket under `config` (its own
+    /// mapped-bytes budget; no shared one).
+    pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
+        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+        Connection::serving(socket, Arc::new(config), None, peer)
+    }
+
+    pub(crate) fn serving(
+        socket: OwnedFd,
+        config: Arc<Config>,
+        total: Option<Arc<MappedBudget>>,
+        peer: Option<PeerCredentials>,
+    ) -> Result<Connection, ServeError> {
+        inspect::open_proc_fd_dir();
+        // The idle timeout also bounds how long an answer waits for room.
+        fdpass::set_timeouts(socket.as_fd(), None, config.idle_timeout())
+            .map_err(ServeError::SetTimeout)?;
+        let session = Session::new(Arc::clone(&config), total, Instant::now());
+        let link = Arc::new(Link::new(Socket::Blocking(socket), session));
+        Ok(Connection {
+            core: Core::new(link, config, peer, true),
+            receive_timeout: None,
+        })
+    }
+
+    /// The configuration it is served under.
+    pub fn config(&self) -> &Config {
+        &self.core.config
+    }
+
+    /// The peer, as the kernel recorded it at `connect`, where known.
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.core.peer
+    }
+
+    /// Whether more messages may come: false once the peer closed, or after
+    /// a reject that ends the connection (unsupported version, timeout).
+    pub fn is_open(&self) -> bool {
+        self.core.link.lock().session.wants_to_read()
+    }
+
+    /// Bytes this connection's transfers hold mapped right now.
+    pub fn mapped(&self) -> u64 {
+        self.core.link.lock().session.mapped()
+    }
+
+    /// The next verified transfer, waiting for it; messages refused on the
+    /// way are answered and skipped. `None` once nothing more will come.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
+    /// # let mut connection = listener.accept()?;
+    /// while let Some(transfer) = connection.receive()? {
+    ///     let first = transfer.segments().first().map(|s| s.bytes().len());
+    ///     println!("transfer {}: first segment {first:?} bytes", transfer.id());
+    ///     transfer.accept()?;
+    /// }
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn receive(&mut self) -> Result<Option<IncomingTransfer>, ServeError> {
+        loop {
+            match self.next_event()? {
+                Event::Transfer(transfer) => return Ok(Some(transfer)),
+                Event::Refused(_) => {}
+                Event::Closed => return Ok(None),
+            }
+        }
+    }
+
+    /// Receives one message, verifies it and hands a valid transfer to
+    /// `handler`; then drops its mappings and answers: `Ack` once `handler`
+    /// returns `Ok`, `Reject(ApplicationRejected)` with its error otherwise.
+    /// A refused message is answered and reported as such.
+    pub fn serve_one<E: Display>(
+        &mut self,
+        handler: impl FnOnce(&IncomingTransfer) -> Result<(), E>,
+    ) -> Result<Outcome, ServeError> {
+        let transfer = match self.next_event()? {
+            Event::Transfer(transfer) => transfer,
+            Event::Refused(reject) => {
+                return Ok(Outcome::Rejected {
+                    id: reject.id,
+                    reason: reject.reason,
+                    message: reject.message,
+                });
+            }
+            Event::Closed => return Ok(Outcome::Closed),
+        };
+        let handled = handler(&transfer);
+        answer_by(transfer, handled)
+    }
+
+    /// What the next message brings, waiting for it: a transfer, a refusal
+    /// (already answered), or the end. A peer that stays silent past the
+    /// deadline or the idle timeout gets `Reject(Timeout)` and the
+    /// connection closes.
+    pub fn next_event(&mut self) -> Result<Event, ServeError> {
+        loop {
+            let Some(deadline) = self.core.deadline() else {
+                return Ok(Event::Closed);
+            };
+            let now = Instant::now();
+            let wait = match deadline {
+                Some(deadline) if deadline <= now => {
+                    if let Some(reject) = self.core.timed_out(now)? {
+                        return Ok(Event::Refused(reject));
+                    }
+                    continue;
+                }
+                Some(deadline) => Some(deadline - now),
+                None => None,
+            };
+            self.set_receive_timeout(wait)?;
+            let core = &mut self.core;
+            let received = match fdpass::receive_reusing(
+                core.link.socket.fd(),
+                &mut core.incoming,
+                &mut core.control,
+                std::mem::take(&mut core.spare_fds),
+            ) {
+                Ok(received) => received,
+                Err(TransportError::TimedOut { .. }) => {
+                    if let Some(reject) = self.core.timed_out(Instant::now())? {
+                        return Ok(Event::Refused(reject));
+                    }
+                    continue;
+                }
+                Err(error) => return Err(self.core.receive_failed(error)),
+            };
+            return self.core.judge(received, Instant::now());
+        }
+    }
+
+    fn set_receive_timeout(&mut self, wanted: Option<Duration>) -> Result<(), ServeError> {
+        let close_enough = match (wanted, self.receive_timeout) {
+            (None, None) => true,
+            (Some(wanted), Some(set)) => wanted.abs_diff(set) <= TIMEOUT_SLACK,
+            _ => false,
+        };
+        if !close_enough {
+            fdpass::set_timeouts(
+                self.core.link.socket.fd(),
+                wanted,
+                self.core.config.idle_timeout(),
+            )
+            .map_err(ServeError::SetTimeout)?;
+            self.receive_timeout = wanted;
+        }
+        Ok(())
+    }
+}
+
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.link.socket.as_fd()
+        self.core.link.socket.fd()
     }
 }

@@ -43,6 +43,8 @@ pub mod inspect;
 mod listener;
 mod mapping;
 pub mod service;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 mod transfer;
 
 pub use connection::{AnswerError, Connection, Event, Outcome, ServeError};

@@ -174,7 +174,7 @@ fn reserve() -> Option<File> {
 
 /// Answers a connection the service will not serve, then closes it so that
 /// the peer reads the `Reject` before the end of the connection.
-fn refuse(socket: OwnedFd, reject: Reject, stats: &ServiceStats) {
+pub(crate) fn refuse(socket: OwnedFd, reject: Reject, stats: &ServiceStats) {
     stats.rejected.fetch_add(1, Ordering::Relaxed);
     let _ = fdpass::set_timeouts(socket.as_fd(), None, Some(Duration::from_secs(1)));
     if let Ok(bytes) = encode(&Message::Reject(reject)) {
@@ -184,7 +184,7 @@ fn refuse(socket: OwnedFd, reject: Reject, stats: &ServiceStats) {
 }
 
 /// The refusal of a connection the service has no fd to spare for.
-fn out_of_fds() -> Reject {
+pub(crate) fn out_of_fds() -> Reject {
     Reject::new(
         0,
         RejectReason::ResourceExhausted,

@@ -58,11 +58,51 @@ pub struct VerifiedSegment {
     /// Confirmed by the kernel: its name, its size, and all its seals (which
     /// may be more than were declared).
     confirmed: Segment,
-    // Drop order is field order: the mapping goes before its share of the
-    // budget is given back.
-    mapping: Option<Mmap>,
+    pages: Pages,
     fd: OwnedFd,
-    _reservation: Reservation,
+}
+
+/// A segment's mapping and its share of the memory budgets, released
+/// together: the mapping first, then the bytes are given back.
+#[derive(Debug)]
+struct Pages {
+    mapping: Option<Mmap>,
+    reservation: Option<Reservation>,
+    /// Where to release a big mapping: on an async runtime, unmapping many
+    /// resident pages takes milliseconds (`munmap` frees each one), so it
+    /// goes to the runtime's blocking pool instead of stalling its thread.
+    #[cfg(feature = "tokio")]
+    release: Option<tokio::runtime::Handle>,
+}
+
+/// From this size a mapping received on an async runtime is released on its
+/// blocking pool. Unmapping costs in proportion to the pages read (about
+/// 30 µs per resident MiB here); below this, handing the work over costs
+/// more than doing it.
+#[cfg(feature = "tokio")]
+pub(crate) const RELEASE_OFF_RUNTIME: u64 = 4 << 20;
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        #[cfg(feature = "tokio")]
+        if let Some(handle) = self.release.take() {
+            let big = self
+                .mapping
+                .as_ref()
+                .is_some_and(|mapping| mapping.len() as u64 >= RELEASE_OFF_RUNTIME);
+            if big {
+                let mapping = self.mapping.take();
+                let reservation = self.reservation.take();
+                drop(handle.spawn_blocking(move || {
+                    drop(mapping);
+                    drop(reservation);
+                }));
+            }
+        }
+        // Otherwise here, mapping first, then its share of the budget.
+        drop(self.mapping.take());
+        drop(self.reservation.take());
+    }
 }
 
 impl VerifiedSegment {
@@ -74,10 +114,22 @@ impl VerifiedSegment {
     ) -> VerifiedSegment {
         VerifiedSegment {
             confirmed,
-            mapping,
+            pages: Pages {
+                mapping,
+                reservation: Some(reservation),
+                #[cfg(feature = "tokio")]
+                release: None,
+            },
             fd,
-            _reservation: reservation,
         }
+    }
+
+    /// This segment, its mapping released on `runtime`'s blocking pool when
+    /// big (see [`RELEASE_OFF_RUNTIME`]).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn released_on(mut self, runtime: Option<&tokio::runtime::Handle>) -> Self {
+        self.pages.release = runtime.cloned();
+        self
     }
 
     /// The memfd's name, as the kernel reports it.
@@ -103,7 +155,7 @@ impl VerifiedSegment {
     /// The bytes. They cannot change: the memfd is sealed against writes
     /// and shrinking.
     pub fn bytes(&self) -> &[u8] {
-        self.mapping.as_deref().unwrap_or_default()
+        self.pages.mapping.as_deref().unwrap_or_default()
     }
 
     /// Gives up the sealed memfd, to forward it to another process (a

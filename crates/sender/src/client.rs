@@ -125,9 +125,18 @@ pub enum SendError {
     NothingInFlight,
 }
 
+/// How long [`Sender::connect_with_retry`] waits between attempts.
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_millis(20);
+
+/// Whether connecting failed because the receiver is not up yet (no socket,
+/// or nobody accepting), which a retry waits out.
+pub(crate) fn receiver_starting(error: &TransportError) -> bool {
+    matches!(error.errno(), Some(Errno::ENOENT | Errno::ECONNREFUSED))
+}
+
 /// Whether a send failed because the receiver closed the connection (or
 /// stopped reading): answers it sent before may still be queued.
-fn closed_by_peer(error: &TransportError) -> bool {
+pub(crate) fn closed_by_peer(error: &TransportError) -> bool {
     matches!(error.errno(), Some(Errno::EPIPE | Errno::ECONNRESET))
 }
 
@@ -227,15 +236,151 @@ pub(crate) fn connect_error(path: &Path, source: TransportError) -> SendError {
 #[derive(Debug)]
 pub struct Sender {
     socket: OwnedFd,
-    next_id: u64,
     answer_timeout: Option<Duration>,
-    outgoing: Vec<u8>,
     incoming: Vec<u8>,
     control: Box<ControlBuffer>,
+    pipeline: Pipeline,
+}
+
+/// The sender's protocol state without I/O: ids, the transfers in flight,
+/// the answers read ahead, and the rules that match each answer to its
+/// transfer. The blocking [`Sender`] and the async one drive it alike.
+#[derive(Debug, Default)]
+pub(crate) struct Pipeline {
+    next_id: u64,
+    outgoing: Vec<u8>,
     /// Sent, no answer read yet; oldest first.
     unanswered: VecDeque<u64>,
     /// Answers read while waiting to send, not yet taken; oldest first.
     answered: VecDeque<Verdict>,
+}
+
+impl Pipeline {
+    pub(crate) fn new() -> Pipeline {
+        Pipeline {
+            next_id: 1,
+            ..Pipeline::default()
+        }
+    }
+
+    /// Transfers submitted whose verdict has not been taken yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.unanswered.len() + self.answered.len()
+    }
+
+    /// `send` waits for its own verdict: nothing else may be in flight.
+    pub(crate) fn check_idle(&self) -> Result<(), SendError> {
+        match self.in_flight() {
+            0 => Ok(()),
+            count => Err(SendError::VerdictsPending { count }),
+        }
+    }
+
+    /// Encodes the next transfer of `segments`; returns its id. Nothing is
+    /// in flight until [`Pipeline::sent`].
+    pub(crate) fn encode(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
+        let id = self.next_id;
+        codec::encode_transfer_into(
+            id,
+            segments.iter().map(SealedSegment::declaration),
+            &mut self.outgoing,
+        )?;
+        Ok(id)
+    }
+
+    /// The encoded transfer.
+    pub(crate) fn outgoing(&self) -> &[u8] {
+        &self.outgoing
+    }
+
+    /// The encoded transfer `id` went out whole.
+    pub(crate) fn sent(&mut self, id: u64) {
+        self.next_id = id + 1;
+        self.unanswered.push_back(id);
+    }
+
+    /// Whether any sent transfer awaits its answer on the wire.
+    pub(crate) fn awaits_answers(&self) -> bool {
+        !self.unanswered.is_empty()
+    }
+
+    /// The sending of `id` failed with `error` and the receiver is gone or
+    /// going; the caller then reads every answer still queued
+    /// ([`Pipeline::on_answer`]) until the end. Afterwards,
+    /// [`Pipeline::settle_unsent`] says whether one of them was for `id`.
+    pub(crate) fn unsent_but_maybe_answered(&mut self, id: u64) {
+        self.sent(id);
+    }
+
+    /// After reading what was queued: `Ok(id)` if the receiver answered the
+    /// transfer that could not be sent (a refusal at connect), else the send
+    /// error stands and `id` is not in flight.
+    pub(crate) fn settle_unsent(
+        &mut self,
+        id: u64,
+        error: TransportError,
+    ) -> Result<u64, SendError> {
+        if self.unanswered.back() == Some(&id) {
+            self.unanswered.pop_back();
+            return Err(SendError::Send(error));
+        }
+        Ok(id)
+    }
+
+    /// The next verdict already read, if any.
+    pub(crate) fn take_answered(&mut self) -> Option<Verdict> {
+        self.answered.pop_front()
+    }
+
+    /// Keeps a verdict read ahead, for a later `next_verdict`.
+    pub(crate) fn keep_answered(&mut self, verdict: Verdict) {
+        self.answered.push_back(verdict);
+    }
+
+    /// `next_verdict` with nothing in flight.
+    pub(crate) fn nothing_in_flight(&self) -> Option<SendError> {
+        (self.in_flight() == 0).then_some(SendError::NothingInFlight)
+    }
+
+    /// The transfer the next answer belongs to (0 if none).
+    pub(crate) fn oldest(&self) -> u64 {
+        self.unanswered.front().copied().unwrap_or(0)
+    }
+
+    /// The connection ended before the oldest transfer's answer came.
+    pub(crate) fn delivery_unknown(&self) -> SendError {
+        SendError::DeliveryUnknown {
+            id: self.oldest(),
+            in_flight: self.unanswered.len(),
+        }
+    }
+
+    /// Judges one answer read from the wire: it belongs to the oldest
+    /// unanswered transfer, and an `Ack` must name it; a `Reject` names it or
+    /// 0 (PROTOCOL.md section 4.1). Anything else is a protocol error.
+    pub(crate) fn on_answer(&mut self, bytes: &[u8]) -> Result<Verdict, SendError> {
+        let id = self.oldest();
+        let answer = decode(bytes)
+            .map_err(|source| SendError::BadAnswer { id, source })?
+            .message;
+        let verdict = match answer {
+            Message::Ack(ack) if ack.id == id => Verdict::Accepted { id },
+            Message::Reject(reject) if reject.id == id || reject.id == 0 => Verdict::Rejected {
+                id: reject.id,
+                reason: reject.reason,
+                message: reject.message,
+            },
+            other => {
+                return Err(SendError::UnexpectedAnswer {
+                    id,
+                    kind: other.kind(),
+                    got_id: other.id(),
+                });
+            }
+        };
+        self.unanswered.pop_front();
+        Ok(verdict)
+    }
 }
 
 impl Sender {
@@ -259,11 +404,10 @@ impl Sender {
             match fdpass::connect(path) {
                 Ok(socket) => return Ok(Sender::from_socket(socket)),
                 Err(error) => {
-                    let retry = matches!(error.errno(), Some(Errno::ENOENT | Errno::ECONNREFUSED));
-                    if !retry || std::time::Instant::now() >= deadline {
+                    if !receiver_starting(&error) || std::time::Instant::now() >= deadline {
                         return Err(connect_error(path, error));
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(CONNECT_RETRY);
                 }
             }
         }
@@ -273,13 +417,10 @@ impl Sender {
     pub fn from_socket(socket: OwnedFd) -> Sender {
         Sender {
             socket,
-            next_id: 1,
             answer_timeout: None,
-            outgoing: Vec::new(),
             incoming: vec![0; MAX_MESSAGE_LEN],
             control: ControlBuffer::new(),
-            unanswered: VecDeque::new(),
-            answered: VecDeque::new(),
+            pipeline: Pipeline::new(),
         }
     }
 
@@ -294,17 +435,13 @@ impl Sender {
 
     /// Transfers submitted whose verdict has not been taken yet.
     pub fn in_flight(&self) -> usize {
-        self.unanswered.len() + self.answered.len()
+        self.pipeline.in_flight()
     }
 
     /// Sends `segments` as one transfer and waits for the receiver's verdict.
     /// Nothing may be in flight: take earlier verdicts first.
     pub fn send(&mut self, segments: &[SealedSegment]) -> Result<Verdict, SendError> {
-        if self.in_flight() > 0 {
-            return Err(SendError::VerdictsPending {
-                count: self.in_flight(),
-            });
-        }
+        self.pipeline.check_idle()?;
         self.submit(segments)?;
         self.next_verdict()
     }
@@ -314,17 +451,10 @@ impl Sender {
     /// close; the segments may be dropped. The caller bounds how many it
     /// keeps in flight (the kernel also caps fds in flight per user).
     pub fn submit(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
-        let id = self.next_id;
-        codec::encode_transfer_into(
-            id,
-            segments.iter().map(SealedSegment::declaration),
-            &mut self.outgoing,
-        )?;
-        let sent = self.send_encoded(segments);
-        self.next_id += 1;
-        match sent {
+        let id = self.pipeline.encode(segments)?;
+        match self.send_encoded(segments) {
             Ok(()) => {
-                self.unanswered.push_back(id);
+                self.pipeline.sent(id);
                 Ok(id)
             }
             Err(SendError::Send(error)) if closed_by_peer(&error) => {
@@ -332,29 +462,25 @@ impl Sender {
                 // before it closed (a Reject at connect, a timeout): what it
                 // sent is still queued here. Read every answer up to its
                 // end; if one answers this transfer, that is its verdict.
-                self.unanswered.push_back(id);
+                self.pipeline.unsent_but_maybe_answered(id);
                 self.read_queued_answers();
-                if self.unanswered.back() == Some(&id) {
-                    self.unanswered.pop_back();
-                    return Err(SendError::Send(error));
-                }
-                Ok(id)
+                self.pipeline.settle_unsent(id, error)
             }
             Err(error) => Err(error),
         }
     }
 
-    /// Sends the encoded transfer in `outgoing` with the fds of `segments`,
-    /// reading answers while the receiver's queue is full.
+    /// Sends the encoded transfer with the fds of `segments`, reading
+    /// answers while the receiver's queue is full.
     fn send_encoded(&mut self, segments: &[SealedSegment]) -> Result<(), SendError> {
         loop {
             let fds = segments.iter().map(SealedSegment::fd);
-            if self.unanswered.is_empty() {
+            if !self.pipeline.awaits_answers() {
                 // Nothing to read meanwhile: a plain blocking send.
-                return fdpass::send_each(self.socket.as_fd(), &self.outgoing, fds)
+                return fdpass::send_each(self.socket.as_fd(), self.pipeline.outgoing(), fds)
                     .map_err(SendError::Send);
             }
-            if fdpass::try_send_each(self.socket.as_fd(), &self.outgoing, fds)
+            if fdpass::try_send_each(self.socket.as_fd(), self.pipeline.outgoing(), fds)
                 .map_err(SendError::Send)?
             {
                 return Ok(());
@@ -367,9 +493,9 @@ impl Sender {
     /// After the receiver closed (or stopped reading): reads the answers it
     /// sent before that, until its end of the connection or an error.
     fn read_queued_answers(&mut self) {
-        while !self.unanswered.is_empty() {
+        while self.pipeline.awaits_answers() {
             match self.read_answer() {
-                Ok(verdict) => self.answered.push_back(verdict),
+                Ok(verdict) => self.pipeline.keep_answered(verdict),
                 Err(_) => break,
             }
         }
@@ -378,11 +504,11 @@ impl Sender {
     /// The verdict on the oldest transfer in flight, waiting for it if it has
     /// not come yet.
     pub fn next_verdict(&mut self) -> Result<Verdict, SendError> {
-        if let Some(verdict) = self.answered.pop_front() {
+        if let Some(verdict) = self.pipeline.take_answered() {
             return Ok(verdict);
         }
-        if self.unanswered.is_empty() {
-            return Err(SendError::NothingInFlight);
+        if let Some(error) = self.pipeline.nothing_in_flight() {
+            return Err(error);
         }
         self.read_answer()
     }
@@ -415,7 +541,7 @@ impl Sender {
         };
         if ready.contains(PollFlags::POLLIN) {
             let verdict = self.read_answer()?;
-            self.answered.push_back(verdict);
+            self.pipeline.keep_answered(verdict);
         }
         // POLLOUT, or POLLHUP/POLLERR: the next send says which.
         Ok(())
@@ -423,7 +549,7 @@ impl Sender {
 
     /// Reads one answer, the oldest unanswered transfer's.
     fn read_answer(&mut self) -> Result<Verdict, SendError> {
-        let id = self.unanswered.front().copied().unwrap_or(0);
+        let id = self.pipeline.oldest();
         // ECONNRESET says the receiver closed with our messages unread; the
         // kernel reports it once, and what the receiver sent before closing
         // is still queued behind it, so read again.
@@ -441,41 +567,16 @@ impl Sender {
                     resets += 1;
                 }
                 Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
-                    return Err(SendError::DeliveryUnknown {
-                        id,
-                        in_flight: self.unanswered.len(),
-                    });
+                    return Err(self.pipeline.delivery_unknown());
                 }
                 Err(source) => return Err(SendError::Receive { id, source }),
             }
         };
         if received.is_end_of_stream() {
-            return Err(SendError::DeliveryUnknown {
-                id,
-                in_flight: self.unanswered.len(),
-            });
+            return Err(self.pipeline.delivery_unknown());
         }
         // Answers carry no fds; any that came are closed with `received`.
         let bytes = self.incoming.get(..received.len).unwrap_or_default();
-        let answer = decode(bytes)
-            .map_err(|source| SendError::BadAnswer { id, source })?
-            .message;
-        let verdict = match answer {
-            Message::Ack(ack) if ack.id == id => Verdict::Accepted { id },
-            Message::Reject(reject) if reject.id == id || reject.id == 0 => Verdict::Rejected {
-                id: reject.id,
-                reason: reject.reason,
-                message: reject.message,
-            },
-            other => {
-                return Err(SendError::UnexpectedAnswer {
-                    id,
-                    kind: other.kind(),
-                    got_id: other.id(),
-                });
-            }
-        };
-        self.unanswered.pop_front();
-        Ok(verdict)
+        self.pipeline.on_answer(bytes)
     }
 }

@@ -33,6 +33,8 @@
 pub mod client;
 pub mod compat;
 pub mod memfd;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use client::{SendError, Sender, Verdict, send_bytes};
 pub use compat::{BARE_PAYLOAD_LEN, send_bare};

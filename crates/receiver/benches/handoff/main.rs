@@ -132,6 +132,18 @@ fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--async") {
+        // Only the async rows beside their blocking twins, for comparisons.
+        async_rows(
+            &mut report,
+            runs,
+            round_trips,
+            if quick { 20_000 } else { 100_000 },
+        );
+        report.print();
+        return;
+    }
+
     if std::env::args().any(|a| a == "--pipelined") {
         // Only the pipelined 1-segment rate, for profiling the receiver.
         let rate = measure::pipelined_rate(1, if quick { 50_000 } else { 200_000 }, WINDOW);
@@ -353,6 +365,9 @@ fn main() {
         None,
     );
 
+    // ---- The async driver beside the blocking one ---------------------------
+    async_rows(&mut report, runs, round_trips, messages);
+
     // ---- Closing figures: ratios of medians within this run ---------------
     let (small, first) = medians[0];
     let (large, last) = medians[medians.len() - 1];
@@ -440,6 +455,67 @@ fn main() {
     let plot = out.join("handoff.svg");
     report.plot(&plot).unwrap();
     println!("wrote {}", plot.display());
+}
+
+/// The async round trip and pipelined rate (tokio at both ends) beside the
+/// blocking ones, each pair measured back to back, and their ratios.
+fn async_rows(report: &mut Report, runs: usize, round_trips: usize, messages: usize) {
+    let (mut blocking_trip, mut async_trip, mut trip_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut blocking_rate, mut async_rate, mut rate_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let blocking = measure::handoff(4096, round_trips, "sealpass", None).micros;
+        let tokio = measure::async_round_trip(round_trips);
+        blocking_trip.push(blocking);
+        async_trip.push(tokio);
+        trip_ratios.push(tokio / blocking);
+        let blocking = measure::pipelined_rate(1, messages / 4, WINDOW);
+        let tokio = measure::async_pipelined_rate(messages / 4, WINDOW);
+        blocking_rate.push(blocking);
+        async_rate.push(tokio);
+        rate_ratios.push(tokio / blocking);
+    }
+    report.row(
+        Regime::TwoCpus,
+        "sealpass round trip, blocking both ends",
+        Some(4096),
+        "µs",
+        Stat::of(blocking_trip),
+        None,
+    );
+    report.row(
+        Regime::TwoCpus,
+        "sealpass round trip, tokio both ends",
+        Some(4096),
+        "µs",
+        Stat::of(async_trip),
+        None,
+    );
+    report.row(
+        Regime::TwoCpus,
+        format!("sealpass pipelined, window {WINDOW}, blocking both ends"),
+        Some(4096),
+        "msg/s",
+        Stat::of(blocking_rate),
+        None,
+    );
+    report.row(
+        Regime::TwoCpus,
+        format!("sealpass pipelined, window {WINDOW}, tokio both ends"),
+        Some(4096),
+        "msg/s",
+        Stat::of(async_rate),
+        None,
+    );
+    report.line(
+        "async 4 KiB round trip / blocking round trip",
+        Stat::of(trip_ratios).median,
+        Some(Target::AtMost(1.3)),
+    );
+    report.line(
+        "async pipelined rate / blocking pipelined rate",
+        Stat::of(rate_ratios).median,
+        Some(Target::AtLeast(1.0)),
+    );
 }
 
 fn hot_path(report: &mut Report, runs: usize, round_trips: usize) {

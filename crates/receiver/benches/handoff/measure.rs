@@ -253,3 +253,76 @@ pub(crate) fn pipelined_rate(segments: usize, messages: usize, window: usize) ->
     run(messages);
     messages as f64 / started.elapsed().as_secs_f64()
 }
+
+/// The 4 KiB round trip with tokio at both ends (async sender, async
+/// receiver), in µs.
+pub(crate) fn async_round_trip(iterations: usize) -> f64 {
+    let peer = Peer::start("sealpass-async", 0, None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let segment = SealedSegment::filled("handoff", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+    let micros = runtime.block_on(async {
+        let mut sender = sealpass_sender::tokio::Sender::connect(&peer.socket)
+            .await
+            .unwrap();
+        for _ in 0..iterations.div_ceil(10) {
+            assert!(
+                sender
+                    .send(std::slice::from_ref(&segment))
+                    .await
+                    .unwrap()
+                    .is_accepted()
+            );
+        }
+        let started = Instant::now();
+        for _ in 0..iterations {
+            assert!(
+                sender
+                    .send(std::slice::from_ref(&segment))
+                    .await
+                    .unwrap()
+                    .is_accepted()
+            );
+        }
+        started.elapsed().as_secs_f64() * 1e6 / iterations as f64
+    });
+    drop(runtime);
+    peer.finish();
+    micros
+}
+
+/// Messages per second, one 4 KiB segment each, `window` in flight, tokio at
+/// both ends.
+pub(crate) fn async_pipelined_rate(messages: usize, window: usize) -> f64 {
+    let peer = Peer::start("sealpass-async", 0, None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let segment = SealedSegment::filled("s", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+    let rate = runtime.block_on(async {
+        let mut sender = sealpass_sender::tokio::Sender::connect(&peer.socket)
+            .await
+            .unwrap();
+        let mut run = async |count: usize| {
+            for _ in 0..count {
+                sender.submit(std::slice::from_ref(&segment)).await.unwrap();
+                if sender.in_flight() >= window {
+                    assert!(sender.next_verdict().await.unwrap().is_accepted());
+                }
+            }
+            while sender.in_flight() > 0 {
+                assert!(sender.next_verdict().await.unwrap().is_accepted());
+            }
+        };
+        run(messages.div_ceil(10)).await;
+        let started = Instant::now();
+        run(messages).await;
+        messages as f64 / started.elapsed().as_secs_f64()
+    });
+    drop(runtime);
+    peer.finish();
+    rate
+}

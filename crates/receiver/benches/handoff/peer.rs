@@ -89,6 +89,31 @@ pub(crate) fn run(role: &str) {
                 .unwrap();
             println!("peak_hwm_kib={}", status_kib("VmHWM"));
         }
+        // The async receiver: the same session and checks, on a tokio
+        // current_thread runtime.
+        "sealpass-async" => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut listener = sealpass_receiver::tokio::Listener::bind(&socket).unwrap();
+                listener.set_config(Config::builder().timeouts(None).build().unwrap());
+                let mut connection = listener.accept().await.unwrap();
+                let mut messages = 0u64;
+                while connection.is_open() {
+                    let outcome = connection
+                        .serve_one(|_transfer| Ok::<(), String>(()))
+                        .await
+                        .unwrap();
+                    messages += u64::from(matches!(
+                        outcome,
+                        sealpass_receiver::Outcome::Accepted { .. }
+                    ));
+                }
+                println!("messages={messages}");
+            });
+        }
         // Copy baselines: read every byte of `parameter`, answer one byte.
         "stream" => {
             let listener = fdpass::listen_stream(&socket, 1).unwrap();

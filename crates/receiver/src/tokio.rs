@@ -1,0 +1,721 @@
+//! The receiver on tokio (feature `tokio`): a listener, a connection and a
+//! service that drive the same [`sealpass_proto::Session`] as the blocking
+//! ones, through [`AsyncFd`] on non-blocking sockets. No rule is restated
+//! here: every decision is the session's, and taking a message through it
+//! (facts, grants, mappings, delivery) is the same code as the blocking
+//! driver's. Only the waiting differs: for readiness instead of in
+//! `recvmsg`, and for the session's deadline with the runtime's timer.
+//!
+//! Answers are sent without blocking. One the peer has no room for waits in
+//! the connection, and a small task per connection sends it, in order, once
+//! there is room (at most the idle timeout; then the connection ends). Big
+//! mappings (4 MiB and more) are released on the runtime's blocking pool:
+//! unmapping resident pages costs milliseconds.
+//!
+//! ```
+//! use sealpass_receiver::tokio::Listener;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let socket = dir.path().join("doc.sock");
+//! let listener = Listener::bind(&socket)?;
+//! # let path = socket.clone();
+//! # let sender = tokio::spawn(async move {
+//! #     let mut sender = sealpass_sender::tokio::Sender::connect(&path).await?;
+//! #     let frame = sealpass_sender::SealedSegment::from_bytes("frame", b"hello", sealpass_sender::Seals::SENDER_DEFAULT)?;
+//! #     sender.send(&[frame]).await
+//! # });
+//! let mut connection = listener.accept().await?;
+//! while let Some(transfer) = connection.receive().await? {
+//!     println!("{}: {:?}", transfer.id(), transfer.segments()[0].bytes());
+//!     transfer.accept()?; // never blocks: sent now, or as soon as there is room
+//! }
+//! # assert!(sender.await??.is_accepted());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::cell::Cell;
+use std::fmt::Display;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ::tokio::io::Interest;
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::sync::{Notify, watch};
+use ::tokio::task::JoinSet;
+use nix::errno::Errno;
+use sealpass_proto::fdpass::{self, PeerCredentials, TransportError};
+use sealpass_proto::limits::MAX_MESSAGE_LEN;
+use sealpass_proto::session::admit;
+use sealpass_proto::{Config, MappedBudget, RejectReason, Session, Version};
+
+use crate::connection::{Core, Event, Link, Outcome, ServeError, Socket, answer_by};
+use crate::listener::{BindError, Listener as BlockingListener};
+use crate::service::{ServiceStats, out_of_fds, refuse};
+use crate::transfer::{IncomingTransfer, VerifiedSegment};
+use crate::{ErrorChain, inspect};
+
+/// Registers `fd` with the runtime's reactor, for reading and writing.
+#[allow(unsafe_code)]
+fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `register_with_interest` asks that the fd stay open and the same
+    // for the AsyncFd's life. It owns the `OwnedFd`, which closes the fd only
+    // when dropped (after deregistration) and always returns the same fd.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+        .map_err(io::Error::from)
+}
+
+fn transport(error: &io::Error, op: fdpass::Op) -> TransportError {
+    TransportError::Sys {
+        op,
+        errno: error.raw_os_error().map_or(Errno::EIO, Errno::from_raw),
+    }
+}
+
+thread_local! {
+    /// The receive buffer of the connections served on this thread.
+    static RECEIVE_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A listening socket on tokio. It binds, replaces stale sockets and
+/// removes its own socket file exactly as the blocking
+/// [`Listener`](crate::Listener) does (it is one, inside).
+#[derive(Debug)]
+pub struct Listener {
+    inner: BlockingListener,
+    socket: AsyncFd<OwnedFd>,
+}
+
+impl Listener {
+    /// Listens at `path` under [`Config::default`]. Call it within a tokio
+    /// runtime.
+    pub fn bind(path: impl AsRef<Path>) -> Result<Listener, BindError> {
+        let path = path.as_ref();
+        let inner = BlockingListener::bind(path)?;
+        Listener::from_listener(inner).map_err(|error| BindError::Listen {
+            path: path.to_owned(),
+            source: transport(&error, fdpass::Op::Listen),
+        })
+    }
+
+    /// The async side of a bound [`Listener`](crate::Listener).
+    pub fn from_listener(inner: BlockingListener) -> io::Result<Listener> {
+        let socket = inner.as_fd().try_clone_to_owned()?;
+        fdpass::set_nonblocking(socket.as_fd()).map_err(|error| {
+            io::Error::from_raw_os_error(error.errno().unwrap_or(Errno::EIO) as i32)
+        })?;
+        Ok(Listener {
+            socket: register(socket)?,
+            inner,
+        })
+    }
+
+    /// The policy, limits and access every accepted connection gets.
+    pub fn set_config(&mut self, config: Config) {
+        self.inner.set_config(config);
+    }
+
+    /// The configuration every accepted connection gets.
+    pub fn config(&self) -> &Config {
+        self.inner.config()
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    /// Waits for the next connection and returns its socket, non-blocking.
+    pub async fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
+        loop {
+            let mut ready = self
+                .socket
+                .readable()
+                .await
+                .map_err(|error| transport(&error, fdpass::Op::Accept))?;
+            match fdpass::try_accept(self.socket.get_ref().as_fd())? {
+                Some(socket) => return Ok(socket),
+                None => ready.clear_ready(),
+            }
+        }
+    }
+
+    /// Waits for the next connection, and serves it under this listener's
+    /// configuration (access control and the connection limit are the
+    /// [`Service`]'s).
+    pub async fn accept(&self) -> Result<Connection, ServeError> {
+        let socket = self.accept_socket().await.map_err(ServeError::Accept)?;
+        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+        Connection::serving(socket, self.inner.shared_config(), None, peer)
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+/// One peer's connection on tokio: [`Connection::receive`] waits for the next
+/// verified transfer without blocking the runtime. The transfers are the
+/// same owned [`IncomingTransfer`]s as the blocking driver's: keep them, move
+/// them, answer them from anywhere; answers leave in order.
+#[derive(Debug)]
+pub struct Connection {
+    core: Core,
+}
+
+impl Connection {
+    /// Serves a connected `SOCK_SEQPACKET` socket under `config`. Call it
+    /// within a tokio runtime.
+    pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
+        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+        Connection::serving(socket, Arc::new(config), None, peer)
+    }
+
+    pub(crate) fn serving(
+        socket: OwnedFd,
+        config: Arc<Config>,
+        total: Option<Arc<MappedBudget>>,
+        peer: Option<PeerCredentials>,
+    ) -> Result<Connection, ServeError> {
+        inspect::open_proc_fd_dir();
+        fdpass::set_nonblocking(socket.as_fd()).map_err(ServeError::SetTimeout)?;
+        let socket = register(socket)
+            .map_err(|error| ServeError::SetTimeout(transport(&error, fdpass::Op::Poll)))?;
+        let session = Session::new(Arc::clone(&config), total, Instant::now());
+        let flusher = Arc::new(Notify::new());
+        let mut link = Link::new(Socket::Async(socket), session);
+        link.flusher = Some(Arc::clone(&flusher));
+        let link = Arc::new(link);
+        ::tokio::spawn(flush_when_there_is_room(
+            Arc::downgrade(&link),
+            flusher,
+            config.idle_timeout(),
+        ));
+        // The receive buffer is lent per message by the thread (`next_event`).
+        let mut core = Core::new(link, config, peer, false);
+        core.release = Some(::tokio::runtime::Handle::current());
+        Ok(Connection { core })
+    }
+
+    /// The configuration it is served under.
+    pub fn config(&self) -> &Config {
+        &self.core.config
+    }
+
+    /// The peer, as the kernel recorded it at `connect`, where known.
+    pub fn peer(&self) -> Option<PeerCredentials> {
+        self.core.peer
+    }
+
+    /// Whether more messages may come.
+    pub fn is_open(&self) -> bool {
+        self.core.link.lock().session.wants_to_read()
+    }
+
+    /// Bytes this connection's transfers hold mapped right now.
+    pub fn mapped(&self) -> u64 {
+        self.core.link.lock().session.mapped()
+    }
+
+    /// The next verified transfer, waiting for it; messages refused on the
+    /// way are answered and skipped. `None` once nothing more will come.
+    ///
+    /// Cancel-safe: a message is received and judged within one poll, so a
+    /// dropped future has taken nothing from the socket, and no fd or budget
+    /// is held for it.
+    pub async fn receive(&mut self) -> Result<Option<IncomingTransfer>, ServeError> {
+        loop {
+            match self.next_event().await? {
+                Event::Transfer(transfer) => return Ok(Some(transfer)),
+                Event::Refused(_) => {}
+                Event::Closed => return Ok(None),
+            }
+        }
+    }
+
+    /// Receives one message, hands a valid transfer to `handler`, drops its
+    /// mappings and answers by the handler's result, as the blocking
+    /// [`Connection::serve_one`](crate::Connection::serve_one) does.
+    pub async fn serve_one<E: Display>(
+        &mut self,
+        handler: impl FnOnce(&IncomingTransfer) -> Result<(), E>,
+    ) -> Result<Outcome, ServeError> {
+        match self.next_event().await? {
+            Event::Transfer(transfer) => {
+                let handled = handler(&transfer);
+                answer_by(transfer, handled)
+            }
+            Event::Refused(reject) => Ok(Outcome::Rejected {
+                id: reject.id,
+                reason: reject.reason,
+                message: reject.message,
+            }),
+            Event::Closed => Ok(Outcome::Closed),
+        }
+    }
+
+    /// What the next message brings: a transfer, a refusal (answered), or
+    /// the end. A silent peer gets `Reject(Timeout)` at the session's
+    /// deadline, on the runtime's timer.
+    pub async fn next_event(&mut self) -> Result<Event, ServeError> {
+        let link = Arc::clone(&self.core.link);
+        let Socket::Async(socket) = &link.socket else {
+            return Err(ServeError::Receive(TransportError::Sys {
+                op: fdpass::Op::Receive,
+                errno: Errno::EINVAL,
+            }));
+        };
+        loop {
+            // No reading while an answer waits for room in the peer's queue:
+            // a peer that does not read its answers must not make this side
+            // queue answers without bound.
+            if Link::has_pending(&link.lock()) {
+                self.wait_for_room(socket).await?;
+                continue;
+            }
+            let Some(deadline) = self.core.deadline() else {
+                return Ok(Event::Closed);
+            };
+            let readable = match deadline {
+                Some(deadline) => {
+                    let at = ::tokio::time::Instant::from_std(deadline);
+                    match ::tokio::time::timeout_at(at, socket.readable()).await {
+                        Ok(readable) => readable,
+                        Err(_) => {
+                            if let Some(reject) = self.core.timed_out(Instant::now())? {
+                                return Ok(Event::Refused(reject));
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => socket.readable().await,
+            };
+            let mut ready = readable
+                .map_err(|error| ServeError::Receive(transport(&error, fdpass::Op::Poll)))?;
+            // The receive buffer (128 KiB, the protocol's limit) is the
+            // thread's, lent for one message at a time: an idle connection
+            // holds none, so a thousand of them cost kilobytes, not 128 MB.
+            // No await comes between the receive and the judging.
+            let core = &mut self.core;
+            core.incoming = RECEIVE_BUFFER.with(Cell::take);
+            if core.incoming.len() < MAX_MESSAGE_LEN {
+                core.incoming = vec![0; MAX_MESSAGE_LEN];
+            }
+            let received = fdpass::try_receive_reusing(
+                socket.get_ref().as_fd(),
+                &mut core.incoming,
+                &mut core.control,
+                std::mem::take(&mut core.spare_fds),
+            );
+            let event = match received {
+                Ok(Some(received)) => Some(self.core.judge(received, Instant::now())),
+                Ok(None) => None,
+                Err(error) => Some(Err(self.core.receive_failed(error))),
+            };
+            let buffer = std::mem::take(&mut self.core.incoming);
+            RECEIVE_BUFFER.with(|cell| cell.set(buffer));
+            match event {
+                Some(event) => return event,
+                None => ready.clear_ready(),
+            }
+        }
+    }
+
+    /// Waits (at most the idle timeout) for room for the pending answer, and
+    /// sends what is due; a peer that makes no room loses the connection.
+    async fn wait_for_room(&self, socket: &AsyncFd<OwnedFd>) -> Result<(), ServeError> {
+        let idle = self.core.config.idle_timeout();
+        let room = match idle {
+            Some(idle) => ::tokio::time::timeout(idle, socket.writable())
+                .await
+                .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT))),
+            None => socket.writable().await,
+        };
+        match room {
+            Ok(mut ready) => {
+                ready.clear_ready();
+                let mut state = self.core.link.lock();
+                self.core.link.flush(&mut state)?;
+                Ok(())
+            }
+            Err(error) => {
+                self.core.link.lock().session.abort();
+                Err(ServeError::Answer(crate::AnswerError::Send {
+                    answer: "answer",
+                    source: transport(&error, fdpass::Op::Send),
+                }))
+            }
+        }
+    }
+
+    /// Stops reading from the peer: messages already queued are still
+    /// served, then [`Connection::receive`] returns `None`.
+    pub fn stop_reading(&self) {
+        let _ = fdpass::shut_down_reading(self.core.link.socket.fd());
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.core.link.socket.fd()
+    }
+}
+
+/// Sends the answers that found no room in the peer's queue, in order, as
+/// room comes; ends with the connection. Waiting for room is bounded by the
+/// idle timeout: a peer that reads no answers loses the connection.
+async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Option<Duration>) {
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(link) = link.upgrade() else {
+                return;
+            };
+            {
+                let mut state = link.lock();
+                if link.flush(&mut state).is_err() || !Link::has_pending(&state) {
+                    break;
+                }
+            }
+            let Socket::Async(socket) = &link.socket else {
+                return;
+            };
+            let room = match idle {
+                Some(idle) => ::tokio::time::timeout(idle, socket.writable())
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT))),
+                None => socket.writable().await,
+            };
+            match room {
+                Ok(mut ready) => ready.clear_ready(),
+                Err(_) => {
+                    link.lock().session.abort();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A verified transfer as the async [`Service`]'s handler gets it: owned,
+/// segments and all. The service answers it by the handler's result.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The sender, as the kernel recorded it at `connect`.
+    pub peer: PeerCredentials,
+    /// The connection's number, from 1 in accept order.
+    pub connection: u64,
+    /// The transfer's id (unique on its connection).
+    pub id: u64,
+    /// The sender's protocol version.
+    pub version: Version,
+    /// The segments, mapped read-only, each counted in the memory budgets
+    /// until dropped (the handler may keep them).
+    pub segments: Vec<VerifiedSegment>,
+}
+
+/// Stops a running async [`Service`].
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Asks the service to stop: it stops accepting, answers what peers
+    /// already sent, removes its socket and returns. Any thread, any time.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A receiving service on one tokio runtime: every connection a task, with
+/// the limits, access rules and shutdown of the blocking
+/// [`Service`](crate::Service).
+///
+/// ```
+/// use sealpass_receiver::tokio::{Listener, Service};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("service.sock");
+/// let service = Service::new(Listener::bind(&socket)?);
+/// let shutdown = service.shutdown_handle();
+/// let running = tokio::spawn(service.run(|delivery| async move {
+///     let bytes: usize = delivery.segments.iter().map(|s| s.bytes().len()).sum();
+///     println!("connection {}: {bytes} bytes", delivery.connection);
+///     Ok::<(), String>(()) // Err(..) or a panic: Reject(ApplicationRejected)
+/// }));
+/// let mut sender = sealpass_sender::tokio::Sender::connect(&socket).await?;
+/// let frame = sealpass_sender::SealedSegment::from_bytes("frame", b"hi", sealpass_sender::Seals::SENDER_DEFAULT)?;
+/// assert!(sender.send(&[frame]).await?.is_accepted());
+/// shutdown.shutdown();
+/// running.await??;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Service {
+    listener: Listener,
+    budget: Arc<MappedBudget>,
+    stats: Arc<ServiceStats>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+/// Counts a connection as served while it lives.
+struct Active(Arc<ServiceStats>);
+
+impl Active {
+    fn new(stats: &Arc<ServiceStats>) -> Active {
+        stats.active_connections.fetch_add(1, Ordering::AcqRel);
+        Active(Arc::clone(stats))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Service {
+    /// A service on `listener`, whose [`Config`] supplies the policy, the
+    /// limits and who may connect.
+    pub fn new(listener: Listener) -> Service {
+        let budget = MappedBudget::new(listener.config().max_mapped_total());
+        Service {
+            listener,
+            budget,
+            stats: Arc::default(),
+            stop: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// A handle that stops [`Service::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: Arc::clone(&self.stop),
+        }
+    }
+
+    /// Counters, updated while the service runs.
+    pub fn stats(&self) -> Arc<ServiceStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The bytes mapped by all connections right now.
+    pub fn mapped_budget(&self) -> Arc<MappedBudget> {
+        Arc::clone(&self.budget)
+    }
+
+    /// Serves until shut down: each verified transfer goes to `handler`, and
+    /// the peer gets `Ack` once its future returns `Ok`, or
+    /// `Reject(ApplicationRejected)` with its error (a panic included).
+    /// Returns once every connection has finished; the socket file is gone.
+    pub async fn run<H, F, E>(self, handler: H) -> io::Result<()>
+    where
+        H: Fn(Delivery) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display + 'static,
+    {
+        let Service {
+            listener,
+            budget,
+            stats,
+            stop,
+        } = self;
+        let handler = Arc::new(handler);
+        let config = listener.inner.shared_config();
+        let mut connections = JoinSet::new();
+        let mut stopping = stop.subscribe();
+        // Freed when fds run out, to accept and refuse rather than leave
+        // peers in the backlog.
+        let mut reserve = File::open("/dev/null").ok();
+        let mut number = 0u64;
+        loop {
+            let accepted = ::tokio::select! {
+                accepted = listener.accept_socket() => accepted,
+                _ = stopping.wait_for(|stop| *stop) => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let socket = match accepted {
+                Ok(socket) => socket,
+                Err(error) if matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE)) => {
+                    reserve = None;
+                    if let Ok(Some(socket)) = fdpass::try_accept(listener.socket.get_ref().as_fd())
+                    {
+                        tracing::warn!("out of file descriptors: refusing a connection");
+                        refuse(socket, out_of_fds(), &stats);
+                    }
+                    reserve = reserve.or_else(|| File::open("/dev/null").ok());
+                    ::tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Err(error) => {
+                    tracing::warn!("accept failed: {}", ErrorChain(&error));
+                    continue;
+                }
+            };
+            let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+            let active = stats.active_connections.load(Ordering::Acquire);
+            if let Err(reject) = admit(&config, peer.as_ref(), active) {
+                tracing::info!(verdict = %reject.reason, "refused connection: {}", reject.message);
+                refuse(socket, reject, &stats);
+                continue;
+            }
+            let Some(peer) = peer else {
+                refuse(socket, out_of_fds(), &stats);
+                continue;
+            };
+            number += 1;
+            let connection = match Connection::serving(
+                socket,
+                Arc::clone(&config),
+                Some(Arc::clone(&budget)),
+                Some(peer),
+            ) {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%peer, "cannot serve the connection: {}", ErrorChain(&error));
+                    continue;
+                }
+            };
+            connections.spawn(serve(
+                connection,
+                peer,
+                number,
+                Arc::clone(&handler),
+                Active::new(&stats),
+                stop.subscribe(),
+            ));
+        }
+        drop(reserve);
+        // Stop accepting first: the socket file goes with the listener.
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// Serves one connection until it ends; on shutdown, stops reading and
+/// answers what was already queued.
+async fn serve<H, F, E>(
+    mut connection: Connection,
+    peer: PeerCredentials,
+    number: u64,
+    handler: Arc<H>,
+    active: Active,
+    mut stop: watch::Receiver<bool>,
+) where
+    H: Fn(Delivery) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: Display + 'static,
+{
+    let stats = Arc::clone(&active.0);
+    let mut stopping = false;
+    loop {
+        let event = if stopping {
+            connection.next_event().await
+        } else {
+            ::tokio::select! {
+                event = connection.next_event() => event,
+                _ = stop.wait_for(|stop| *stop) => {
+                    connection.stop_reading();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let started = Instant::now();
+        let transfer = match event {
+            Ok(Event::Transfer(transfer)) => transfer,
+            Ok(Event::Refused(reject)) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, id = reject.id, verdict = %reject.reason, "transfer rejected: {}", reject.message);
+                continue;
+            }
+            Ok(Event::Closed) => break,
+            Err(error) => {
+                tracing::info!(%peer, "connection ended: {}", ErrorChain(&error));
+                break;
+            }
+        };
+        let (id, version, bytes) = (transfer.id(), transfer.version(), transfer.total_bytes());
+        let (segments, responder) = transfer.into_parts();
+        let count = segments.len();
+        let delivery = Delivery {
+            peer,
+            connection: number,
+            id,
+            version,
+            segments,
+        };
+        let handled = CatchUnwind(Box::pin(handler(delivery))).await;
+        let answered = match handled {
+            Ok(Ok(())) => responder.accept().map(|()| RejectReason::Unknown(0)),
+            Ok(Err(error)) => responder
+                .reject(error)
+                .map(|()| RejectReason::ApplicationRejected),
+            Err(panic) => {
+                tracing::error!(%peer, id, "the handler panicked: {panic}");
+                responder
+                    .reject(format_args!(
+                        "the receiving application failed (it panicked: {panic})"
+                    ))
+                    .map(|()| RejectReason::ApplicationRejected)
+            }
+        };
+        let micros = started.elapsed().as_micros() as u64;
+        match answered {
+            Ok(RejectReason::ApplicationRejected) => {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, id, verdict = "ApplicationRejected", micros, "transfer rejected");
+            }
+            Ok(_) => {
+                stats.accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, id, segments = count, bytes, verdict = "Ack", micros, "transfer");
+            }
+            Err(error) => {
+                tracing::info!(%peer, "connection ended: {}", ErrorChain(&error));
+                break;
+            }
+        }
+    }
+    drop(active);
+}
+
+/// A handler's future, with a panic caught as an error (the peer is answered
+/// `ApplicationRejected`, the connection goes on).
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(context))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".to_owned()))),
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The async driver (feature `tokio`): blocking and async peers mixed, the
+//! whole hostile suite, cancellation, and 1000 connections served by one
+//! `current_thread` runtime, with the fd count back where it was.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode, fdpass};
+use sealpass_receiver::conformance::fixtures::{self, Answer, Fallible};
+use sealpass_receiver::conformance::{self, Target};
+use sealpass_receiver::tokio::{Listener, Service};
+use sealpass_receiver::{Config, ServiceStats};
+use sealpass_sender::{SealedSegment, Verdict};
+
+/// These tests count this process's fds, so they run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn open_fds() -> usize {
+    sealpass_receiver::inspect::open_proc_fd_dir();
+    // tokio opens a pipe for its signal driver the first time a runtime is
+    // built, and keeps it for the life of the process: open it before
+    // counting.
+    drop(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn memfd_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("/memfd:"))
+        .count()
+}
+
+fn segment(name: &str, size: u64) -> SealedSegment {
+    SealedSegment::filled(name, b'x', size, Seals::SENDER_DEFAULT).unwrap()
+}
+
+/// Waits, bounded, for `condition`.
+fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An async service on its own `current_thread` runtime, in its own thread.
+struct Running {
+    socket: PathBuf,
+    stats: std::sync::Arc<ServiceStats>,
+    budget: std::sync::Arc<sealpass_receiver::MappedBudget>,
+    shutdown: sealpass_receiver::tokio::ShutdownHandle,
+    thread: std::thread::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn start(config: Config) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("async.sock");
+    let (handles, ready) = std::sync::mpsc::channel();
+    let path = socket.clone();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut listener = Listener::bind(&path).unwrap();
+            listener.set_config(config);
+            let service = Service::new(listener);
+            handles
+                .send((
+                    service.stats(),
+                    service.mapped_budget(),
+                    service.shutdown_handle(),
+                ))
+                .unwrap();
+            service
+                .run(|delivery| async move {
+                    for segment in &delivery.segments {
+                        // Touch the bytes: the senders here write 'x', the
+                        // conformance fixtures 'C', then zeros.
+                        if segment
+                            .bytes()
+                            .first()
+                            .is_some_and(|&b| b != b'x' && b != b'C')
+                        {
+                            return Err("not the bytes sent".to_owned());
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        });
+    });
+    let (stats, budget, shutdown) = ready.recv().unwrap();
+    Running {
+        socket,
+        stats,
+        budget,
+        shutdown,
+        thread,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    fn stop(self) {
+        self.shutdown.shutdown();
+        self.thread.join().unwrap();
+        assert!(!self.socket.exists(), "the service removes its socket");
+    }
+}
+
+struct AtPath<'a>(&'a Path);
+
+impl Target for AtPath<'_> {
+    fn connect(&self) -> Fallible<OwnedFd> {
+        fdpass::connect(self.0).map_err(|e| format!("connecting: {e}"))
+    }
+}
+
+#[test]
+fn the_whole_hostile_suite_against_the_async_service() {
+    let _serial = serial();
+    let fds_before = open_fds();
+    let running = start(Config::default());
+    let scratch = tempfile::tempdir().unwrap();
+    let target = AtPath(&running.socket);
+    let cases = conformance::cases(scratch.path());
+    assert!(cases.len() > 60);
+    for case in cases {
+        if let Err(why) = (case.script)(&target) {
+            panic!("{}: {why}", case.name);
+        }
+        let verdict = sealpass_sender::send_bytes(&running.socket, "valid", b"xxxx").unwrap();
+        assert!(verdict.is_accepted(), "{}: then {verdict:?}", case.name);
+        eventually(&format!("{}: every connection closed", case.name), || {
+            running.stats.active_connections.load(Ordering::Acquire) == 0
+        });
+    }
+    assert_eq!(running.budget.in_use(), 0);
+    running.stop();
+    drop(scratch);
+    eventually("the fd count back where it was", || {
+        open_fds() == fds_before
+    });
+    assert_eq!(memfd_mappings(), 0);
+}
+
+#[test]
+fn blocking_and_async_peers_mix_both_ways() {
+    let _serial = serial();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A blocking sender to an async receiver.
+    let to_async = dir.path().join("to-async.sock");
+    let path = to_async.clone();
+    let verdicts = runtime.block_on(async move {
+        let listener = Listener::bind(&path).unwrap();
+        let sender = std::thread::spawn(move || {
+            let mut sender = sealpass_sender::Sender::connect(&path).unwrap();
+            (1..=3)
+                .map(|n| sender.send(&[segment(&format!("b{n}"), 4096)]).unwrap())
+                .collect::<Vec<_>>()
+        });
+        let mut connection = listener.accept().await.unwrap();
+        while let Some(transfer) = connection.receive().await.unwrap() {
+            assert_eq!(transfer.segments()[0].bytes(), &[b'x'; 4096][..]);
+            transfer.accept().unwrap();
+        }
+        tokio::task::spawn_blocking(move || sender.join().unwrap())
+            .await
+            .unwrap()
+    });
+    let ids: Vec<_> = verdicts
+        .iter()
+        .map(|v| matches!(v, Verdict::Accepted { .. }))
+        .collect();
+    assert_eq!(ids, [true, true, true]);
+
+    // An async sender to a blocking receiver.
+    let to_blocking = dir.path().join("to-blocking.sock");
+    let listener = sealpass_receiver::Listener::bind(&to_blocking).unwrap();
+    let receiver = std::thread::spawn(move || {
+        let mut connection = listener.accept().unwrap();
+        let mut seen = 0;
+        while let Some(transfer) = connection.receive().unwrap() {
+            seen += transfer.segments().len();
+            transfer.accept().unwrap();
+        }
+        seen
+    });
+    runtime.block_on(async {
+        let mut sender = sealpass_sender::tokio::Sender::connect(&to_blocking)
+            .await
+            .unwrap();
+        for n in 0..10 {
+            sender
+                .submit(&[segment(&format!("a{n}"), 4096)])
+                .await
+                .unwrap();
+        }
+        for id in 1..=10 {
+            assert_eq!(
+                sender.next_verdict().await.unwrap(),
+                Verdict::Accepted { id }
+            );
+        }
+    });
+    assert_eq!(receiver.join().unwrap(), 10);
+}
+
+#[test]
+fn cancelled_futures_leak_nothing_and_leave_the_connection_usable() {
+    let _serial = serial();
+    let fds_before = open_fds();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cancel.sock");
+    runtime.block_on(async {
+        let listener = Listener::bind(&socket).unwrap();
+        let (peer, mut connection) = tokio::join!(
+            tokio::task::spawn_blocking({
+                let socket = socket.clone();
+                move || fdpass::connect(&socket).unwrap()
+            }),
+            async { listener.accept().await.unwrap() }
+        );
+        let peer = peer.unwrap();
+
+        // A receive dropped while waiting: nothing taken, nothing held.
+        let waited = tokio::time::timeout(Duration::from_millis(20), connection.receive()).await;
+        assert!(waited.is_err(), "nothing was sent yet");
+        assert_eq!(connection.mapped(), 0);
+        let one = segment("after-cancel", 1 << 20);
+        let header = encode(&Message::Transfer(Transfer::new(
+            1,
+            vec![one.declaration().clone()],
+        )))
+        .unwrap();
+        fdpass::send(peer.as_fd(), &header, &[one.fd()]).unwrap();
+        // Dropped again, now with a message queued: it is still there after.
+        let raced = connection.receive();
+        drop(raced);
+        let transfer = connection.receive().await.unwrap().unwrap();
+        assert_eq!(transfer.id(), 1);
+        assert_eq!(connection.mapped(), 1 << 20);
+        drop(transfer); // unanswered: rejected
+        assert_eq!(connection.mapped(), 0);
+        drop(connection);
+        drop(peer);
+    });
+
+    // A send dropped while the receiver's queue is full: not sent, and the
+    // connection goes on; nothing is half-sent.
+    let socket = dir.path().join("cancel-send.sock");
+    let listener = sealpass_receiver::Listener::bind(&socket).unwrap();
+    let (accepted, accepted_rx) = std::sync::mpsc::channel::<()>();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let receiver = std::thread::spawn(move || {
+        let mut connection = listener.accept().unwrap();
+        accepted.send(()).unwrap();
+        go_rx.recv().unwrap(); // read nothing until told
+        let mut ids = Vec::new();
+        while let Some(transfer) = connection.receive().unwrap() {
+            ids.push(transfer.id());
+            transfer.accept().unwrap();
+        }
+        ids
+    });
+    let sent = runtime.block_on(async {
+        let mut sender = sealpass_sender::tokio::Sender::connect(&socket)
+            .await
+            .unwrap();
+        accepted_rx.recv().unwrap();
+        let mut sent = 0u64;
+        loop {
+            let header = segment("fill", 64);
+            match tokio::time::timeout(Duration::from_millis(50), sender.submit(&[header])).await {
+                Ok(id) => sent = id.unwrap(),
+                Err(_) => break, // queue full: the submit was dropped mid-way
+            }
+            assert!(sent < 100_000, "the queue never filled");
+        }
+        go.send(()).unwrap();
+        // The connection is usable: one more goes out, and every verdict
+        // comes, ids contiguous (the dropped submit sent nothing).
+        let last = sender.submit(&[segment("after", 64)]).await.unwrap();
+        assert_eq!(last, sent + 1);
+        for id in 1..=last {
+            assert_eq!(
+                sender.next_verdict().await.unwrap(),
+                Verdict::Accepted { id }
+            );
+        }
+        last
+    });
+    let ids = receiver.join().unwrap();
+    assert_eq!(
+        ids,
+        (1..=sent).collect::<Vec<_>>(),
+        "the dropped submit sent nothing"
+    );
+    drop(runtime);
+    drop(dir);
+    eventually("the fd count back where it was", || {
+        open_fds() == fds_before
+    });
+}
+
+/// A hostile peer, blocking, on its own thread.
+fn hostile(socket: &Path, kind: usize) {
+    let connection = fdpass::connect(socket).unwrap();
+    fdpass::set_timeouts(
+        connection.as_fd(),
+        Some(Duration::from_secs(20)),
+        Some(Duration::from_secs(20)),
+    )
+    .unwrap();
+    let answer = || fixtures::answer(&connection).unwrap();
+    match kind % 4 {
+        // Garbage, again and again.
+        0 => {
+            for _ in 0..20 {
+                fdpass::send(connection.as_fd(), b"not a sealpass message", &[]).unwrap();
+                assert!(matches!(answer(), Answer::Message(Message::Reject(_))));
+            }
+        }
+        // 253 pipes behind a one-segment header.
+        1 => {
+            let (read, _write) = nix::unistd::pipe().unwrap();
+            let header = encode(&Message::Transfer(Transfer::new(
+                1,
+                vec![Segment::new("flood", 1, Seals::SENDER_DEFAULT)],
+            )))
+            .unwrap();
+            for _ in 0..5 {
+                fdpass::send(connection.as_fd(), &header, &vec![read.as_fd(); 253]).unwrap();
+                match answer() {
+                    Answer::Message(Message::Reject(reject)) => {
+                        assert_eq!(reject.reason, RejectReason::FdCountMismatch)
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        // An unsealed memfd.
+        2 => {
+            let loose = SealedSegment::filled("loose", b'x', 64, Seals::empty()).unwrap();
+            let header = encode(&Message::Transfer(Transfer::new(
+                1,
+                vec![Segment::new("loose", 64, Seals::empty())],
+            )))
+            .unwrap();
+            fdpass::send(connection.as_fd(), &header, &[loose.fd()]).unwrap();
+            match answer() {
+                Answer::Message(Message::Reject(reject)) => {
+                    assert_eq!(reject.reason, RejectReason::MissingSeals)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Sends a valid transfer and vanishes before the answer.
+        _ => {
+            let one = segment("gone", 64);
+            let header = encode(&Message::Transfer(Transfer::new(
+                1,
+                vec![one.declaration().clone()],
+            )))
+            .unwrap();
+            fdpass::send(connection.as_fd(), &header, &[one.fd()]).unwrap();
+        }
+    }
+}
+
+#[test]
+fn one_current_thread_runtime_serves_1000_connections() {
+    const CONNECTIONS: usize = 1000;
+    const SILENT: usize = 200;
+    const HOSTILE: usize = 50;
+    const VALID: usize = CONNECTIONS - SILENT - HOSTILE;
+    let _serial = serial();
+    let fds_before = open_fds();
+    let running = start(
+        Config::builder()
+            .max_connections(CONNECTIONS + 10)
+            .first_message_deadline(Some(Duration::from_secs(60)))
+            .build()
+            .unwrap(),
+    );
+    // 200 silent peers, held open while everyone else is served.
+    let silent: Vec<OwnedFd> = (0..SILENT)
+        .map(|_| fdpass::connect(&running.socket).unwrap())
+        .collect();
+    eventually("the silent peers are served", || {
+        running.stats.active_connections.load(Ordering::Acquire) == SILENT
+    });
+    let hostiles: Vec<_> = (0..HOSTILE)
+        .map(|kind| {
+            let socket = running.socket.clone();
+            std::thread::spawn(move || hostile(&socket, kind))
+        })
+        .collect();
+    // 750 valid senders, each its own connection, two transfers each.
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let accepted = clients.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..VALID {
+            let socket = running.socket.clone();
+            tasks.spawn(async move {
+                let mut sender = sealpass_sender::tokio::Sender::connect(&socket)
+                    .await
+                    .unwrap();
+                sender.set_answer_timeout(Some(Duration::from_secs(30)));
+                let mut accepted = 0;
+                for round in 0..2 {
+                    let frame = segment(&format!("c{n}-{round}"), 4096);
+                    accepted += usize::from(sender.send(&[frame]).await.unwrap().is_accepted());
+                }
+                accepted
+            });
+        }
+        let mut accepted = 0;
+        while let Some(result) = tasks.join_next().await {
+            accepted += result.unwrap();
+        }
+        accepted
+    });
+    assert_eq!(accepted, 2 * VALID, "every valid transfer is accepted");
+    for hostile in hostiles {
+        hostile.join().unwrap();
+    }
+    assert!(
+        running.stats.active_connections.load(Ordering::Acquire) >= SILENT,
+        "the silent peers were held all along"
+    );
+    drop(silent);
+    drop(clients);
+    eventually("every connection closed", || {
+        running.stats.active_connections.load(Ordering::Acquire) == 0
+    });
+    assert_eq!(running.budget.in_use(), 0);
+    running.stop();
+    eventually("the fd count back where it was", || {
+        open_fds() == fds_before
+    });
+    assert_eq!(memfd_mappings(), 0);
+}
