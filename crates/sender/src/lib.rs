@@ -43,6 +43,6 @@ pub use sealpass_proto::size::{ParseSizeError, parse_size};
 pub use sealpass_proto::{RejectReason, Seals};
 
 /// The README's example is compiled and run as a test of this crate.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "tokio"))]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeExample;
