@@ -697,10 +697,16 @@ impl Session {
                 text,
             )),
         };
-        if let Some(slot) = self
+        // Slots are in sequence order, one per message, so a ticket's slot
+        // is found by its distance from the oldest: O(1) per answer.
+        let index = self
             .answers
-            .iter_mut()
-            .find(|slot| slot.sequence == ticket.sequence && slot.answer.is_none())
+            .front()
+            .and_then(|oldest| ticket.sequence.checked_sub(oldest.sequence))
+            .and_then(|distance| usize::try_from(distance).ok());
+        if let Some(slot) = index
+            .and_then(|index| self.answers.get_mut(index))
+            .filter(|slot| slot.sequence == ticket.sequence && slot.answer.is_none())
         {
             slot.answer = Some(message);
             self.owed = self.owed.saturating_sub(1);

@@ -289,8 +289,18 @@ impl Core {
         }
     }
 
-    /// The deadline to wait to, or `None` for none; `Err(Closed)` when
-    /// nothing more is to be read.
+    /// Whether more messages may come.
+    pub(crate) fn is_open(&self) -> bool {
+        self.link.lock().session.wants_to_read()
+    }
+
+    /// Bytes the connection's transfers hold mapped.
+    pub(crate) fn mapped(&self) -> u64 {
+        self.link.lock().session.mapped()
+    }
+
+    /// The deadline to wait to (`Some(None)`: none), or `None` when nothing
+    /// more is to be read.
     pub(crate) fn deadline(&self) -> Option<Option<Instant>> {
         let state = self.link.lock();
         state
@@ -500,12 +510,12 @@ impl Connection {
     /// Whether more messages may come: false once the peer closed, or after
     /// a reject that ends the connection (unsupported version, timeout).
     pub fn is_open(&self) -> bool {
-        self.core.link.lock().session.wants_to_read()
+        self.core.is_open()
     }
 
     /// Bytes this connection's transfers hold mapped right now.
     pub fn mapped(&self) -> u64 {
-        self.core.link.lock().session.mapped()
+        self.core.mapped()
     }
 
     /// The next verified transfer, waiting for it; messages refused on the

@@ -222,12 +222,12 @@ impl Connection {
 
     /// Whether more messages may come.
     pub fn is_open(&self) -> bool {
-        self.core.link.lock().session.wants_to_read()
+        self.core.is_open()
     }
 
     /// Bytes this connection's transfers hold mapped right now.
     pub fn mapped(&self) -> u64 {
-        self.core.link.lock().session.mapped()
+        self.core.mapped()
     }
 
     /// The next verified transfer, waiting for it; messages refused on the
@@ -338,14 +338,7 @@ impl Connection {
     /// Waits (at most the idle timeout) for room for the pending answer, and
     /// sends what is due; a peer that makes no room loses the connection.
     async fn wait_for_room(&self, socket: &AsyncFd<OwnedFd>) -> Result<(), ServeError> {
-        let idle = self.core.config.idle_timeout();
-        let room = match idle {
-            Some(idle) => ::tokio::time::timeout(idle, socket.writable())
-                .await
-                .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT))),
-            None => socket.writable().await,
-        };
-        match room {
+        match room_in(socket, self.core.config.idle_timeout()).await {
             Ok(mut ready) => {
                 ready.clear_ready();
                 let mut state = self.core.link.lock();
@@ -375,6 +368,19 @@ impl AsFd for Connection {
     }
 }
 
+/// Waits for room in the peer's queue, at most `idle` (`ETIMEDOUT` then).
+async fn room_in(
+    socket: &AsyncFd<OwnedFd>,
+    idle: Option<Duration>,
+) -> io::Result<::tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    match idle {
+        Some(idle) => ::tokio::time::timeout(idle, socket.writable())
+            .await
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT))),
+        None => socket.writable().await,
+    }
+}
+
 /// Sends the answers that found no room in the peer's queue, in order, as
 /// room comes; ends with the connection. Waiting for room is bounded by the
 /// idle timeout: a peer that reads no answers loses the connection.
@@ -394,13 +400,7 @@ async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Opt
             let Socket::Async(socket) = &link.socket else {
                 return;
             };
-            let room = match idle {
-                Some(idle) => ::tokio::time::timeout(idle, socket.writable())
-                    .await
-                    .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(nix::libc::ETIMEDOUT))),
-                None => socket.writable().await,
-            };
-            match room {
+            match room_in(socket, idle).await {
                 Ok(mut ready) => ready.clear_ready(),
                 Err(_) => {
                     link.lock().session.abort();
