@@ -7,7 +7,7 @@ use anyhow::bail;
 use crate::project::{self, cargo};
 
 pub(crate) const HELP: &str = "\
-usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async]
+usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill]
 
 Runs the handoff benchmark in release mode, sender and receiver in separate
 processes, and prints medians with their spread, the ratios against the
@@ -18,6 +18,8 @@ target/bench/results.json and the plot target/bench/handoff.svg.
   --hot-path    only the one-CPU 4 KiB round trip and allocations per message,
                 for before/after comparisons of the hot path
   --pipelined   only pipelined throughput on one connection
+  --fill        only the producer's fill paths (mapping, MAP_POPULATE
+                mapping, pwrite) at each size
   --async       only the async round trip and pipelined rate (tokio at both
                 ends) beside the blocking ones, and their ratios
   -h, --help    this text
@@ -25,7 +27,7 @@ target/bench/results.json and the plot target/bench/handoff.svg.
 Changes no system setting.
 ";
 
-const FLAGS: &[&str] = &["--quick", "--hot-path", "--pipelined", "--async"];
+const FLAGS: &[&str] = &["--quick", "--hot-path", "--pipelined", "--async", "--fill"];
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|arg| arg == "--help" || arg == "-h") {

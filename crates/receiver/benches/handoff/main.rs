@@ -132,6 +132,13 @@ fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--fill") {
+        // Only the producer's fill paths, at each size.
+        fill_rows(&mut report, runs, sizes, quick);
+        report.print();
+        return;
+    }
+
     if std::env::args().any(|a| a == "--async") {
         // Only the async rows beside their blocking twins, for comparisons.
         async_rows(
@@ -365,6 +372,9 @@ fn main() {
         None,
     );
 
+    // ---- What a producer pays to fill a fresh memfd -------------------------
+    fill_rows(&mut report, runs, sizes, quick);
+
     // ---- The async driver beside the blocking one ---------------------------
     async_rows(&mut report, runs, round_trips, messages);
 
@@ -455,6 +465,45 @@ fn main() {
     let plot = out.join("handoff.svg");
     report.plot(&plot).unwrap();
     println!("wrote {}", plot.display());
+}
+
+/// The three ways to fill a fresh memfd, at each size: the rows behind the
+/// choices of `SealedSegment` (`from_bytes` and `filled` use pwrite;
+/// `with_mapping` keeps a plain mapping, `MAP_POPULATE` being no faster).
+fn fill_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
+    for &size in sizes {
+        let source = vec![b'x'; size];
+        let iterations = iterations_for(size, quick).min(200);
+        let mut medians = [0.0; 3];
+        for (slot, method) in medians.iter_mut().zip(measure::Fill::ALL) {
+            let samples: Vec<f64> = (0..runs)
+                .map(|_| measure::fill(&source, method, iterations))
+                .collect();
+            let stat = Stat::of(samples);
+            *slot = stat.median;
+            report.row(
+                Regime::TwoCpus,
+                method.describe(),
+                Some(size),
+                "µs",
+                stat,
+                None,
+            );
+        }
+        report.line(
+            format!("fill through a mapping / pwrite at {}", human(size)),
+            medians[0] / medians[2],
+            None,
+        );
+        report.line(
+            format!(
+                "fill through a MAP_POPULATE mapping / plain mapping at {}",
+                human(size)
+            ),
+            medians[1] / medians[0],
+            None,
+        );
+    }
 }
 
 /// The async round trip and pipelined rate (tokio at both ends) beside the

@@ -326,3 +326,56 @@ pub(crate) fn async_pipelined_rate(messages: usize, window: usize) -> f64 {
     peer.finish();
     rate
 }
+
+/// How a fresh memfd gets its bytes, for the fill rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fill {
+    /// Through a writable shared mapping: a page fault (and a zeroed page)
+    /// per 4 KiB, then the copy.
+    Mapping,
+    /// The same with `MAP_POPULATE`: every page faulted in by the `mmap`.
+    MappingPopulated,
+    /// `pwrite` from a buffer: the kernel allocates pages as it copies.
+    Pwrite,
+}
+
+impl Fill {
+    pub(crate) const ALL: [Fill; 3] = [Fill::Mapping, Fill::MappingPopulated, Fill::Pwrite];
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Fill::Mapping => "fill a fresh memfd through a writable mapping",
+            Fill::MappingPopulated => "fill a fresh memfd through a MAP_POPULATE mapping",
+            Fill::Pwrite => "fill a fresh memfd with pwrite",
+        }
+    }
+}
+
+/// µs to create a memfd and put `source` in it by `method`, closing it
+/// after: what a producer pays before sealing.
+pub(crate) fn fill(source: &[u8], method: Fill, iterations: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let size = source.len();
+    per_op(iterations, || {
+        let fd = nix::sys::memfd::memfd_create(
+            "fill",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        match method {
+            Fill::Pwrite => File::from(fd).write_all_at(source, 0).unwrap(),
+            Fill::Mapping | Fill::MappingPopulated => {
+                nix::unistd::ftruncate(&fd, size as i64).unwrap();
+                let mut options = memmap2::MmapOptions::new();
+                options.len(size);
+                if let Fill::MappingPopulated = method {
+                    options.populate();
+                }
+                // SAFETY: the memfd was just created here and nothing else
+                // maps or truncates it while this mapping lives.
+                let mut mapping = unsafe { options.map_mut(&fd) }.unwrap();
+                mapping.copy_from_slice(source);
+            }
+        }
+    })
+}
