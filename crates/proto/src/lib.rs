@@ -27,6 +27,7 @@
 pub mod codec;
 pub mod config;
 pub mod fdpass;
+pub mod host;
 pub mod limits;
 pub mod message;
 pub mod seals;

@@ -372,6 +372,19 @@ fn version_help_and_start_up_line_read_well() {
             "--help lacks {expected:?}:\n{help}"
         );
     }
+    let doctor = run("--doctor");
+    for expected in [
+        "kernel: ",
+        "vm.memfd_noexec: ",
+        "shmem transparent huge pages: ",
+        "RLIMIT_NOFILE: ",
+        "change: ",
+    ] {
+        assert!(
+            doctor.contains(expected),
+            "--doctor lacks {expected:?}:\n{doctor}"
+        );
+    }
     let receiver = RecvProcess::start(&["--max-mapped-total", "16GiB"]);
     let line = receiver.started_line();
     assert!(

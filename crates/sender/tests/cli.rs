@@ -412,6 +412,7 @@ fn version_help_and_summary_read_well() {
             "--help lacks {expected:?}:\n{help}"
         );
     }
+    assert!(run("--doctor").contains("MFD_NOEXEC_SEAL: "));
     let (_dir, socket) = scratch();
     let _reports = receiver(&socket);
     let output = send(&socket, &["--fill", "one=A:1"], b"");

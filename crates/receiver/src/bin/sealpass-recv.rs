@@ -31,8 +31,17 @@ use serde::Serialize;
 #[command(name = "sealpass-recv", version, after_help = AFTER_HELP)]
 struct Cli {
     /// Where to listen. A stale socket left there is replaced; anything else is refused.
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[arg(
+        long = "socket",
+        id = "socket",
+        value_name = "PATH",
+        required_unless_present = "doctor"
+    )]
+    socket_arg: Option<PathBuf>,
+    /// Print what this machine offers sealpass (kernel, memfd_noexec, huge
+    /// pages, fd and mapping limits), what each means, how to change it, and exit.
+    #[arg(long)]
+    doctor: bool,
     /// Exit after the first accepted transfer.
     #[arg(long)]
     once: bool,
@@ -95,6 +104,13 @@ struct Cli {
     /// the mapped-bytes limits count every byte of the size either way.
     #[arg(long)]
     refuse_sparse: bool,
+}
+
+impl Cli {
+    /// The socket path (present unless `--doctor`, which exits first).
+    fn socket(&self) -> &Path {
+        self.socket_arg.as_deref().unwrap_or(Path::new(""))
+    }
 }
 
 const AFTER_HELP: &str = "\
@@ -523,7 +539,7 @@ fn describe_start(cli: &Cli, config: &Config) -> String {
     format!(
         "listening on {} (mode {:o}); requiring seals {}{}; at most {} connections, {} per message, \
          {} mapped per connection and {} in all; first message within {}, idle timeout {}; admitting {peers}",
-        cli.socket.display(),
+        cli.socket().display(),
         cli.mode,
         policy.required(),
         if policy.refuses_sparse() {
@@ -554,7 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     if cli.compat {
-        let mut listener = Listener::bind_compat(&cli.socket)?;
+        let mut listener = Listener::bind_compat(cli.socket())?;
         listener.set_config(cli.config(Seals::empty()));
         let (stop, stopper) = UnixStream::pair().context("creating the stop socket pair")?;
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -572,11 +588,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = cli.config(Seals::RECEIVER_DEFAULT);
     let description = describe_start(&cli, &config);
-    let mut listener = Listener::bind(&cli.socket)?;
+    let mut listener = Listener::bind(cli.socket())?;
     listener.set_config(config);
     if cli.mode != 0o600 {
-        fs::set_permissions(&cli.socket, fs::Permissions::from_mode(cli.mode))
-            .with_context(|| format!("setting mode {:o} on {}", cli.mode, cli.socket.display()))?;
+        fs::set_permissions(cli.socket(), fs::Permissions::from_mode(cli.mode)).with_context(
+            || format!("setting mode {:o} on {}", cli.mode, cli.socket().display()),
+        )?;
     }
     let service = Service::new(listener)?;
     let shutdown = service.shutdown_handle();
@@ -601,6 +618,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.doctor {
+        print!("{}", sealpass_proto::host::Host::read());
+        return ExitCode::SUCCESS;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

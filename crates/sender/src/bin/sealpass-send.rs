@@ -20,8 +20,17 @@ use sealpass_sender::{SealedSegment, SendError, Sender, Verdict, parse_size};
 #[command(name = "sealpass-send", version, after_help = AFTER_HELP)]
 struct Cli {
     /// The receiver's socket.
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[arg(
+        long = "socket",
+        id = "socket",
+        value_name = "PATH",
+        required_unless_present = "doctor"
+    )]
+    socket_arg: Option<PathBuf>,
+    /// Print what this machine offers sealpass (kernel, memfd_noexec, huge
+    /// pages, fd and mapping limits), what each means, how to change it, and exit.
+    #[arg(long)]
+    doctor: bool,
     /// A segment named NAME holding the bytes of the file at PATH.
     #[arg(long = "file", value_name = "NAME=PATH", value_parser = parse_file)]
     files: Vec<(String, PathBuf)>,
@@ -45,6 +54,13 @@ struct Cli {
     /// Give up waiting for the verdict after this many seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_seconds)]
     answer_timeout: f64,
+}
+
+impl Cli {
+    /// The socket path (present unless `--doctor`, which exits first).
+    fn socket(&self) -> &Path {
+        self.socket_arg.as_deref().unwrap_or(Path::new(""))
+    }
 }
 
 const AFTER_HELP: &str = "\
@@ -240,7 +256,7 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let patience = seconds(cli.connect_timeout);
     if patience.is_none() {
-        check_socket_path(&cli.socket)?;
+        check_socket_path(cli.socket())?;
     }
     let mut segments = Vec::new();
     for (name, source) in sources {
@@ -255,7 +271,7 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     let bytes: u64 = segments.iter().map(SealedSegment::size).sum();
 
     if cli.compat {
-        sealpass_sender::send_bare(&cli.socket, &segments)?;
+        sealpass_sender::send_bare(cli.socket(), &segments)?;
         println!(
             "sent {}, {bytes} bytes, no header (compat); prepared in {} us",
             count(segments.len(), "bare memfd"),
@@ -264,14 +280,14 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let mut sender = match (Sender::connect(&cli.socket), patience) {
+    let mut sender = match (Sender::connect(cli.socket()), patience) {
         (Ok(sender), _) => sender,
         (Err(error), Some(patience)) if receiver_not_up_yet(&error) => {
             eprintln!(
                 "sealpass-send: no receiver at {} yet; waiting up to {patience:?}",
-                cli.socket.display()
+                cli.socket().display()
             );
-            Sender::connect_with_retry(&cli.socket, patience)?
+            Sender::connect_with_retry(cli.socket(), patience)?
         }
         (Err(error), _) => return Err(error.into()),
     };
@@ -323,6 +339,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
+    if cli.doctor {
+        print!("{}", sealpass_proto::host::Host::read());
+        return ExitCode::SUCCESS;
+    }
     let sources = match sources(&cli, &matches) {
         Ok(sources) => sources,
         Err(message) => Cli::command()

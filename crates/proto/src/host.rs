@@ -1,0 +1,205 @@
+//! What this machine offers sealpass: the kernel and the settings that
+//! decide its speed and its limits, read from `/proc` and `/sys` (and one
+//! `memfd_create` probe). Both binaries print it with `--doctor`. Reading
+//! only: nothing here changes a setting.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::resource::{Resource, getrlimit};
+
+/// The facts, each `None` where the machine does not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Host {
+    /// `uname -r`.
+    pub kernel: Option<String>,
+    /// Whether `memfd_create` takes `MFD_NOEXEC_SEAL` (Linux 6.3+).
+    pub noexec_seal: bool,
+    /// `vm.memfd_noexec`: 0 allows executable memfds, 1 makes them
+    /// non-executable by default, 2 refuses executable ones.
+    pub memfd_noexec: Option<u32>,
+    /// The shmem transparent huge page mode (`never`, `advise`,
+    /// `within_size`, `always`, `deny`, `force`).
+    pub shmem_thp: Option<String>,
+    /// The hugetlb pool: pages in all, free, and their size in KiB.
+    pub hugetlb: Option<(u64, u64, u64)>,
+    /// `RLIMIT_NOFILE`, soft and hard.
+    pub nofile: Option<(u64, u64)>,
+    /// `vm.max_map_count`: mappings one process may hold.
+    pub max_map_count: Option<u64>,
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_owned())
+}
+
+/// The selected word of a `a [b] c` sysfs list.
+fn selected(list: &str) -> Option<String> {
+    let start = list.find('[')?;
+    let end = list[start..].find(']')? + start;
+    list.get(start + 1..end).map(str::to_owned)
+}
+
+/// A `Key: value` field of `/proc/meminfo`, as a number.
+fn meminfo(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+impl Host {
+    /// Reads the facts of this machine.
+    pub fn read() -> Host {
+        let meminfo_text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let hugetlb = match (
+            meminfo(&meminfo_text, "HugePages_Total"),
+            meminfo(&meminfo_text, "HugePages_Free"),
+            meminfo(&meminfo_text, "Hugepagesize"),
+        ) {
+            (Some(total), Some(free), Some(size)) => Some((total, free, size)),
+            _ => None,
+        };
+        let noexec = MFdFlags::from_bits_retain(nix::libc::MFD_NOEXEC_SEAL);
+        Host {
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            noexec_seal: memfd_create("sealpass-doctor", MFdFlags::MFD_CLOEXEC | noexec).is_ok(),
+            memfd_noexec: read_trimmed("/proc/sys/vm/memfd_noexec").and_then(|v| v.parse().ok()),
+            shmem_thp: read_trimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+                .and_then(|list| selected(&list)),
+            hugetlb,
+            nofile: getrlimit(Resource::RLIMIT_NOFILE).ok(),
+            max_map_count: read_trimmed("/proc/sys/vm/max_map_count").and_then(|v| v.parse().ok()),
+        }
+    }
+}
+
+/// One finding: what, what it means for sealpass, and how to change it.
+fn item(
+    f: &mut fmt::Formatter<'_>,
+    what: &str,
+    value: &str,
+    meaning: &str,
+    change: &str,
+) -> fmt::Result {
+    writeln!(f, "{what}: {value}")?;
+    writeln!(f, "    {meaning}")?;
+    if !change.is_empty() {
+        writeln!(f, "    change: {change}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unknown = || "unknown".to_owned();
+        item(
+            f,
+            "kernel",
+            &self.kernel.clone().unwrap_or_else(unknown),
+            "memfd sealing needs 3.17+; F_SEAL_FUTURE_WRITE 5.1+; MFD_NOEXEC_SEAL and F_SEAL_EXEC 6.3+; \
+             read-only shared mappings of write-sealed memfds 6.7+ (before, a private read-only one is used)",
+            "",
+        )?;
+        item(
+            f,
+            "MFD_NOEXEC_SEAL",
+            if self.noexec_seal {
+                "supported"
+            } else {
+                "not supported (kernel before 6.3)"
+            },
+            "senders create memfds with it where supported, so they also carry EXEC; \
+             receivers compare seals as a superset, so either way works",
+            "",
+        )?;
+        item(
+            f,
+            "vm.memfd_noexec",
+            &self.memfd_noexec.map_or_else(unknown, |v| v.to_string()),
+            "0 or 1: memfds are created as usual; 2: executable memfds are refused, which sealpass never asks for",
+            "sysctl -w vm.memfd_noexec=0",
+        )?;
+        let thp = self.shmem_thp.clone().unwrap_or_else(unknown);
+        item(
+            f,
+            "shmem transparent huge pages",
+            &thp,
+            match thp.as_str() {
+                "never" | "deny" => {
+                    "off: every 4 KiB page of a memfd faults and is zeroed on its own when \
+                     filled and again when first read; with huge pages a 2 MiB page takes one fault"
+                }
+                "advise" => "on where asked (MADV_HUGEPAGE): big segments can use 2 MiB pages",
+                _ => "on: big segments use 2 MiB pages, far fewer faults when filling and reading",
+            },
+            "echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled",
+        )?;
+        item(
+            f,
+            "hugetlb pool",
+            &self.hugetlb.map_or_else(unknown, |(total, free, size)| {
+                format!("{total} pages of {size} KiB, {free} free")
+            }),
+            "hugetlb-backed memfds (MFD_HUGETLB) would need free pages here; sealpass does not \
+             create them yet: its memfds use the page cache (shmem)",
+            "sysctl -w vm.nr_hugepages=N",
+        )?;
+        item(
+            f,
+            "RLIMIT_NOFILE",
+            &self
+                .nofile
+                .map_or_else(unknown, |(soft, hard)| format!("{soft} (hard {hard})")),
+            "every connection and every segment in flight holds an fd; a receiver near the limit \
+             refuses new connections (ResourceExhausted) and transfers (ControlTruncated)",
+            "ulimit -n N (or LimitNOFILE= in a systemd unit)",
+        )?;
+        item(
+            f,
+            "vm.max_map_count",
+            &self.max_map_count.map_or_else(unknown, |v| v.to_string()),
+            "every segment held mapped is one mapping; past the limit mapping fails (MapFailed)",
+            "sysctl -w vm.max_map_count=N",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_lists_and_meminfo_fields() {
+        assert_eq!(
+            selected("always within_size advise [never] deny force").as_deref(),
+            Some("never")
+        );
+        assert_eq!(selected("[advise] never").as_deref(), Some("advise"));
+        assert_eq!(selected("no brackets"), None);
+        let text = "MemTotal: 100 kB\nHugePages_Total:       4\nHugepagesize:    2048 kB\n";
+        assert_eq!(meminfo(text, "HugePages_Total"), Some(4));
+        assert_eq!(meminfo(text, "Hugepagesize"), Some(2048));
+        assert_eq!(meminfo(text, "HugePages_Free"), None);
+    }
+
+    #[test]
+    fn the_report_names_every_fact_and_how_to_change_it() {
+        let report = Host::read().to_string();
+        for expected in [
+            "kernel: ",
+            "MFD_NOEXEC_SEAL: ",
+            "vm.memfd_noexec: ",
+            "shmem transparent huge pages: ",
+            "hugetlb pool: ",
+            "RLIMIT_NOFILE: ",
+            "vm.max_map_count: ",
+            "change: sysctl -w vm.max_map_count=N",
+        ] {
+            assert!(report.contains(expected), "{expected:?} missing:\n{report}");
+        }
+    }
+}
