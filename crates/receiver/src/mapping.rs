@@ -3,10 +3,19 @@
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Mmap, MmapOptions};
 use nix::errno::Errno;
 use sealpass_proto::session::Grant;
+
+/// Whether this kernel maps a write-sealed memfd shared and read-only.
+/// Kernels before 6.7 refuse it (`EPERM`: the mapping could be
+/// `mprotect`ed writable), and a private read-only mapping, which sees the
+/// same pages, stands in. Cleared at the first `EPERM`, so such a kernel
+/// pays for the refused call once, not once per segment (as
+/// `MFD_NOEXEC_SEAL` is remembered on the sending side).
+static SHARED_READ_ONLY: AtomicBool = AtomicBool::new(true);
 
 /// Maps a verified memfd read-only, `grant.size()` bytes; `None` for size 0,
 /// which mmap refuses.
@@ -23,7 +32,31 @@ pub(crate) fn map_verified(
     grant: Grant<'_>,
     populate: bool,
 ) -> io::Result<Option<Mmap>> {
-    let size = grant.size();
+    map_sealed(
+        fd,
+        grant.size(),
+        populate,
+        &SHARED_READ_ONLY,
+        |options, fd| {
+            // SAFETY: the memfd is sealed against shrinking and writing, as the
+            // grant proves; seals are never removed. So no process, this one
+            // included, can truncate it under the mapping (no SIGBUS) or change
+            // the bytes behind the `&[u8]` we hand out, and it is exactly
+            // `size` bytes long.
+            unsafe { options.map(&fd) }
+        },
+    )
+}
+
+/// [`map_verified`], with the shared mapping made by `map_shared` (a test
+/// injects `EPERM` there) and the kernel's answer remembered in `shared`.
+fn map_sealed(
+    fd: BorrowedFd<'_>,
+    size: u64,
+    populate: bool,
+    shared: &AtomicBool,
+    map_shared: impl FnOnce(&MmapOptions, BorrowedFd<'_>) -> io::Result<Mmap>,
+) -> io::Result<Option<Mmap>> {
     if size == 0 {
         return Ok(None);
     }
@@ -34,18 +67,96 @@ pub(crate) fn map_verified(
     if populate {
         options.populate();
     }
-    // SAFETY: the memfd is sealed against shrinking and writing, as the caller
-    // verified; seals are never removed. So no process, this one included, can
-    // truncate it under the mapping (no SIGBUS) or change the bytes behind the
-    // `&[u8]` we hand out, and it is exactly `length` bytes long.
-    match unsafe { options.map(&fd) } {
-        // Kernels before 6.7 refuse a shared mapping of a write-sealed memfd
-        // even read-only (the mapping could be mprotect()ed writable). A
-        // private read-only mapping sees the same pages.
-        Err(error) if error.raw_os_error() == Some(Errno::EPERM as i32) => {
-            // SAFETY: as above.
-            unsafe { options.map_copy_read_only(&fd) }.map(Some)
+    if shared.load(Ordering::Relaxed) {
+        match map_shared(&options, fd) {
+            Err(error) if error.raw_os_error() == Some(Errno::EPERM as i32) => {
+                shared.store(false, Ordering::Relaxed);
+            }
+            other => return other.map(Some),
         }
-        other => other.map(Some),
+    }
+    // SAFETY: as in `map_verified`: the caller's memfd is sealed against
+    // shrinking and writing. A private read-only mapping of it sees the same
+    // pages and can never be written through.
+    unsafe { options.map_copy_read_only(&fd) }.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// A memfd of `size` bytes of `byte`, sealed against writes and shrinking.
+    fn sealed(size: usize, byte: u8) -> std::os::fd::OwnedFd {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use std::os::unix::fs::FileExt;
+        let fd = nix::sys::memfd::memfd_create(
+            "mapping-test",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.write_all_at(&vec![byte; size], 0).unwrap();
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE;
+        fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        file.into()
+    }
+
+    /// The fallback a kernel before 6.7 takes, by fault injection: the shared
+    /// mapping fails with EPERM once; the private one serves the same bytes,
+    /// read-only; and the refusal is remembered, so later segments go
+    /// straight to the private mapping.
+    #[test]
+    fn an_eperm_for_the_shared_mapping_falls_back_once_and_is_remembered() {
+        let memfd = sealed(8192, b'q');
+        let shared = AtomicBool::new(true);
+        let mut attempts = 0;
+        let mapping = map_sealed(memfd.as_fd(), 8192, false, &shared, |_, _| {
+            attempts += 1;
+            Err(io::Error::from_raw_os_error(Errno::EPERM as i32))
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(attempts, 1);
+        assert!(mapping.iter().all(|&b| b == b'q') && mapping.len() == 8192);
+        assert!(!shared.load(Ordering::Relaxed), "the refusal is remembered");
+        let again = map_sealed(memfd.as_fd(), 8192, true, &shared, |_, _| {
+            panic!("the shared mapping is not tried again")
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(&again[..4], b"qqqq");
+        // Other errors are reported, not papered over, and change nothing.
+        let fresh = AtomicBool::new(true);
+        let error = map_sealed(memfd.as_fd(), 8192, false, &fresh, |_, _| {
+            Err(io::Error::from_raw_os_error(Errno::ENOMEM as i32))
+        })
+        .unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(Errno::ENOMEM as i32));
+        assert!(fresh.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn this_kernel_maps_shared_or_falls_back_and_size_zero_maps_nothing() {
+        let memfd = sealed(4096, b'z');
+        let mapping = map_sealed(
+            memfd.as_fd(),
+            4096,
+            true,
+            &SHARED_READ_ONLY,
+            |options, fd| {
+                // SAFETY: the memfd above is sealed against shrinking and writing.
+                unsafe { options.map(&fd) }
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(mapping[4095], b'z');
+        let none = map_sealed(memfd.as_fd(), 0, false, &SHARED_READ_ONLY, |_, _| {
+            panic!("size 0 is not mapped")
+        })
+        .unwrap();
+        assert!(none.is_none());
     }
 }

@@ -186,11 +186,22 @@ static NOEXEC_SEAL_SUPPORTED: AtomicBool = AtomicBool::new(true);
 const MFD_NOEXEC_SEAL: MFdFlags = MFdFlags::from_bits_retain(nix::libc::MFD_NOEXEC_SEAL);
 
 fn create(name: &str) -> Result<OwnedFd, SegmentError> {
+    create_with(name, &NOEXEC_SEAL_SUPPORTED, memfd_create)
+}
+
+/// [`create`], with `memfd_create` passed in (a test injects the `EINVAL` of
+/// a kernel before 6.3 there) and the kernel's answer remembered in
+/// `noexec_supported`.
+fn create_with(
+    name: &str,
+    noexec_supported: &AtomicBool,
+    mut memfd_create: impl FnMut(&str, MFdFlags) -> Result<OwnedFd, Errno>,
+) -> Result<OwnedFd, SegmentError> {
     validate_name(0, name)?;
     let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
-    if NOEXEC_SEAL_SUPPORTED.load(Ordering::Relaxed) {
+    if noexec_supported.load(Ordering::Relaxed) {
         match memfd_create(name, base | MFD_NOEXEC_SEAL) {
-            Err(Errno::EINVAL) => NOEXEC_SEAL_SUPPORTED.store(false, Ordering::Relaxed),
+            Err(Errno::EINVAL) => noexec_supported.store(false, Ordering::Relaxed),
             other => return other.map_err(|errno| create_error(name, errno)),
         }
     }
@@ -473,6 +484,41 @@ mod tests {
             assert_eq!(segment.size(), expected.len() as u64);
             assert!(segment.seals().contains(seals), "{}", segment.seals());
         }
+    }
+
+    /// The fallback a kernel before 6.3 takes, by fault injection: it
+    /// refuses `MFD_NOEXEC_SEAL` with EINVAL once; the memfd is made
+    /// without it, and later ones do not ask again.
+    #[test]
+    fn an_einval_for_noexec_seal_falls_back_once_and_is_remembered() {
+        let supported = AtomicBool::new(true);
+        let mut calls = Vec::new();
+        let mut kernel_6_1 = |name: &str, flags: MFdFlags| {
+            calls.push(flags.contains(MFD_NOEXEC_SEAL));
+            if flags.contains(MFD_NOEXEC_SEAL) {
+                Err(Errno::EINVAL)
+            } else {
+                memfd_create(name, flags)
+            }
+        };
+        let first = create_with("old-kernel", &supported, &mut kernel_6_1).unwrap();
+        let second = create_with("old-kernel", &supported, &mut kernel_6_1).unwrap();
+        assert_eq!(calls, [true, false, false], "asked once, then never again");
+        assert!(!supported.load(Ordering::Relaxed));
+        // What was made is a sealable memfd all the same.
+        for fd in [first, second] {
+            let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).unwrap();
+            assert_eq!(seals & nix::libc::F_SEAL_SEAL, 0, "sealing is allowed");
+        }
+        // Any other error is reported as it is.
+        let error = create_with("full", &AtomicBool::new(true), |_, _| Err(Errno::EMFILE));
+        assert!(matches!(
+            error,
+            Err(SegmentError::Create {
+                errno: Errno::EMFILE,
+                ..
+            })
+        ));
     }
 
     #[test]
