@@ -7,6 +7,7 @@ mod demo;
 mod project;
 mod soak;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ tasks:
                      (each started with --socket PATH appended); default: this project's
   test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
   soak               the load and fault tests, heavier and in release mode
+  vm                 the conformance suites, the demo and compat mode on Debian 12's
+                     Linux 6.1, booted in qemu (TCG); installs qemu with apt if missing
   bench [--quick] [--hot-path] [--pipelined]
                      handoff cost against the kernel's floor and against copying;
                      writes target/bench/results.json (cargo xtask bench --help)
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Some("conformance") => conformance::run(rest),
         Some("soak") => soak::run(rest),
         Some("bench") => bench::run(rest),
+        Some("vm") => vm::run(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -52,6 +52,7 @@ const STEPS: &[Step] = &[
         "conformance catches broken receivers",
         catches_broken_receivers,
     ),
+    ("the suite on Linux 6.1, in qemu", || crate::vm::run(&[])),
 ];
 
 /// The programs in `crates/receiver/examples/`: each starts its own peers

@@ -59,7 +59,11 @@ pub enum BindError {
 /// # let dir = tempfile::tempdir()?;
 /// # let socket = dir.path().join("doc.sock");
 /// # let path = socket.clone();
-/// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", b"hello"));
+/// # let sender = std::thread::spawn(move || -> Result<sealpass_sender::Verdict, sealpass_sender::SendError> {
+/// #     // The listener may not be bound yet: wait for it.
+/// #     let mut sender = sealpass_sender::Sender::connect_with_retry(&path, std::time::Duration::from_secs(20))?;
+/// #     sender.send(&[sealpass_sender::SealedSegment::from_bytes("frame", b"hello", sealpass_sender::Seals::SENDER_DEFAULT)?])
+/// # });
 /// let mut listener = Listener::bind(&socket)?;
 /// listener.set_config(Config::builder().max_segments(8).build()?);
 /// let mut connection = listener.accept()?;

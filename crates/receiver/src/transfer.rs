@@ -28,7 +28,11 @@ use crate::connection::{AnswerError, Link};
 /// # let dir = tempfile::tempdir()?;
 /// # let socket = dir.path().join("doc.sock");
 /// # let path = socket.clone();
-/// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", &[7; 4096]));
+/// # let sender = std::thread::spawn(move || -> Result<sealpass_sender::Verdict, sealpass_sender::SendError> {
+/// #     // The listener may not be bound yet: wait for it.
+/// #     let mut sender = sealpass_sender::Sender::connect_with_retry(&path, std::time::Duration::from_secs(20))?;
+/// #     sender.send(&[sealpass_sender::SealedSegment::from_bytes("frame", &[7; 4096], sealpass_sender::Seals::SENDER_DEFAULT)?])
+/// # });
 /// let mut connection = sealpass_receiver::Listener::bind(&socket)?.accept()?;
 /// let transfer = connection.receive()?.expect("a transfer");
 /// let (mut segments, responder) = transfer.into_parts();
@@ -176,7 +180,11 @@ impl VerifiedSegment {
     /// # let dir = tempfile::tempdir()?;
     /// # let socket = dir.path().join("doc.sock");
     /// # let path = socket.clone();
-    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&path, "frame", b"hello, bytes"));
+    /// # let sender = std::thread::spawn(move || -> Result<sealpass_sender::Verdict, sealpass_sender::SendError> {
+    /// #     // The listener may not be bound yet: wait for it.
+    /// #     let mut sender = sealpass_sender::Sender::connect_with_retry(&path, std::time::Duration::from_secs(20))?;
+    /// #     sender.send(&[sealpass_sender::SealedSegment::from_bytes("frame", b"hello, bytes", sealpass_sender::Seals::SENDER_DEFAULT)?])
+    /// # });
     /// let mut connection = sealpass_receiver::Listener::bind(&socket)?.accept()?;
     /// let transfer = connection.receive()?.expect("a transfer");
     /// let (mut segments, responder) = transfer.into_parts();

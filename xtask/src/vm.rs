@@ -1,0 +1,461 @@
+//! `cargo xtask vm`: the kernel-facing parts of the suite on the kernel most
+//! users run, Debian 12's Linux 6.1, booted in qemu under TCG (no KVM
+//! needed). 6.1 has no `MFD_NOEXEC_SEAL`, no `F_SEAL_EXEC`, no
+//! `SO_PEERPIDFD`, and refuses shared read-only mappings of write-sealed
+//! memfds, so the fallbacks written for those run here for real.
+//!
+//! It installs what it needs with apt when missing (`qemu-system-x86`,
+//! `busybox-static`), fetches the kernel package into `target/vm` without
+//! installing it, builds an initramfs (busybox, the binaries and the shared
+//! libraries they load, a static bare C peer), boots it, and reads the
+//! results from the serial console:
+//!
+//! - the conformance suite against `sealpass-recv` and `sealpass-send`,
+//! - the conformance suite against the async example receiver and sender,
+//! - the demo (two 4 MiB memfds, every byte checked),
+//! - compat mode against a bare C peer,
+//! - `--doctor`.
+//!
+//! It prints one line per step, then `vm: N passed, M failed`, and fails if
+//! any step failed or the VM did not report.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::project::{self, cargo};
+
+/// The meta package whose kernel the VM boots: Debian 12's cloud kernel.
+const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// How long the VM may take, boot to power-off.
+const VM_BUDGET: Duration = Duration::from_secs(170);
+
+pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
+    if !args.is_empty() {
+        bail!("vm takes no arguments; got {args:?}");
+    }
+    let started = Instant::now();
+    ensure_tools()?;
+    let dir = target_dir().join("vm");
+    std::fs::create_dir_all(&dir)?;
+    let kernel = fetch_kernel(&dir)?;
+    let binaries = build(&dir)?;
+    let initramfs = dir.join("initramfs.cpio");
+    write_initramfs(&initramfs, &binaries)?;
+    eprintln!(
+        "vm: booting {} ({:.0} s so far)",
+        kernel.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let console = boot(&kernel, &initramfs)?;
+    let report: Vec<&str> = console
+        .lines()
+        .filter_map(|line| {
+            line.trim_end_matches('\r')
+                .find("vm: ")
+                .map(|at| &line[at..])
+        })
+        .collect();
+    for line in &report {
+        println!("{line}");
+    }
+    let summary = report
+        .iter()
+        .rev()
+        .find_map(|line| parse_summary(line))
+        .with_context(|| {
+            format!(
+                "the VM did not report; its console ended with:\n{}",
+                tail(&console, 30)
+            )
+        })?;
+    eprintln!("vm: done in {:.0} s", started.elapsed().as_secs_f64());
+    ensure!(
+        summary.1 == 0 && summary.0 > 0,
+        "{} steps failed in the VM",
+        summary.1
+    );
+    Ok(())
+}
+
+/// `vm: N passed, M failed`.
+fn parse_summary(line: &str) -> Option<(usize, usize)> {
+    let rest = line.strip_prefix("vm: ")?;
+    let (passed, failed) = rest.split_once(" passed, ")?;
+    Some((
+        passed.parse().ok()?,
+        failed.strip_suffix(" failed")?.parse().ok()?,
+    ))
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all.get(all.len().saturating_sub(lines)..)
+        .unwrap_or_default()
+        .join("\n")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project::root().join("target"), PathBuf::from)
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// qemu and a static busybox, from apt when missing (gcc comes with the
+/// machine).
+fn ensure_tools() -> anyhow::Result<()> {
+    let busybox_static = Path::new("/bin/busybox").exists()
+        && Command::new("sh")
+            .args(["-c", "ldd /bin/busybox 2>&1 | grep -q 'not a dynamic'"])
+            .status()
+            .is_ok_and(|status| status.success());
+    if have("qemu-system-x86_64") && busybox_static {
+        return Ok(());
+    }
+    eprintln!("vm: installing qemu-system-x86 and busybox-static");
+    project::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    project::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "qemu-system-x86",
+                "busybox-static",
+            ]),
+    )
+}
+
+/// The kernel image of Debian 12's cloud kernel, fetched with `apt-get
+/// download` and unpacked under `dir` (nothing is installed).
+fn fetch_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
+    let unpacked = dir.join("kernel");
+    if let Some(image) = find_vmlinuz(&unpacked) {
+        return Ok(image);
+    }
+    let depends = |update: bool| -> anyhow::Result<Option<String>> {
+        if update {
+            project::run(Command::new("apt-get").args(["update", "-qq"]))?;
+        }
+        let output = Command::new("apt-cache")
+            .args(["depends", KERNEL_PACKAGE])
+            .output()?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("Depends: "))
+            .filter(|name| name.starts_with("linux-image-"))
+            .map(str::to_owned))
+    };
+    let package = match depends(false)? {
+        Some(package) => package,
+        None => depends(true)?.with_context(|| format!("apt knows no {KERNEL_PACKAGE}"))?,
+    };
+    eprintln!("vm: fetching {package}");
+    let downloads = dir.join("downloads");
+    std::fs::create_dir_all(&downloads)?;
+    project::run(
+        Command::new("apt-get")
+            .args(["download", &package])
+            .current_dir(&downloads),
+    )?;
+    let deb = std::fs::read_dir(&downloads)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&package))
+        })
+        .context("apt-get download left no package")?;
+    project::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    find_vmlinuz(&unpacked).context("the kernel package holds no /boot/vmlinuz-*")
+}
+
+fn find_vmlinuz(unpacked: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(unpacked.join("boot"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+}
+
+/// The programs that go into the VM, by the name they get there.
+fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    project::run(cargo().args([
+        "build",
+        "--quiet",
+        "--locked",
+        "--bins",
+        "--examples",
+        "-p",
+        "sealpass-sender",
+        "-p",
+        "sealpass-receiver",
+        "--all-features",
+    ]))?;
+    let debug = target_dir().join("debug");
+    let bare = dir.join("bare_sender");
+    project::run(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&bare)
+            .arg(project::root().join("xtask/peers/bare_sender.c")),
+    )?;
+    Ok(vec![
+        ("sealpass-recv".into(), debug.join("sealpass-recv")),
+        ("sealpass-send".into(), debug.join("sealpass-send")),
+        (
+            "async_receiver".into(),
+            debug.join("examples/async_receiver"),
+        ),
+        ("async_sender".into(), debug.join("examples/async_sender")),
+        ("xtask".into(), std::env::current_exe()?),
+        ("bare_sender".into(), bare),
+    ])
+}
+
+/// The shared libraries `program` loads, with the loader, by `ldd`.
+fn libraries(program: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let output = Command::new("ldd").arg(program).output()?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// What the VM runs: each step a line `vm: PASS name` or `vm: FAIL name`
+/// (with the end of its output), then the count.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/shm /tmp
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+export PATH=/bin:/sealpass
+ulimit -n 4096
+echo "vm: kernel $(uname -r)"
+pass=0
+fail=0
+step() {
+    name=$1
+    shift
+    if "$@" > /tmp/step.log 2>&1; then
+        echo "vm: PASS $name"
+        pass=$((pass + 1))
+    else
+        echo "vm: FAIL $name"
+        { grep -E 'FAIL|error|conformance:' /tmp/step.log || tail -n 25 /tmp/step.log; } | head -n 60 | sed 's/^/vm:   /'
+        fail=$((fail + 1))
+    fi
+}
+checked() {
+    out=$1
+    [ "$(wc -c < "$out")" = 8388608 ] || { echo "$out: $(wc -c < "$out") bytes"; return 1; }
+    [ "$(head -c 4194304 "$out" | tr -d A | wc -c)" = 0 ] || { echo "shma is not all A"; return 1; }
+    [ "$(tail -c 4194304 "$out" | tr -d B | wc -c)" = 0 ] || { echo "shmb is not all B"; return 1; }
+}
+demo() {
+    sealpass-recv --socket /tmp/demo.sock --once --print > /tmp/demo.out &
+    recv=$!
+    sealpass-send --socket /tmp/demo.sock --connect-timeout 30 --fill shma=A:4MiB --fill shmb=B:4MiB || return 1
+    wait $recv || return 1
+    checked /tmp/demo.out
+}
+compat() {
+    sealpass-recv --socket /tmp/bare.sock --compat --once --print > /tmp/bare.out &
+    recv=$!
+    tries=0
+    until bare_sender /tmp/bare.sock 2> /dev/null; do
+        tries=$((tries + 1))
+        [ $tries -lt 100 ] || { echo "the bare peer never got through"; return 1; }
+        sleep 0.1
+    done
+    wait $recv || return 1
+    checked /tmp/bare.out
+}
+step conformance-of-sealpass-recv-and-sealpass-send xtask conformance --receiver /sealpass/sealpass-recv --sender "/sealpass/sealpass-send --fill conformance=C:64KiB"
+step conformance-of-the-async-receiver-and-sender xtask conformance --receiver /sealpass/async_receiver --sender /sealpass/async_sender
+step demo demo
+step compat-with-a-bare-c-peer compat
+step doctor sealpass-recv --doctor
+echo "vm: $pass passed, $fail failed"
+poweroff -f
+"#;
+
+/// Writes the initramfs: an uncompressed cpio archive (newc), which the
+/// kernel unpacks as its root.
+fn write_initramfs(path: &Path, binaries: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    let mut archive = Newc::default();
+    for dir in [
+        "bin", "dev", "proc", "sys", "tmp", "sealpass", "lib", "lib64", "usr", "usr/lib",
+    ] {
+        archive.dir(dir);
+    }
+    archive.file("init", INIT.as_bytes(), 0o755);
+    archive.file("bin/busybox", &std::fs::read("/bin/busybox")?, 0o755);
+    let mut libs = std::collections::BTreeSet::new();
+    for (name, binary) in binaries {
+        let bytes =
+            std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+        archive.file(&format!("sealpass/{name}"), &bytes, 0o755);
+        libs.extend(libraries(binary)?);
+    }
+    for lib in libs {
+        let inside = lib.to_string_lossy().trim_start_matches('/').to_owned();
+        let mut parent = String::new();
+        for part in Path::new(&inside).parent().into_iter().flat_map(Path::iter) {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(&part.to_string_lossy());
+            archive.dir(&parent);
+        }
+        let bytes = std::fs::read(&lib).with_context(|| format!("reading {}", lib.display()))?;
+        archive.file(&inside, &bytes, 0o755);
+    }
+    std::fs::write(path, archive.finish())?;
+    Ok(())
+}
+
+/// A cpio archive in the "new ASCII" format the kernel reads.
+#[derive(Default)]
+struct Newc {
+    bytes: Vec<u8>,
+    inode: u32,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+impl Newc {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.inode += 1;
+        let mut header = String::from("070701");
+        let nlink = if mode & 0o040000 != 0 { 2 } else { 1 };
+        for field in [
+            self.inode,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ] {
+            let _ = write!(header, "{field:08x}");
+        }
+        self.bytes.extend_from_slice(header.as_bytes());
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        if self.dirs.insert(name.to_owned()) {
+            self.entry(name, 0o040755, &[]);
+        }
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], permissions: u32) {
+        self.entry(name, 0o100000 | permissions, data);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.bytes
+    }
+}
+
+/// Boots the VM and returns what it printed on its serial console.
+fn boot(kernel: &Path, initramfs: &Path) -> anyhow::Result<String> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let mut stdout = child.stdout.take().context("qemu's console")?;
+    let reader = std::thread::spawn(move || {
+        let mut console = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut console);
+        console
+    });
+    let deadline = Instant::now() + VM_BUDGET;
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let console = reader.join().unwrap_or_default();
+            bail!(
+                "the VM ran past {VM_BUDGET:?}; its console ended with:\n{}",
+                tail(&String::from_utf8_lossy(&console), 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = reader.join().unwrap_or_default();
+    Ok(String::from_utf8_lossy(&console).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries() {
+        assert_eq!(parse_summary("vm: 5 passed, 0 failed"), Some((5, 0)));
+        assert_eq!(parse_summary("vm: 3 passed, 2 failed"), Some((3, 2)));
+        assert_eq!(parse_summary("vm: PASS demo"), None);
+    }
+}
