@@ -4,6 +4,7 @@
 mod bench;
 mod conformance;
 mod demo;
+mod noexec;
 mod project;
 mod soak;
 mod test;
@@ -24,6 +25,8 @@ tasks:
   soak               the load and fault tests, heavier and in release mode
   vm                 the conformance suites, the demo and compat mode on Debian 12's
                      Linux 6.1, booted in qemu (TCG); installs qemu with apt if missing
+  noexec             the demo and the conformance suite with vm.memfd_noexec=2 (changes that
+                     system setting for the run, says so, restores it; never run by `test`)
   bench [--quick] [--hot-path] [--pipelined]
                      handoff cost against the kernel's floor and against copying;
                      writes target/bench/results.json (cargo xtask bench --help)
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Some("soak") => soak::run(rest),
         Some("bench") => bench::run(rest),
         Some("vm") => vm::run(rest),
+        Some("noexec") => noexec::run(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -5,6 +5,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -81,6 +82,14 @@ pub struct Listener {
     path: PathBuf,
     inode: Option<(u64, u64)>,
     config: Arc<Config>,
+    /// An fd held in reserve, opened before the socket: when fds run out, a
+    /// service frees it to accept and refuse a peer rather than leave it
+    /// hanging in the backlog. Opening it first keeps the fds a receiver
+    /// holds while listening fixed from the moment the socket exists.
+    reserve: Option<fs::File>,
+    /// The wake-up pair a [`Service`](crate::Service) stops on, made before
+    /// the socket for the same reason; taken by the service.
+    wake: Option<(UnixStream, UnixStream)>,
 }
 
 fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
@@ -136,6 +145,8 @@ impl Listener {
         remove_stale_socket(path)?;
         // Before the socket exists: no message can be served without it.
         inspect::open_proc_fd_dir();
+        let reserve = fs::File::open("/dev/null").ok();
+        let wake = UnixStream::pair().ok();
         let socket = listen(path, 128).map_err(|source| BindError::Listen {
             path: path.to_owned(),
             source,
@@ -145,7 +156,29 @@ impl Listener {
             path: path.to_owned(),
             inode: inode_of(path),
             config: Arc::new(Config::default()),
+            reserve,
+            wake,
         })
+    }
+
+    /// The wake-up pair made before the socket, for a service (once).
+    pub(crate) fn take_wake_pair(&mut self) -> io::Result<(UnixStream, UnixStream)> {
+        match self.wake.take() {
+            Some(pair) => Ok(pair),
+            None => UnixStream::pair(),
+        }
+    }
+
+    /// Runs `accept_and_refuse` with the reserve fd freed, then takes a new
+    /// one: how a service answers a peer when the process is out of fds.
+    pub(crate) fn with_reserve_freed<T>(
+        &mut self,
+        accept_and_refuse: impl FnOnce(&Self) -> T,
+    ) -> T {
+        self.reserve = None;
+        let result = accept_and_refuse(self);
+        self.reserve = fs::File::open("/dev/null").ok();
+        result
     }
 
     /// The policy, limits and access every accepted connection gets.

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -163,13 +162,6 @@ pub struct Service {
     stats: Arc<ServiceStats>,
     wake_reader: UnixStream,
     shutdown: ShutdownHandle,
-    /// Held open so that, when fds run out, one can be freed to accept and
-    /// refuse a peer rather than leave it hanging in the backlog.
-    reserve_fd: Option<File>,
-}
-
-fn reserve() -> Option<File> {
-    File::open("/dev/null").ok()
 }
 
 /// Answers a connection the service will not serve, then closes it so that
@@ -199,8 +191,10 @@ const REFUSED_DISCARD: usize = 16;
 impl Service {
     /// A service on `listener`, whose [`Config`] supplies the policy, the
     /// limits and who may connect.
-    pub fn new(listener: Listener) -> io::Result<Service> {
-        let (wake_reader, writer) = UnixStream::pair()?;
+    pub fn new(mut listener: Listener) -> io::Result<Service> {
+        // Made with the listener, before its socket: a receiver's fds are
+        // all open by the time it listens.
+        let (wake_reader, writer) = listener.take_wake_pair()?;
         writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
         let budget = MappedBudget::new(listener.config().max_mapped_total());
@@ -212,7 +206,6 @@ impl Service {
             shutdown: ShutdownHandle {
                 writer: Arc::new(writer),
             },
-            reserve_fd: reserve(),
         })
     }
 
@@ -298,12 +291,13 @@ impl Service {
         match self.listener.accept_socket() {
             Ok(socket) => Some(socket),
             Err(error) if matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE)) => {
-                self.reserve_fd = None;
-                if let Ok(socket) = self.listener.accept_socket() {
-                    tracing::warn!("out of file descriptors: refusing a connection");
-                    refuse(socket, out_of_fds(), &self.stats);
-                }
-                self.reserve_fd = reserve();
+                let stats = &self.stats;
+                self.listener.with_reserve_freed(|listener| {
+                    if let Ok(socket) = listener.accept_socket() {
+                        tracing::warn!("out of file descriptors: refusing a connection");
+                        refuse(socket, out_of_fds(), stats);
+                    }
+                });
                 // Let connections finish and free fds before trying again.
                 std::thread::sleep(Duration::from_millis(10));
                 None

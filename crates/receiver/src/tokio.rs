@@ -38,7 +38,6 @@
 
 use std::cell::Cell;
 use std::fmt::Display;
-use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -93,8 +92,22 @@ thread_local! {
 /// [`Listener`](crate::Listener) does (it is one, inside).
 #[derive(Debug)]
 pub struct Listener {
+    // Field order is drop order: deregistered from the reactor before the
+    // inner listener closes the fd.
+    socket: AsyncFd<ListeningFd>,
     inner: BlockingListener,
-    socket: AsyncFd<OwnedFd>,
+}
+
+/// The inner listener's fd, registered with the reactor without a
+/// duplicate: a `dup` after `listen` would open an fd after the socket is
+/// already listening, and a receiver's fds are to be fixed by then.
+#[derive(Debug)]
+struct ListeningFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for ListeningFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
 }
 
 impl Listener {
@@ -110,15 +123,17 @@ impl Listener {
     }
 
     /// The async side of a bound [`Listener`](crate::Listener).
+    #[allow(unsafe_code)]
     pub fn from_listener(inner: BlockingListener) -> io::Result<Listener> {
-        let socket = inner.as_fd().try_clone_to_owned()?;
-        fdpass::set_nonblocking(socket.as_fd()).map_err(|error| {
+        fdpass::set_nonblocking(inner.as_fd()).map_err(|error| {
             io::Error::from_raw_os_error(error.errno().unwrap_or(Errno::EIO) as i32)
         })?;
-        Ok(Listener {
-            socket: register(socket)?,
-            inner,
-        })
+        let fd = ListeningFd(std::os::fd::AsRawFd::as_raw_fd(&inner.as_fd()));
+        // SAFETY: the fd is `inner`'s, which stays in this struct, open and
+        // the same, until after the AsyncFd is dropped (field order).
+        let socket = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Listener { socket, inner })
     }
 
     /// The policy, limits and access every accepted connection gets.
@@ -144,7 +159,7 @@ impl Listener {
                 .readable()
                 .await
                 .map_err(|error| transport(&error, fdpass::Op::Accept))?;
-            match fdpass::try_accept(self.socket.get_ref().as_fd())? {
+            match fdpass::try_accept(self.inner.as_fd())? {
                 Some(socket) => return Ok(socket),
                 None => ready.clear_ready(),
             }
@@ -534,7 +549,7 @@ impl Service {
         E: Display + 'static,
     {
         let Service {
-            listener,
+            mut listener,
             budget,
             stats,
             stop,
@@ -543,9 +558,6 @@ impl Service {
         let config = listener.inner.shared_config();
         let mut connections = JoinSet::new();
         let mut stopping = stop.subscribe();
-        // Freed when fds run out, to accept and refuse rather than leave
-        // peers in the backlog.
-        let mut reserve = File::open("/dev/null").ok();
         let mut number = 0u64;
         loop {
             let accepted = ::tokio::select! {
@@ -556,13 +568,12 @@ impl Service {
             let socket = match accepted {
                 Ok(socket) => socket,
                 Err(error) if matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE)) => {
-                    reserve = None;
-                    if let Ok(Some(socket)) = fdpass::try_accept(listener.socket.get_ref().as_fd())
-                    {
-                        tracing::warn!("out of file descriptors: refusing a connection");
-                        refuse(socket, out_of_fds(), &stats);
-                    }
-                    reserve = reserve.or_else(|| File::open("/dev/null").ok());
+                    listener.inner.with_reserve_freed(|inner| {
+                        if let Ok(Some(refused)) = fdpass::try_accept(inner.as_fd()) {
+                            tracing::warn!("out of file descriptors: refusing a connection");
+                            refuse(refused, out_of_fds(), &stats);
+                        }
+                    });
                     ::tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -604,7 +615,6 @@ impl Service {
                 stop.subscribe(),
             ));
         }
-        drop(reserve);
         // Stop accepting first: the socket file goes with the listener.
         drop(listener);
         while connections.join_next().await.is_some() {}

@@ -130,6 +130,12 @@ fn back_to(target: &Process, baseline: usize) -> Fallible<()> {
                     "afterwards the receiver holds {now} fds; it held {baseline} before its first connection (leak)"
                 ));
             }
+            // Its fd table is gone: it exited (or was killed) meanwhile.
+            None if Instant::now() >= deadline => {
+                return Err(format!(
+                    "afterwards the receiver's fds could not be counted (it held {baseline}); it is no longer running"
+                ));
+            }
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }

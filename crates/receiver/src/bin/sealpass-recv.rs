@@ -556,6 +556,16 @@ fn describe_start(cli: &Cli, config: &Config) -> String {
     )
 }
 
+/// The read end of a pipe that SIGINT and SIGTERM write a byte to.
+fn signal_pipe() -> anyhow::Result<UnixStream> {
+    let (signals, writer) = UnixStream::pair().context("creating the signal pipe")?;
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(signal, writer.try_clone()?)
+            .context("installing the signal handler")?;
+    }
+    Ok(signals)
+}
+
 /// A usage error found after parsing: printed as clap prints its own, exit 2.
 fn usage_error(message: String) -> ! {
     Cli::command()
@@ -572,11 +582,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.compat {
         let mut listener = Listener::bind_compat(cli.socket())?;
         listener.set_config(cli.config(Seals::empty()));
-        let (stop, stopper) = UnixStream::pair().context("creating the stop socket pair")?;
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::low_level::pipe::register(signal, stopper.try_clone()?)
-                .context("installing the signal handler")?;
-        }
+        let stop = signal_pipe()?;
         let required = cli.require_seals.unwrap_or(Seals::empty());
         tracing::info!(
             "listening on {} in compat mode (SOCK_STREAM, bare fds, requiring seals {required})",
@@ -588,6 +594,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = cli.config(Seals::RECEIVER_DEFAULT);
     let description = describe_start(&cli, &config);
+    // Signals first: everything the receiver holds while it serves nobody
+    // is open before its socket exists.
+    let signals = signal_pipe()?;
     let mut listener = Listener::bind(cli.socket())?;
     listener.set_config(config);
     if cli.mode != 0o600 {
@@ -597,10 +606,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let service = Service::new(listener)?;
     let shutdown = service.shutdown_handle();
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::low_level::pipe::register(signal, shutdown.signal_fd()?)
-            .context("installing the signal handler")?;
-    }
+    let stopper = shutdown.clone();
+    std::thread::spawn(move || {
+        // A signal's byte, or the pipe's end: stop either way.
+        let _ = io::Read::read(&mut &signals, &mut [0u8; 1]);
+        stopper.shutdown();
+    });
     // Logged once everything is in place: from here the receiver's fds are
     // those it holds whenever it serves nobody.
     tracing::info!("{description}");

@@ -13,11 +13,20 @@ use sealpass_proto::{Message, Seals, Segment, Transfer, decode, encode};
 
 pub type Fallible<T> = Result<T, String>;
 
-/// A memfd of `size` bytes (zeros, except the first byte, `fill`), carrying
-/// exactly `seals`.
+/// A memfd of `size` bytes (zeros, except the first byte, `C`), carrying
+/// exactly `seals`, and `EXEC` as well where `vm.memfd_noexec=2` refuses
+/// memfds made without `MFD_NOEXEC_SEAL` (receivers judge seals as a
+/// superset, so no case depends on it).
 pub fn memfd(name: &str, size: u64, seals: Seals) -> Fallible<OwnedFd> {
-    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
-        .map_err(|e| format!("memfd_create({name:?}): {e}"))?;
+    let plain = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    let fd = match memfd_create(name, plain) {
+        Err(nix::errno::Errno::EACCES) => memfd_create(
+            name,
+            plain | MFdFlags::from_bits_retain(nix::libc::MFD_NOEXEC_SEAL),
+        ),
+        other => other,
+    }
+    .map_err(|e| format!("memfd_create({name:?}): {e}"))?;
     let length = i64::try_from(size).map_err(|_| format!("size {size} too large"))?;
     nix::unistd::ftruncate(&fd, length).map_err(|e| format!("ftruncate: {e}"))?;
     if size > 0 {
