@@ -20,32 +20,12 @@ use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode};
 use sealpass_receiver::{Config, Listener, MappedBudget, Service};
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 
-/// These tests count this process's fds and mappings, so they run one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod support;
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use support::{own_memfd_mappings as memfd_mappings, own_open_fds as open_fds, serial};
 
 fn soak() -> bool {
     std::env::var_os("SEALPASS_SOAK").is_some()
-}
-
-fn open_fds() -> usize {
-    // The `/proc/self/fd` directory name checks read from is held for the
-    // life of the process once any receiver starts; open it before counting.
-    sealpass_receiver::inspect::open_proc_fd_dir();
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn memfd_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|line| line.contains("/memfd:"))
-        .count()
 }
 
 /// A running service whose handler records every segment name it sees.

@@ -10,7 +10,6 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -21,17 +20,11 @@ use sealpass_receiver::tokio::{Listener, Service};
 use sealpass_receiver::{Config, ServiceStats};
 use sealpass_sender::{SealedSegment, Verdict};
 
-/// These tests count this process's fds, so they run one at a time.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+mod support;
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use support::{own_memfd_mappings as memfd_mappings, serial};
 
 fn open_fds() -> usize {
-    sealpass_receiver::inspect::open_proc_fd_dir();
     // tokio opens a pipe for its signal driver the first time a runtime is
     // built, and keeps it for the life of the process: open it before
     // counting.
@@ -41,15 +34,7 @@ fn open_fds() -> usize {
             .build()
             .unwrap(),
     );
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn memfd_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|line| line.contains("/memfd:"))
-        .count()
+    support::own_open_fds()
 }
 
 fn segment(name: &str, size: u64) -> SealedSegment {

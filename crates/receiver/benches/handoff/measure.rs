@@ -267,25 +267,15 @@ pub(crate) fn async_round_trip(iterations: usize) -> f64 {
         let mut sender = sealpass_sender::tokio::Sender::connect(&peer.socket)
             .await
             .unwrap();
-        for _ in 0..iterations.div_ceil(10) {
-            assert!(
-                sender
-                    .send(std::slice::from_ref(&segment))
-                    .await
-                    .unwrap()
-                    .is_accepted()
-            );
-        }
+        let mut run = async |count: usize| {
+            for _ in 0..count {
+                let verdict = sender.send(std::slice::from_ref(&segment)).await.unwrap();
+                assert!(verdict.is_accepted());
+            }
+        };
+        run(iterations.div_ceil(10)).await; // warm-up
         let started = Instant::now();
-        for _ in 0..iterations {
-            assert!(
-                sender
-                    .send(std::slice::from_ref(&segment))
-                    .await
-                    .unwrap()
-                    .is_accepted()
-            );
-        }
+        run(iterations).await;
         started.elapsed().as_secs_f64() * 1e6 / iterations as f64
     });
     drop(runtime);

@@ -178,3 +178,29 @@ pub(crate) fn answer_to(connection: &OwnedFd) -> Option<Message> {
     assert!(received.fds.is_empty(), "answers carry no fds");
     Some(decode(&buffer[..received.len]).unwrap().message)
 }
+
+/// Tests that count this process's own fds and mappings run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// This process's open fds. The `/proc/self/fd` directory that name checks
+/// read from is held for the life of the process once any receiver starts;
+/// it is opened first so that it is in every count.
+pub(crate) fn own_open_fds() -> usize {
+    sealpass_receiver::inspect::open_proc_fd_dir();
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// This process's memfd mappings.
+pub(crate) fn own_memfd_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("/memfd:"))
+        .count()
+}
