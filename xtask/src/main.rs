@@ -6,6 +6,7 @@ mod conformance;
 mod demo;
 mod noexec;
 mod project;
+mod python;
 mod soak;
 mod test;
 mod vm;
@@ -22,6 +23,9 @@ tasks:
                      checks a receiver and/or a sender executable against PROTOCOL.md
                      (each started with --socket PATH appended); default: this project's
   test               the whole suite: fmt, clippy, every crate's tests, the demo, conformance
+  python             the Python package: builds it into a fresh venv (target/python/venv;
+                     maturin, pytest, numpy from the package index), runs its tests and
+                     the conformance suite against its example receiver and sender
   soak               the load and fault tests, heavier and in release mode
   vm                 the conformance suites, the demo and compat mode on Debian 12's
                      Linux 6.1, booted in qemu (TCG); installs qemu with apt if missing
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(rest),
         Some("vm") => vm::run(rest),
         Some("noexec") => noexec::run(rest),
+        Some("python") => python::run_task(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

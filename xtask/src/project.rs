@@ -18,6 +18,11 @@ pub(crate) fn cargo() -> Command {
     command
 }
 
+/// Cargo's target directory.
+pub(crate) fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}
+
 /// Runs `command`, failing if it fails.
 pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let status = command
@@ -46,9 +51,7 @@ pub(crate) fn build_binaries(release: bool) -> anyhow::Result<(PathBuf, PathBuf)
         build.arg("--release");
     }
     run(&mut build)?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let dir = target.join(if release { "release" } else { "debug" });
+    let dir = target_dir().join(if release { "release" } else { "debug" });
     Ok((dir.join("sealpass-send"), dir.join("sealpass-recv")))
 }
 

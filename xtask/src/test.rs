@@ -52,6 +52,10 @@ const STEPS: &[Step] = &[
         "conformance catches broken receivers",
         catches_broken_receivers,
     ),
+    (
+        "the Python package: built into a fresh venv, pytest, conformance",
+        || crate::python::run_task(&[]),
+    ),
     ("the suite on Linux 6.1, in qemu", || crate::vm::run(&[])),
 ];
 
@@ -79,9 +83,7 @@ fn build_examples() -> anyhow::Result<std::path::PathBuf> {
         "sealpass-receiver",
         "--examples",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| project::root().join("target"), std::path::PathBuf::from);
-    Ok(target.join("debug").join("examples"))
+    Ok(project::target_dir().join("debug").join("examples"))
 }
 
 fn run_examples() -> anyhow::Result<()> {

@@ -426,9 +426,20 @@ pub fn try_accept(listener: BorrowedFd<'_>) -> Result<Option<OwnedFd>, Transport
 /// Puts `sock` in non-blocking mode (`O_NONBLOCK`), for a readiness-driven
 /// driver. It applies to the open file description, so to every duplicate.
 pub fn set_nonblocking(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
+    set_o_nonblock(sock, true)
+}
+
+/// Puts `sock` back in blocking mode: a socket taken with [`try_accept`]
+/// and then served by blocking calls.
+pub fn set_blocking(sock: BorrowedFd<'_>) -> Result<(), TransportError> {
+    set_o_nonblock(sock, false)
+}
+
+fn set_o_nonblock(sock: BorrowedFd<'_>, on: bool) -> Result<(), TransportError> {
     let fcntl_error = |errno| TransportError::sys(Op::SetOption, errno);
     let flags = nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_GETFL).map_err(fcntl_error)?;
-    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    let mut flags = nix::fcntl::OFlag::from_bits_retain(flags);
+    flags.set(nix::fcntl::OFlag::O_NONBLOCK, on);
     nix::fcntl::fcntl(sock, nix::fcntl::FcntlArg::F_SETFL(flags))
         .map(drop)
         .map_err(fcntl_error)

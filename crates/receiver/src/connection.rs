@@ -576,19 +576,72 @@ impl Connection {
     /// connection closes.
     pub fn next_event(&mut self) -> Result<Event, ServeError> {
         loop {
+            if let Some(event) = self.next_event_within(None)? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// [`Connection::next_event`], waiting at most `limit`: `Ok(None)` when
+    /// no message came within it. The connection's own deadlines still
+    /// apply. A caller that must stay responsive (to a signal, a stop flag)
+    /// waits in slices. (An interrupted wait restarts, so a signal is noticed
+    /// within two slices.)
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
+    /// # let mut connection = listener.accept()?;
+    /// use std::time::Duration;
+    /// use sealpass_receiver::Event;
+    ///
+    /// let stop = std::sync::atomic::AtomicBool::new(false);
+    /// let event = loop {
+    ///     if stop.load(std::sync::atomic::Ordering::Relaxed) {
+    ///         return Ok(());
+    ///     }
+    ///     if let Some(event) = connection.next_event_within(Duration::from_millis(100))? {
+    ///         break event;
+    ///     }
+    /// };
+    /// let Event::Transfer(transfer) = event else { panic!("expected a transfer") };
+    /// transfer.accept()?;
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn next_event_within(
+        &mut self,
+        limit: impl Into<Option<Duration>>,
+    ) -> Result<Option<Event>, ServeError> {
+        let limit = limit.into();
+        let started = Instant::now();
+        loop {
             let Some(deadline) = self.core.deadline() else {
-                return Ok(Event::Closed);
+                return Ok(Some(Event::Closed));
             };
             let now = Instant::now();
             let wait = match deadline {
                 Some(deadline) if deadline <= now => {
                     if let Some(reject) = self.core.timed_out(now)? {
-                        return Ok(Event::Refused(reject));
+                        return Ok(Some(Event::Refused(reject)));
                     }
                     continue;
                 }
                 Some(deadline) => Some(deadline - now),
                 None => None,
+            };
+            // What is left of the caller's limit, if that comes first.
+            let left = limit.map(|limit| limit.saturating_sub(now - started));
+            if left == Some(Duration::ZERO) {
+                return Ok(None);
+            }
+            let wait = match (wait, left) {
+                (Some(wait), Some(left)) => Some(wait.min(left)),
+                (wait, left) => wait.or(left),
             };
             self.set_receive_timeout(wait)?;
             let core = &mut self.core;
@@ -601,13 +654,13 @@ impl Connection {
                 Ok(received) => received,
                 Err(TransportError::TimedOut { .. }) => {
                     if let Some(reject) = self.core.timed_out(Instant::now())? {
-                        return Ok(Event::Refused(reject));
+                        return Ok(Some(Event::Refused(reject)));
                     }
                     continue;
                 }
                 Err(error) => return Err(self.core.receive_failed(error)),
             };
-            return self.core.judge(received, Instant::now());
+            return self.core.judge(received, Instant::now()).map(Some);
         }
     }
 

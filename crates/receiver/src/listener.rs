@@ -8,10 +8,12 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_proto::Config;
-use sealpass_proto::fdpass::{self, TransportError};
+use sealpass_proto::fdpass::{self, Op, TransportError};
 
 use crate::connection::{Connection, ServeError};
 use crate::inspect;
@@ -213,6 +215,34 @@ impl Listener {
         let socket = self.accept_socket().map_err(ServeError::Accept)?;
         let peer = fdpass::peer_credentials(socket.as_fd()).ok();
         Connection::serving(socket, self.shared_config(), None, peer)
+    }
+
+    /// [`Listener::accept`], waiting at most `limit` for a peer: `Ok(None)`
+    /// when none came (or a signal interrupted the wait). A caller that must
+    /// stay responsive waits in slices.
+    pub fn accept_within(&self, limit: Duration) -> Result<Option<Connection>, ServeError> {
+        let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Err(errno) => {
+                return Err(ServeError::Accept(TransportError::Sys {
+                    op: Op::Poll,
+                    errno,
+                }));
+            }
+            Ok(_) => {}
+        }
+        // A peer that gave up between the poll and here leaves nothing to
+        // accept: wait again rather than block.
+        let Some(socket) = fdpass::try_accept(self.socket.as_fd()).map_err(ServeError::Accept)?
+        else {
+            return Ok(None);
+        };
+        // Served by blocking calls, as `accept` gives it.
+        fdpass::set_blocking(socket.as_fd()).map_err(ServeError::Accept)?;
+        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+        Connection::serving(socket, self.shared_config(), None, peer).map(Some)
     }
 }
 

@@ -125,6 +125,14 @@ pub enum SendError {
     NothingInFlight,
 }
 
+impl SendError {
+    /// Whether connecting failed because the receiver is not up yet (no
+    /// socket, or nobody accepting): a retry may succeed.
+    pub fn receiver_not_up(&self) -> bool {
+        matches!(self, SendError::Connect { source, .. } if receiver_starting(source))
+    }
+}
+
 /// How long [`Sender::connect_with_retry`] waits between attempts.
 pub(crate) const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
@@ -511,6 +519,33 @@ impl Sender {
             return Err(error);
         }
         self.read_answer()
+    }
+
+    /// [`Sender::next_verdict`], waiting at most `limit`: `Ok(None)` when no
+    /// answer came within it, and the transfer is still in flight. A caller
+    /// that must stay responsive (to a signal, a stop flag) waits in slices.
+    pub fn next_verdict_within(&mut self, limit: Duration) -> Result<Option<Verdict>, SendError> {
+        if let Some(verdict) = self.pipeline.take_answered() {
+            return Ok(Some(verdict));
+        }
+        if let Some(error) = self.pipeline.nothing_in_flight() {
+            return Err(error);
+        }
+        let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            // A signal: the caller decides whether to wait again.
+            Ok(0) | Err(Errno::EINTR) => Ok(None),
+            Err(errno) => Err(SendError::Receive {
+                id: self.pipeline.oldest(),
+                source: TransportError::Sys {
+                    op: Op::Poll,
+                    errno,
+                },
+            }),
+            // An answer, or the end of the connection: reading says which.
+            Ok(_) => self.read_answer().map(Some),
+        }
     }
 
     /// Waits until the socket takes another message or an answer arrives;

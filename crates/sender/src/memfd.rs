@@ -280,7 +280,8 @@ impl SealedSegment {
     /// measured no faster here (`cargo xtask bench --fill`: 0.99 to 1.07
     /// times the plain mapping's time), so the mapping is plain. Data that
     /// exists already goes faster through [`SealedSegment::from_bytes`]. The
-    /// mapping is gone before the seals are applied.
+    /// mapping is gone before the seals are applied. [`SegmentWriter`] does
+    /// the same without a closure.
     pub fn with_mapping<E>(
         name: &str,
         size: u64,
@@ -290,32 +291,12 @@ impl SealedSegment {
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let fd = create(name)?;
-        resize(name, &fd, size)?;
-        let fill_error = |e: E| SegmentError::Fill {
+        let mut writer = SegmentWriter::new(name, size)?;
+        fill(writer.bytes_mut()).map_err(|e: E| SegmentError::Fill {
             name: name.to_owned(),
             source: e.into(),
-        };
-        if size == 0 {
-            fill(&mut []).map_err(fill_error)?;
-        } else {
-            let length = usize::try_from(size).map_err(|_| SegmentError::TooLarge {
-                name: name.to_owned(),
-                size,
-            })?;
-            // SAFETY: the memfd was created just above and has not left this
-            // function: no other process or mapping can truncate it or write
-            // to it while this mapping lives, and `length` is its size.
-            let mut mapping = unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }
-                .map_err(|source| SegmentError::Map {
-                    name: name.to_owned(),
-                    size,
-                    source,
-                })?;
-            fill(&mut mapping).map_err(fill_error)?;
-            drop(mapping);
-        }
-        Self::seal(name.to_owned(), fd, size, seals)
+        })?;
+        writer.seal(seals)
     }
 
     /// A segment holding everything `reader` yields until its end (stdin,
@@ -421,6 +402,110 @@ impl SealedSegment {
     /// Gives up the memfd.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
+    }
+
+    /// The same sealed memfd behind a second fd (`F_DUPFD_CLOEXEC`), to
+    /// send it again while keeping this one. The seals make both as good as
+    /// the original: neither can change the bytes.
+    pub fn try_clone(&self) -> io::Result<SealedSegment> {
+        Ok(SealedSegment {
+            declared: self.declared.clone(),
+            fd: self.fd.try_clone()?,
+        })
+    }
+}
+
+/// A memfd being written in place through a writable shared mapping, not
+/// yet sealed: for a producer that fills its buffer over time (a decoder
+/// writing a frame, a binding lending the pages to another language).
+/// [`SegmentWriter::seal`] drops the mapping, then seals: it takes the
+/// writer by value, so no borrow of the pages can outlive it and the seal
+/// cannot fail on a writable mapping. Dropped unsealed, the memfd is closed.
+///
+/// ```
+/// use sealpass_sender::{Seals, SegmentWriter};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut writer = SegmentWriter::new("frame", 8)?;
+/// writer.bytes_mut()[..4].copy_from_slice(b"head"); // zeroed until written
+/// writer.bytes_mut()[4..].copy_from_slice(b"tail");
+/// let segment = writer.seal(Seals::SENDER_DEFAULT)?;
+/// assert_eq!((segment.name(), segment.size()), ("frame", 8));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct SegmentWriter {
+    name: String,
+    size: u64,
+    /// `None` for a size of 0, which cannot be mapped.
+    mapping: Option<memmap2::MmapMut>,
+    fd: OwnedFd,
+}
+
+impl SegmentWriter {
+    /// A new memfd named `name` of `size` zero bytes, mapped for writing.
+    pub fn new(name: &str, size: u64) -> Result<SegmentWriter, SegmentError> {
+        let fd = create(name)?;
+        resize(name, &fd, size)?;
+        let mapping = if size == 0 {
+            None
+        } else {
+            let length = usize::try_from(size).map_err(|_| SegmentError::TooLarge {
+                name: name.to_owned(),
+                size,
+            })?;
+            // SAFETY: the memfd was created just above and stays private to
+            // this writer until `seal` gives it out, after dropping this
+            // mapping: no other process or mapping can truncate it while the
+            // mapping lives, and `length` is its size.
+            let mapping = unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }.map_err(
+                |source| SegmentError::Map {
+                    name: name.to_owned(),
+                    size,
+                    source,
+                },
+            )?;
+            Some(mapping)
+        };
+        Ok(SegmentWriter {
+            name: name.to_owned(),
+            size,
+            mapping,
+            fd,
+        })
+    }
+
+    /// The memfd's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The pages, writable, shared with the memfd.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.mapping.as_deref_mut().unwrap_or_default()
+    }
+
+    /// The pages, read back.
+    pub fn bytes(&self) -> &[u8] {
+        self.mapping.as_deref().unwrap_or_default()
+    }
+
+    /// Unmaps the pages, then seals the memfd with `seals`.
+    pub fn seal(self, seals: Seals) -> Result<SealedSegment, SegmentError> {
+        let SegmentWriter {
+            name,
+            size,
+            mapping,
+            fd,
+        } = self;
+        drop(mapping);
+        SealedSegment::seal(name, fd, size, seals)
     }
 }
 

@@ -1,0 +1,58 @@
+"""sealpass: hand big buffers between processes as sealed memfds.
+
+A sender copies (or writes in place) its bytes into memfds, seals them and
+passes their fds over a unix socket; the receiver checks each fd with the
+kernel, maps it read-only and answers. Received segments export their pages
+through the buffer protocol, read-only and without a copy::
+
+    import numpy, sealpass
+
+    # receiver
+    with sealpass.Listener("/tmp/frames.sock") as listener:
+        with listener.accept() as connection:
+            for transfer in connection:
+                with transfer:  # acks on exit (rejects if an exception escapes)
+                    frame = numpy.frombuffer(transfer["frame"], dtype=numpy.uint8)
+
+    # sender, in another process
+    sealpass.send("/tmp/frames.sock", {"frame": numpy.zeros(1 << 20, numpy.uint8)})
+
+The protocol, and every check the receiver makes, is the Rust crates'
+(see PROTOCOL.md); this package binds them.
+"""
+
+from ._sealpass import (
+    REJECT_REASONS,
+    RECEIVER_REQUIRED_SEALS,
+    SENDER_DEFAULT_SEALS,
+    Connection,
+    DeliveryUnknown,
+    Listener,
+    Peer,
+    ReceivedSegment,
+    Rejected,
+    SealpassError,
+    Segment,
+    SegmentWriter,
+    Sender,
+    Transfer,
+    send,
+)
+
+__all__ = [
+    "REJECT_REASONS",
+    "RECEIVER_REQUIRED_SEALS",
+    "SENDER_DEFAULT_SEALS",
+    "Connection",
+    "DeliveryUnknown",
+    "Listener",
+    "Peer",
+    "ReceivedSegment",
+    "Rejected",
+    "SealpassError",
+    "Segment",
+    "SegmentWriter",
+    "Sender",
+    "Transfer",
+    "send",
+]

@@ -1,0 +1,127 @@
+//! The buffer protocol, both ways: exporting a mapping's pages to Python
+//! (read-only for received segments, writable for a segment being filled),
+//! and borrowing the bytes of any Python object that exports them. This is
+//! the binding's only unsafe code; the rest of it is plain pyo3.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, c_void};
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+
+use pyo3::exceptions::PyBufferError;
+use pyo3::prelude::*;
+use pyo3::{PyErr, ffi};
+
+/// Fills `view` to export `len` bytes at `start`, owned by `owner`, which
+/// the view keeps alive (a new reference) until Python releases it.
+/// `PyBuffer_FillInfo` refuses a writable request on read-only bytes with
+/// `BufferError`, and answers any request for format or shape as one
+/// dimension of unsigned bytes.
+///
+/// # Safety
+///
+/// `view` comes from Python's `getbufferproc` (valid, writable). The `len`
+/// bytes at `start` stay valid, and stay mapped, until the matching
+/// `__releasebuffer__` (the owner counts its exports and keeps its pages
+/// while any is open). If `writable`, they may be written through the view.
+pub(crate) unsafe fn export(
+    owner: &Bound<'_, PyAny>,
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+    start: *const u8,
+    len: usize,
+    writable: bool,
+) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("no buffer view to fill"));
+    }
+    let len = isize::try_from(len)
+        .map_err(|_| PyBufferError::new_err(format!("{len} bytes do not fit a Py_ssize_t")))?;
+    // SAFETY: the caller vouches for `view` and for the bytes (see above);
+    // `owner` is a live object, whose reference count FillInfo raises for
+    // the view it fills.
+    let filled = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            start.cast_mut().cast::<c_void>(),
+            len,
+            c_int::from(!writable),
+            flags,
+        )
+    };
+    if filled == 0 {
+        Ok(())
+    } else {
+        Err(PyErr::fetch(owner.py()))
+    }
+}
+
+/// The bytes of a Python object that exports the buffer protocol (bytes,
+/// bytearray, memoryview, a C-contiguous numpy array), borrowed until this
+/// drops. While it lives the exporter keeps the memory where it is (a
+/// bytearray cannot be resized, for one).
+pub(crate) struct Borrowed {
+    view: ffi::Py_buffer,
+}
+
+impl Borrowed {
+    /// Asks `object` for its bytes as one contiguous run (`PyBUF_SIMPLE`):
+    /// an object that cannot give them so (a strided numpy view) raises
+    /// `BufferError`, and so does one without the buffer protocol.
+    pub(crate) fn get(object: &Bound<'_, PyAny>) -> PyResult<Borrowed> {
+        let mut view = ffi::Py_buffer::new();
+        // SAFETY: `object` is a live object and `view` a zeroed Py_buffer
+        // that GetBuffer fills; on failure it leaves nothing to release.
+        let got = unsafe { ffi::PyObject_GetBuffer(object.as_ptr(), &mut view, ffi::PyBUF_SIMPLE) };
+        if got == 0 {
+            Ok(Borrowed { view })
+        } else {
+            Err(PyErr::fetch(object.py()))
+        }
+    }
+
+    /// The bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let len = usize::try_from(self.view.len).unwrap_or(0);
+        if self.view.buf.is_null() || len == 0 {
+            return &[];
+        }
+        // SAFETY: a PyBUF_SIMPLE view describes `len` contiguous bytes at
+        // `buf`, valid until PyBuffer_Release, which only `drop` calls. The
+        // exporter may let another Python thread write them meanwhile
+        // (bytearray, numpy): that changes which bytes are copied, as it
+        // would for any C reader of a buffer, and nothing else.
+        unsafe { std::slice::from_raw_parts(self.view.buf.cast::<u8>(), len) }
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        // Releasing a view calls back into its exporter: it needs the GIL.
+        Python::attach(|_| {
+            // SAFETY: `view` was filled by a successful PyObject_GetBuffer
+            // and is released exactly once, here.
+            unsafe { ffi::PyBuffer_Release(&mut self.view) }
+        });
+    }
+}
+
+// SAFETY: the view is only read (its bytes, through `bytes`) off the
+// thread that holds the GIL, while the exporter keeps them in place; it is
+// released with the GIL held (`drop`).
+unsafe impl Send for Borrowed {}
+// SAFETY: as above: shared access only reads the bytes.
+unsafe impl Sync for Borrowed {}
+
+/// A new fd (close-on-exec) for the file behind the number `fd` that Python
+/// code handed in, which stays the caller's.
+pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(9)); // EBADF
+    }
+    // SAFETY: the borrow lasts for one fcntl(F_DUPFD_CLOEXEC) and closes
+    // nothing; a number that is not open fails that call with EBADF.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned()
+}

@@ -1,0 +1,626 @@
+//! Receiving: the listener, its connections, the transfers they deliver and
+//! their verified segments, whose mappings Python reads without a copy.
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyFrozenSet, PyTuple};
+use sealpass_proto::Seals;
+use sealpass_receiver::{
+    Config, Connection, Event, IncomingTransfer, Listener, PeerCredentials, Responder,
+    VerifiedSegment,
+};
+
+use crate::send::Segment;
+use crate::{Error, buffers, seals_from, seals_to, timed_out, timeout_from};
+
+pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Peer>()?;
+    module.add_class::<ReceivedSegment>()?;
+    module.add_class::<Transfer>()?;
+    module.add_class::<PyConnection>()?;
+    module.add_class::<PyListener>()?;
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The sending process, as the kernel recorded it at `connect`
+/// (`SO_PEERCRED`).
+#[pyclass(module = "sealpass", frozen, get_all)]
+pub(crate) struct Peer {
+    /// Its process id.
+    pid: i32,
+    /// Its effective user id.
+    uid: u32,
+    /// Its effective group id.
+    gid: u32,
+}
+
+#[pymethods]
+impl Peer {
+    fn __repr__(&self) -> String {
+        format!("Peer(pid={}, uid={}, gid={})", self.pid, self.uid, self.gid)
+    }
+}
+
+fn peer(credentials: Option<PeerCredentials>) -> Option<Peer> {
+    credentials.map(|c| Peer {
+        pid: c.pid,
+        uid: c.uid,
+        gid: c.gid,
+    })
+}
+
+/// One verified segment: a sealed memfd the kernel vouched for, mapped
+/// read-only. It exports its pages through the buffer protocol, read-only
+/// and without a copy: `memoryview(segment)`, `numpy.frombuffer(segment,
+/// dtype)`, `bytes(segment)` (that one copies). The mapping, and its share of
+/// the receiver's memory budget, live until the segment is released and
+/// every view of it is gone.
+#[pyclass(module = "sealpass", frozen)]
+pub(crate) struct ReceivedSegment {
+    name: String,
+    size: u64,
+    seals: Seals,
+    state: Mutex<SegmentState>,
+}
+
+struct SegmentState {
+    segment: Option<VerifiedSegment>,
+    /// Views of the pages that Python has not released.
+    exports: usize,
+    /// Released while views were open: the last view to go unmaps.
+    release_pending: bool,
+}
+
+impl ReceivedSegment {
+    fn new(segment: VerifiedSegment) -> ReceivedSegment {
+        ReceivedSegment {
+            name: segment.name().to_owned(),
+            size: segment.size(),
+            seals: segment.seals(),
+            state: Mutex::new(SegmentState {
+                segment: Some(segment),
+                exports: 0,
+                release_pending: false,
+            }),
+        }
+    }
+
+    fn released_error(&self) -> PyErr {
+        PyValueError::new_err(format!("segment {:?} was released", self.name))
+    }
+
+    /// Unmaps now, or, while views are open, when the last one goes.
+    fn release_when_unviewed(&self) {
+        let mut state = lock(&self.state);
+        if state.exports > 0 {
+            state.release_pending = true;
+        } else {
+            drop(state.segment.take());
+        }
+    }
+}
+
+#[pymethods]
+impl ReceivedSegment {
+    /// The memfd's name, as the kernel reports it.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its size in bytes, as the kernel reports it.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The seals the kernel reports, as a frozenset of names.
+    #[getter]
+    fn seals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyFrozenSet>> {
+        seals_to(py, self.seals)
+    }
+
+    /// The address of the read-only mapping (0 for an empty segment): a
+    /// view's buffer lies in `[address, address + size)`.
+    #[getter]
+    fn address(&self) -> PyResult<usize> {
+        let state = lock(&self.state);
+        let segment = state
+            .segment
+            .as_ref()
+            .ok_or_else(|| self.released_error())?;
+        let bytes = segment.bytes();
+        Ok(if bytes.is_empty() {
+            0
+        } else {
+            bytes.as_ptr() as usize
+        })
+    }
+
+    /// Whether the mapping was released.
+    #[getter]
+    fn released(&self) -> bool {
+        lock(&self.state).segment.is_none()
+    }
+
+    /// The sealed memfd's fd (still this segment's: do not close it; pass
+    /// it on with `socket.send_fds`, or `Segment.from_sealed_fd`).
+    fn fileno(&self) -> PyResult<RawFd> {
+        let state = lock(&self.state);
+        let segment = state
+            .segment
+            .as_ref()
+            .ok_or_else(|| self.released_error())?;
+        Ok(segment.as_fd().as_raw_fd())
+    }
+
+    /// The same sealed memfd as a `Segment`, to forward to another receiver
+    /// without touching its bytes (the fd is duplicated; this segment stays
+    /// as it is).
+    fn to_segment(&self) -> PyResult<Segment> {
+        let fd = {
+            let state = lock(&self.state);
+            let segment = state
+                .segment
+                .as_ref()
+                .ok_or_else(|| self.released_error())?;
+            segment.as_fd().try_clone_to_owned().map_err(|error| {
+                crate::SealpassError::new_err(format!("duplicating the fd: {error}"))
+            })?
+        };
+        let segment =
+            sealpass_sender::SealedSegment::from_sealed_fd(fd, Seals::empty()).map_err(Error)?;
+        Ok(Segment::new(segment))
+    }
+
+    /// Unmaps the pages and closes the fd now, giving back their share of
+    /// the memory budget. Raises `BufferError` while a view is open.
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        let segment = {
+            let mut state = lock(&self.state);
+            if state.exports > 0 {
+                return Err(PyBufferError::new_err(format!(
+                    "cannot release segment {:?}: {} view(s) of it are still open",
+                    self.name, state.exports
+                )));
+            }
+            state.segment.take()
+        };
+        // Unmapping many resident pages takes milliseconds: not under the GIL.
+        py.detach(|| drop(segment));
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        usize::try_from(self.size).unwrap_or(usize::MAX)
+    }
+
+    fn __repr__(&self) -> String {
+        let released = if self.released() { ", released" } else { "" };
+        format!(
+            "ReceivedSegment(name={:?}, size={}, seals={}{released})",
+            self.name, self.size, self.seals
+        )
+    }
+
+    /// # Safety
+    ///
+    /// Called by Python with a valid `view`.
+    // The buffer protocol's slots are unsafe by signature; what they rely on
+    // is `buffers::export`'s contract, kept by the export count.
+    #[allow(unsafe_code)]
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::ffi::c_int,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        let mut state = lock(&this.state);
+        let segment = state
+            .segment
+            .as_ref()
+            .ok_or_else(|| this.released_error())?;
+        let bytes = segment.bytes();
+        let (start, len) = (bytes.as_ptr(), bytes.len());
+        // SAFETY: Python passed `view`. The mapping stays while `exports`
+        // counts this view (`release` refuses, and the view's reference
+        // keeps this object, so the mapping, alive), and it is read-only:
+        // `export` refuses writable requests.
+        unsafe { buffers::export(slf.as_any(), view, flags, start, len, false)? };
+        state.exports += 1;
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// Called by Python with a view this object filled.
+    #[allow(unsafe_code)]
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {
+        let mut state = lock(&self.state);
+        state.exports = state.exports.saturating_sub(1);
+        if state.exports == 0 && state.release_pending {
+            drop(state.segment.take());
+        }
+    }
+}
+
+/// A transfer whose every segment the kernel vouched for. Index it by
+/// segment name, or iterate over its segments. Answer it with `ack()` or
+/// `reject(message)`; as a context manager it answers on exit (ack, or
+/// reject with the exception that escaped), then releases every segment (a
+/// segment with open views goes with its last view). Dropped unanswered, it
+/// is rejected.
+#[pyclass(module = "sealpass", frozen)]
+pub(crate) struct Transfer {
+    id: u64,
+    version: (u16, u16),
+    peer: Option<PeerCredentials>,
+    segments: Vec<Py<ReceivedSegment>>,
+    responder: Mutex<Option<Responder>>,
+}
+
+impl Transfer {
+    fn new(py: Python<'_>, transfer: IncomingTransfer) -> PyResult<Transfer> {
+        let (id, version, peer) = (transfer.id(), transfer.version(), transfer.peer());
+        let (segments, responder) = transfer.into_parts();
+        let segments = segments
+            .into_iter()
+            .map(|segment| Py::new(py, ReceivedSegment::new(segment)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Transfer {
+            id,
+            version: (version.major, version.minor),
+            peer,
+            segments,
+            responder: Mutex::new(Some(responder)),
+        })
+    }
+
+    fn answer(&self, py: Python<'_>, verdict: Result<(), String>) -> PyResult<()> {
+        let responder = lock(&self.responder).take().ok_or_else(|| {
+            PyValueError::new_err(format!("transfer {} was answered already", self.id))
+        })?;
+        let sent = py.detach(|| match verdict {
+            Ok(()) => responder.accept(),
+            Err(why) => responder.reject(why),
+        });
+        sent.map_err(|error| Error(error).into())
+    }
+}
+
+#[pymethods]
+impl Transfer {
+    /// The sender's id for it (unique on its connection).
+    #[getter]
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The protocol version the sender wrote, as (major, minor).
+    #[getter]
+    fn version(&self) -> (u16, u16) {
+        self.version
+    }
+
+    /// The sender, as the kernel recorded it at connect; None if unknown.
+    #[getter]
+    fn peer(&self) -> Option<Peer> {
+        peer(self.peer)
+    }
+
+    /// The segments, in the order sent.
+    #[getter]
+    fn segments<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(
+            py,
+            self.segments.iter().map(|segment| segment.clone_ref(py)),
+        )
+    }
+
+    /// The sum of the segment sizes.
+    #[getter]
+    fn total_bytes(&self, py: Python<'_>) -> u64 {
+        self.segments
+            .iter()
+            .map(|segment| segment.bind(py).get().size)
+            .sum()
+    }
+
+    /// Whether it was answered.
+    #[getter]
+    fn answered(&self) -> bool {
+        lock(&self.responder).is_none()
+    }
+
+    /// Answers `Ack`: the transfer is the application's. The segments stay
+    /// readable until released.
+    fn ack(&self, py: Python<'_>) -> PyResult<()> {
+        self.answer(py, Ok(()))
+    }
+
+    /// Answers `Reject(ApplicationRejected)` with `message` for the sender.
+    fn reject(&self, py: Python<'_>, message: &str) -> PyResult<()> {
+        self.answer(py, Err(message.to_owned()))
+    }
+
+    /// Releases every segment: at once if no view of it is open, else when
+    /// its last view goes. Does not answer.
+    fn close(&self, py: Python<'_>) {
+        for segment in &self.segments {
+            segment.bind(py).get().release_when_unviewed();
+        }
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    /// Answers if not answered yet (ack; reject if an exception escaped the
+    /// block, with its text), then `close()`: the answer goes first, since
+    /// an `Ack` promises nothing about the mappings (PROTOCOL.md section 6)
+    /// and unmapping big segments takes milliseconds.
+    #[pyo3(signature = (_kind, error, _traceback))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _kind: &Bound<'_, PyAny>,
+        error: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let answered = if self.answered() {
+            Ok(())
+        } else if error.is_none() {
+            self.answer(py, Ok(()))
+        } else {
+            let why = error.str().map_or_else(
+                |_| "the receiving application raised an exception".to_owned(),
+                |text| text.to_string(),
+            );
+            self.answer(py, Err(why))
+        };
+        self.close(py);
+        answered
+    }
+
+    fn __len__(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn __getitem__(&self, py: Python<'_>, name: &str) -> PyResult<Py<ReceivedSegment>> {
+        self.segments
+            .iter()
+            .find(|segment| segment.bind(py).get().name == name)
+            .map(|segment| segment.clone_ref(py))
+            .ok_or_else(|| PyKeyError::new_err(name.to_owned()))
+    }
+
+    fn __contains__(&self, py: Python<'_>, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|segment| segment.bind(py).get().name == name)
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.segments(py)?.into_any().try_iter()?.into_any())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let names: Vec<&str> = self
+            .segments
+            .iter()
+            .map(|segment| segment.bind(py).get().name.as_str())
+            .collect();
+        format!("Transfer(id={}, segments={names:?})", self.id)
+    }
+}
+
+/// One sender's connection, as `Listener.accept()` returns it. Iterating
+/// yields its transfers until the sender closes. Used by one thread at a
+/// time.
+#[pyclass(module = "sealpass", name = "Connection")]
+pub(crate) struct PyConnection {
+    inner: Option<Connection>,
+    refused: u64,
+}
+
+impl PyConnection {
+    fn connection(&mut self) -> PyResult<&mut Connection> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the connection is closed"))
+    }
+}
+
+#[pymethods]
+impl PyConnection {
+    /// The next verified transfer, or None once the sender closed. Messages
+    /// refused on the way are answered (with the reason PROTOCOL.md gives)
+    /// and counted in `refused`. Raises `TimeoutError` after `timeout`
+    /// seconds; Ctrl-C raises `KeyboardInterrupt`.
+    #[pyo3(signature = (timeout = None))]
+    fn receive(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Transfer>> {
+        let timeout = timeout_from(timeout)?;
+        let mut refused = 0;
+        let connection = self.connection()?;
+        let received = crate::wait_in_slices(py, timeout, |slice| {
+            Ok::<_, sealpass_receiver::ServeError>(match connection.next_event_within(slice)? {
+                Some(Event::Transfer(transfer)) => Some(Some(transfer)),
+                Some(Event::Closed) => Some(None),
+                Some(Event::Refused(_)) => {
+                    refused += 1;
+                    None
+                }
+                Some(_) | None => None,
+            })
+        });
+        self.refused += refused;
+        match received? {
+            Some(Some(transfer)) => Ok(Some(Transfer::new(py, transfer)?)),
+            Some(None) => Ok(None),
+            None => Err(timed_out("no transfer came", timeout)),
+        }
+    }
+
+    /// Messages refused on this connection so far.
+    #[getter]
+    fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Whether more transfers may come.
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.as_ref().is_some_and(Connection::is_open)
+    }
+
+    /// Bytes this connection's segments hold mapped right now (0 once
+    /// closed).
+    #[getter]
+    fn mapped(&self) -> u64 {
+        self.inner.as_ref().map_or(0, Connection::mapped)
+    }
+
+    /// The sender, as the kernel recorded it at connect; None if unknown.
+    #[getter]
+    fn peer(&self) -> Option<Peer> {
+        peer(self.inner.as_ref().and_then(Connection::peer))
+    }
+
+    /// The connection's fd (still the connection's: do not close it).
+    fn fileno(&mut self) -> PyResult<RawFd> {
+        Ok(self.connection()?.as_fd().as_raw_fd())
+    }
+
+    /// Closes the connection once every transfer it delivered is answered.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
+        self.close();
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Transfer>> {
+        self.receive(py, None)
+    }
+}
+
+/// Listens at a socket path (owner-only, 0600), removing a stale socket
+/// left there and refusing to touch anything else. Iterating yields
+/// connections for ever. Closing removes the socket file.
+#[pyclass(module = "sealpass", name = "Listener")]
+pub(crate) struct PyListener {
+    inner: Option<Listener>,
+}
+
+impl PyListener {
+    fn listener(&self) -> PyResult<&Listener> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("the listener is closed"))
+    }
+}
+
+#[pymethods]
+impl PyListener {
+    /// Listens at `path`. The limits are the receiver's (see README):
+    /// `required_seals` (default SHRINK, GROW, WRITE; EXEC may be added),
+    /// `max_segments`, `max_mapped` (bytes one connection may hold mapped),
+    /// `idle_timeout` (seconds a connection may stay silent; None: for
+    /// ever), `refuse_sparse` (refuse memfds with holes).
+    #[new]
+    #[pyo3(signature = (path, *, required_seals = None, max_segments = None, max_mapped = None, idle_timeout = None, refuse_sparse = false))]
+    fn new(
+        path: std::path::PathBuf,
+        required_seals: Option<&Bound<'_, PyAny>>,
+        max_segments: Option<usize>,
+        max_mapped: Option<u64>,
+        idle_timeout: Option<f64>,
+        refuse_sparse: bool,
+    ) -> PyResult<PyListener> {
+        let mut builder = Config::builder()
+            .required_seals(seals_from(required_seals, Seals::RECEIVER_DEFAULT)?)
+            .refuse_sparse(refuse_sparse);
+        if let Some(max) = max_segments {
+            builder = builder.max_segments(max);
+        }
+        if let Some(bytes) = max_mapped {
+            builder = builder.max_mapped_per_connection(bytes);
+        }
+        if let Some(seconds) = idle_timeout {
+            builder = builder.idle_timeout(timeout_from(Some(seconds))?);
+        }
+        let config = builder.build().map_err(Error)?;
+        let mut listener = Listener::bind(&path).map_err(Error)?;
+        listener.set_config(config);
+        Ok(PyListener {
+            inner: Some(listener),
+        })
+    }
+
+    /// The socket's path.
+    #[getter]
+    fn path(&self) -> PyResult<std::path::PathBuf> {
+        Ok(self.listener()?.path().to_owned())
+    }
+
+    /// Waits for the next sender and returns its `Connection`. Raises
+    /// `TimeoutError` after `timeout` seconds; Ctrl-C raises
+    /// `KeyboardInterrupt`.
+    #[pyo3(signature = (timeout = None))]
+    fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyConnection> {
+        let timeout = timeout_from(timeout)?;
+        let listener = self.listener()?;
+        let accepted = crate::wait_in_slices(py, timeout, |slice| listener.accept_within(slice))?;
+        match accepted {
+            Some(connection) => Ok(PyConnection {
+                inner: Some(connection),
+                refused: 0,
+            }),
+            None => Err(timed_out("no sender connected", timeout)),
+        }
+    }
+
+    /// The listening socket's fd (still the listener's).
+    fn fileno(&self) -> PyResult<RawFd> {
+        Ok(self.listener()?.as_fd().as_raw_fd())
+    }
+
+    /// Stops listening and removes the socket file.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
+        self.close();
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<PyConnection> {
+        self.accept(py, None)
+    }
+}

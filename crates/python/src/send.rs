@@ -1,0 +1,558 @@
+//! Sending: sealed segments, a segment filled in place, the sender.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyFrozenSet, PyMapping, PyTuple};
+use sealpass_proto::Seals;
+use sealpass_sender::{SealedSegment, SegmentWriter, Sender, Verdict};
+
+use crate::{Error, buffers, rejected, seals_from, seals_to, timed_out, timeout_from};
+
+pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Segment>()?;
+    module.add_class::<Writer>()?;
+    module.add_class::<PySender>()?;
+    module.add_function(wrap_pyfunction!(send, module)?)?;
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A memfd, filled and sealed, ready to send (any number of times, on any
+/// number of connections). `close()` closes its fd; so does dropping it.
+#[pyclass(module = "sealpass", frozen)]
+pub(crate) struct Segment {
+    inner: Mutex<Option<SealedSegment>>,
+}
+
+impl Segment {
+    pub(crate) fn new(segment: SealedSegment) -> Segment {
+        Segment {
+            inner: Mutex::new(Some(segment)),
+        }
+    }
+
+    fn with<T>(&self, read: impl FnOnce(&SealedSegment) -> T) -> PyResult<T> {
+        lock(&self.inner)
+            .as_ref()
+            .map(read)
+            .ok_or_else(|| PyValueError::new_err("the segment is closed"))
+    }
+
+    /// A second fd for the same sealed memfd, to send in a transfer.
+    fn duplicate(&self) -> PyResult<SealedSegment> {
+        self.with(SealedSegment::try_clone)?
+            .map_err(|error| crate::SealpassError::new_err(format!("duplicating the fd: {error}")))
+    }
+}
+
+#[pymethods]
+impl Segment {
+    /// A segment holding a copy of `data` (bytes, bytearray, memoryview, a
+    /// C-contiguous numpy array: anything with the buffer protocol), copied
+    /// into a new memfd with `pwrite` without the GIL, then sealed with
+    /// `seals` (default: SEAL, SHRINK, GROW, WRITE).
+    #[staticmethod]
+    #[pyo3(signature = (name, data, seals = None))]
+    fn from_buffer(
+        py: Python<'_>,
+        name: &str,
+        data: &Bound<'_, PyAny>,
+        seals: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Segment> {
+        let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
+        let borrowed = buffers::Borrowed::get(data)?;
+        let bytes = borrowed.bytes();
+        let segment = py
+            .detach(|| SealedSegment::from_bytes(name, bytes, seals))
+            .map_err(Error)?;
+        drop(borrowed);
+        Ok(Segment::new(segment))
+    }
+
+    /// A segment holding the bytes of the file at `path`, copied in the
+    /// kernel (`copy_file_range`) without the GIL, then sealed.
+    #[staticmethod]
+    #[pyo3(signature = (name, path, seals = None))]
+    fn from_file(
+        py: Python<'_>,
+        name: &str,
+        path: std::path::PathBuf,
+        seals: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Segment> {
+        let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
+        let segment = py
+            .detach(|| SealedSegment::from_file(name, &path, seals))
+            .map_err(Error)?;
+        Ok(Segment::new(segment))
+    }
+
+    /// A segment from a sealed memfd received elsewhere (a received
+    /// segment's `fileno()`, say), to forward it untouched. The fd is
+    /// duplicated: the caller keeps its own. Its seals must include
+    /// `required` (default: SHRINK, GROW, WRITE).
+    #[staticmethod]
+    #[pyo3(signature = (fd, required = None))]
+    fn from_sealed_fd(fd: RawFd, required: Option<&Bound<'_, PyAny>>) -> PyResult<Segment> {
+        let required = seals_from(required, Seals::RECEIVER_DEFAULT)?;
+        let fd = buffers::duplicate_fd(fd).map_err(|error| {
+            PyValueError::new_err(format!("expected an open fd; got {fd}: {error}"))
+        })?;
+        let segment = SealedSegment::from_sealed_fd(fd, required).map_err(Error)?;
+        Ok(Segment::new(segment))
+    }
+
+    /// The memfd's name, as the header declares it.
+    #[getter]
+    fn name(&self) -> PyResult<String> {
+        self.with(|segment| segment.name().to_owned())
+    }
+
+    /// Its size in bytes.
+    #[getter]
+    fn size(&self) -> PyResult<u64> {
+        self.with(SealedSegment::size)
+    }
+
+    /// The seals the kernel reports, as a frozenset of names.
+    #[getter]
+    fn seals<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyFrozenSet>> {
+        seals_to(py, self.with(SealedSegment::seals)?)
+    }
+
+    /// The memfd's fd (still this segment's: do not close it).
+    fn fileno(&self) -> PyResult<RawFd> {
+        self.with(|segment| segment.fd().as_raw_fd())
+    }
+
+    /// Closes the memfd. A closed segment cannot be sent.
+    fn close(&self) {
+        drop(lock(&self.inner).take());
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        match lock(&self.inner).as_ref() {
+            Some(segment) => format!(
+                "Segment(name={:?}, size={}, seals={})",
+                segment.name(),
+                segment.size(),
+                segment.seals()
+            ),
+            None => "Segment(closed)".to_owned(),
+        }
+    }
+}
+
+/// The segments of one transfer, from Python: a mapping of names to buffers
+/// (copied into new memfds) or to `Segment`s, an iterable of `Segment`s, or
+/// one `Segment`. A `Segment` is sent through a second fd, so it stays the
+/// caller's to send again.
+fn transfer_segments(
+    py: Python<'_>,
+    segments: &Bound<'_, PyAny>,
+    seals: Seals,
+) -> PyResult<Vec<SealedSegment>> {
+    if let Ok(segment) = segments.cast::<Segment>() {
+        return Ok(vec![segment.get().duplicate()?]);
+    }
+    enum Source {
+        Ready(SealedSegment),
+        Copy(String, buffers::Borrowed),
+    }
+    let mut sources = Vec::new();
+    if let Ok(mapping) = segments.cast::<PyMapping>() {
+        for item in mapping.items()?.iter() {
+            let (name, value): (String, Bound<'_, PyAny>) = item.extract()?;
+            if let Ok(segment) = value.cast::<Segment>() {
+                let segment = segment.get().duplicate()?;
+                if segment.name() != name {
+                    return Err(PyValueError::new_err(format!(
+                        "key {name:?} maps to a Segment named {:?}; a segment's name is \
+                         its memfd's and cannot change",
+                        segment.name()
+                    )));
+                }
+                sources.push(Source::Ready(segment));
+            } else {
+                sources.push(Source::Copy(name, buffers::Borrowed::get(&value)?));
+            }
+        }
+    } else {
+        let not_segments = || {
+            PyTypeError::new_err(
+                "expected a mapping of names to buffers or Segments, an iterable of \
+                 Segments, or a Segment",
+            )
+        };
+        for item in segments.try_iter().map_err(|_| not_segments())? {
+            let item = item?;
+            let segment = item.cast::<Segment>().map_err(|_| not_segments())?;
+            sources.push(Source::Ready(segment.get().duplicate()?));
+        }
+    }
+    let made = py.detach(|| {
+        sources
+            .into_iter()
+            .map(|source| match source {
+                Source::Ready(segment) => Ok(segment),
+                // The copy runs without the GIL; the view is released with it
+                // (Borrowed::drop takes the GIL back).
+                Source::Copy(name, borrowed) => {
+                    SealedSegment::from_bytes(&name, borrowed.bytes(), seals)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let made = made.map_err(Error)?;
+    // The protocol's rules on the whole transfer (names unique, 1 to 253
+    // segments), checked before anything is sent; the id is the sender's.
+    sealpass_proto::message::validate_transfer(1, made.iter().map(SealedSegment::declaration))
+        .map_err(|error| crate::sealpass_error(&error))?;
+    Ok(made)
+}
+
+/// A memfd being filled in place: its pages exported to Python as one
+/// writable buffer (`memoryview(writer)`, `numpy.frombuffer(writer, ...)`),
+/// zeroed to start with. `seal()` unmaps them and seals the memfd; it raises
+/// `BufferError` while any view of the pages is still open, so the seal can
+/// never fail on a writable mapping nor leave a view that writes under the
+/// receiver. Closing (or leaving the `with` block) without sealing discards
+/// the memfd.
+#[pyclass(module = "sealpass", name = "SegmentWriter", frozen)]
+pub(crate) struct Writer {
+    name: String,
+    size: u64,
+    state: Mutex<WriterState>,
+}
+
+struct WriterState {
+    writer: Option<SegmentWriter>,
+    /// Views of the pages that Python has not released.
+    exports: usize,
+}
+
+impl Writer {
+    fn open_views(&self, state: &WriterState, doing: &str) -> PyResult<()> {
+        match state.exports {
+            0 => Ok(()),
+            views => Err(PyBufferError::new_err(format!(
+                "cannot {doing} segment {:?}: {views} view(s) of its pages are still open; \
+                 release them first (del the array or memoryview, or memoryview.release())",
+                self.name
+            ))),
+        }
+    }
+}
+
+#[pymethods]
+impl Writer {
+    /// A new memfd named `name` of `size` zero bytes, mapped for writing.
+    #[new]
+    fn new(py: Python<'_>, name: &str, size: u64) -> PyResult<Writer> {
+        let writer = py
+            .detach(|| SegmentWriter::new(name, size))
+            .map_err(Error)?;
+        Ok(Writer {
+            name: name.to_owned(),
+            size,
+            state: Mutex::new(WriterState {
+                writer: Some(writer),
+                exports: 0,
+            }),
+        })
+    }
+
+    /// The memfd's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its size in bytes.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Unmaps the pages and seals the memfd with `seals` (default: SEAL,
+    /// SHRINK, GROW, WRITE); returns the `Segment` to send.
+    #[pyo3(signature = (seals = None))]
+    fn seal(&self, py: Python<'_>, seals: Option<&Bound<'_, PyAny>>) -> PyResult<Segment> {
+        let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
+        let writer = {
+            let mut state = lock(&self.state);
+            self.open_views(&state, "seal")?;
+            state.writer.take().ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "segment {:?} is sealed or closed already",
+                    self.name
+                ))
+            })?
+        };
+        let segment = py.detach(|| writer.seal(seals)).map_err(Error)?;
+        Ok(Segment::new(segment))
+    }
+
+    /// Discards the memfd unsealed.
+    fn close(&self) -> PyResult<()> {
+        let mut state = lock(&self.state);
+        self.open_views(&state, "close")?;
+        drop(state.writer.take());
+        Ok(())
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    /// Discards the memfd if it was not sealed; with views still open the
+    /// pages stay until the last one goes.
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) {
+        let mut state = lock(&self.state);
+        if state.exports == 0 {
+            drop(state.writer.take());
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        usize::try_from(self.size).unwrap_or(usize::MAX)
+    }
+
+    fn __repr__(&self) -> String {
+        let sealed = lock(&self.state).writer.is_none();
+        let state = if sealed { ", sealed or closed" } else { "" };
+        format!(
+            "SegmentWriter(name={:?}, size={}{state})",
+            self.name, self.size
+        )
+    }
+
+    /// # Safety
+    ///
+    /// Called by Python with a valid `view`.
+    // The buffer protocol's slots are unsafe by signature; what they rely on
+    // is `buffers::export`'s contract, kept by the export count.
+    #[allow(unsafe_code)]
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::ffi::c_int,
+    ) -> PyResult<()> {
+        let this = slf.get();
+        let mut state = lock(&this.state);
+        let Some(writer) = state.writer.as_mut() else {
+            return Err(PyValueError::new_err(format!(
+                "segment {:?} is sealed or closed: its pages are gone",
+                this.name
+            )));
+        };
+        let pages = writer.bytes_mut();
+        let (start, len) = (pages.as_mut_ptr().cast_const(), pages.len());
+        // SAFETY: Python passed `view`; the pages stay mapped while
+        // `exports` counts this view, because `seal` and `close` refuse to
+        // unmap them then, and the view holds a reference to this writer.
+        unsafe { buffers::export(slf.as_any(), view, flags, start, len, true)? };
+        state.exports += 1;
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// Called by Python with a view this object filled.
+    #[allow(unsafe_code)]
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {
+        let mut state = lock(&self.state);
+        state.exports = state.exports.saturating_sub(1);
+    }
+}
+
+/// A connection to a receiver. Transfer ids count up from 1.
+#[pyclass(module = "sealpass", name = "Sender")]
+pub(crate) struct PySender {
+    inner: Option<Sender>,
+    answer_timeout: Option<Duration>,
+}
+
+impl PySender {
+    fn sender(&mut self) -> PyResult<&mut Sender> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the sender is closed"))
+    }
+
+    /// Connects to `path`, retrying for `patience` while the receiver is not
+    /// up yet (no socket, or nobody accepting).
+    fn connect(
+        py: Python<'_>,
+        path: &std::path::Path,
+        patience: Option<Duration>,
+    ) -> PyResult<Sender> {
+        let Some(patience) = patience else {
+            return Ok(py.detach(|| Sender::connect(path)).map_err(Error)?);
+        };
+        let connected =
+            crate::wait_in_slices(py, Some(patience), |slice| match Sender::connect(path) {
+                Ok(sender) => Ok(Some(sender)),
+                Err(error) if error.receiver_not_up() => {
+                    std::thread::sleep(slice.min(Duration::from_millis(20)));
+                    Ok(None)
+                }
+                Err(error) => Err(error),
+            })?;
+        match connected {
+            Some(sender) => Ok(sender),
+            // The last attempt's error says why.
+            None => Ok(py.detach(|| Sender::connect(path)).map_err(Error)?),
+        }
+    }
+
+    fn wait_verdict(&mut self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<u64> {
+        let sender = self.sender()?;
+        let verdict =
+            crate::wait_in_slices(py, timeout, |slice| sender.next_verdict_within(slice))?;
+        match verdict {
+            Some(Verdict::Accepted { id }) => Ok(id),
+            Some(Verdict::Rejected {
+                id,
+                reason,
+                message,
+            }) => Err(rejected(py, id, reason, message)),
+            Some(_) => Err(crate::SealpassError::new_err(
+                "an answer this version does not know",
+            )),
+            None => Err(timed_out("no answer from the receiver", timeout)),
+        }
+    }
+}
+
+#[pymethods]
+impl PySender {
+    /// Connects to the receiver listening at `path`. With
+    /// `connect_timeout` (seconds), retries while the receiver is not up
+    /// yet. `answer_timeout` bounds each wait for a verdict (`TimeoutError`).
+    #[new]
+    #[pyo3(signature = (path, *, connect_timeout = None, answer_timeout = None))]
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        connect_timeout: Option<f64>,
+        answer_timeout: Option<f64>,
+    ) -> PyResult<PySender> {
+        let patience = timeout_from(connect_timeout)?;
+        let answer_timeout = timeout_from(answer_timeout)?;
+        let sender = PySender::connect(py, &path, patience)?;
+        Ok(PySender {
+            inner: Some(sender),
+            answer_timeout,
+        })
+    }
+
+    /// Sends `segments` as one transfer and waits for the verdict: returns
+    /// the transfer's id when accepted, raises `Rejected` when not. Buffers
+    /// in `segments` are copied into memfds sealed with `seals`. Nothing may
+    /// be in flight (take earlier verdicts with `next_verdict` first).
+    #[pyo3(signature = (segments, *, seals = None))]
+    fn send(
+        &mut self,
+        py: Python<'_>,
+        segments: &Bound<'_, PyAny>,
+        seals: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let in_flight = self.sender()?.in_flight();
+        if in_flight > 0 {
+            let error = sealpass_sender::SendError::VerdictsPending { count: in_flight };
+            return Err(Error(error).into());
+        }
+        self.submit(py, segments, seals)?;
+        self.wait_verdict(py, self.answer_timeout)
+    }
+
+    /// Sends `segments` as one transfer without waiting for its verdict;
+    /// returns its id. Verdicts come back oldest first from `next_verdict`.
+    #[pyo3(signature = (segments, *, seals = None))]
+    fn submit(
+        &mut self,
+        py: Python<'_>,
+        segments: &Bound<'_, PyAny>,
+        seals: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
+        let segments = transfer_segments(py, segments, seals)?;
+        let sender = self.sender()?;
+        let id = py.detach(|| sender.submit(&segments)).map_err(Error)?;
+        Ok(id)
+    }
+
+    /// The verdict on the oldest transfer in flight: its id when accepted;
+    /// `Rejected` when not; `TimeoutError` after `timeout` seconds (default:
+    /// the answer timeout), the transfer still in flight.
+    #[pyo3(signature = (timeout = None))]
+    fn next_verdict(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u64> {
+        let timeout = timeout_from(timeout)?.or(self.answer_timeout);
+        self.wait_verdict(py, timeout)
+    }
+
+    /// Transfers submitted whose verdict has not been taken yet.
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.inner.as_ref().map_or(0, Sender::in_flight)
+    }
+
+    /// The connection's fd (still the sender's: do not close it).
+    fn fileno(&mut self) -> PyResult<RawFd> {
+        use std::os::fd::AsFd;
+        Ok(self.sender()?.as_fd().as_raw_fd())
+    }
+
+    /// Closes the connection. Transfers in flight stay the receiver's.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
+        self.close();
+    }
+}
+
+/// Sends `segments` to the receiver at `path` on a new connection and waits
+/// for the verdict: returns the transfer's id when accepted, raises
+/// `Rejected` when not. See `Sender` for the arguments.
+#[pyfunction]
+#[pyo3(signature = (path, segments, *, seals = None, connect_timeout = None, answer_timeout = None))]
+fn send(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    segments: &Bound<'_, PyAny>,
+    seals: Option<&Bound<'_, PyAny>>,
+    connect_timeout: Option<f64>,
+    answer_timeout: Option<f64>,
+) -> PyResult<u64> {
+    // Made before connecting, so a bad buffer costs no connection.
+    let seals_chosen = seals_from(seals, Seals::SENDER_DEFAULT)?;
+    let made = transfer_segments(py, segments, seals_chosen)?;
+    let mut sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
+    let inner = sender.sender()?;
+    py.detach(|| inner.submit(&made)).map_err(Error)?;
+    sender.wait_verdict(py, sender.answer_timeout)
+}

@@ -1,0 +1,127 @@
+"""Blocking calls: timeouts, Ctrl-C, the GIL released while waiting."""
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import sealpass
+from conftest import finish, interrupt, python_child, wait_for_socket
+
+
+@pytest.mark.parametrize("where", ["accept", "receive", "verdict"])
+def test_ctrl_c_interrupts_a_blocked_call_and_cleans_up(socket_path, where):
+    if where == "verdict":
+        # A peer that accepts and never answers: the sender waits on its verdict.
+        import socket as stdlib_socket
+
+        silent = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_SEQPACKET)
+        silent.bind(socket_path)
+        silent.listen()
+        code = """
+            import sys, sealpass
+            print("ready", flush=True)
+            try:
+                sealpass.send(sys.argv[1], {"a": b"x"})
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+    else:
+        code = f"""
+            import sys, sealpass
+            try:
+                with sealpass.Listener(sys.argv[1]) as listener:
+                    print("ready", flush=True)
+                    if {where!r} == "accept":
+                        listener.accept()
+                    else:
+                        listener.accept().receive()
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+        """
+    child = python_child(code, socket_path, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    if where == "receive":
+        peer = sealpass.Sender(socket_path)  # connected, sends nothing
+    time.sleep(0.3)  # let it block
+    interrupted_at = time.monotonic()
+    interrupt(child)
+    assert finish(child, timeout=10) == 0
+    assert time.monotonic() - interrupted_at < 2.0
+    assert child.stdout.read() == "interrupted\n"
+    if where != "verdict":
+        assert not os.path.exists(socket_path), "the listener removed its socket"
+    else:
+        silent.close()
+
+
+def test_timeouts_raise_timeout_error(socket_path):
+    with sealpass.Listener(socket_path) as listener:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="no sender connected"):
+            listener.accept(timeout=0.3)
+        assert 0.25 < time.monotonic() - started < 3
+        with sealpass.Sender(socket_path, answer_timeout=0.3) as sender:
+            with listener.accept(timeout=5) as connection:
+                with pytest.raises(TimeoutError, match="no transfer came"):
+                    connection.receive(timeout=0.2)
+                sender.submit({"a": b"x"})
+                with pytest.raises(TimeoutError, match="no answer"):
+                    sender.next_verdict()
+                assert sender.in_flight == 1
+                connection.receive(timeout=5).ack()
+                assert sender.next_verdict() == 1
+
+
+def test_other_threads_run_while_one_waits(socket_path):
+    with sealpass.Listener(socket_path) as listener:
+        counted = []
+        stop = threading.Event()
+
+        def count():
+            n = 0
+            while not stop.is_set():
+                n += 1
+            counted.append(n)
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        with pytest.raises(TimeoutError):
+            listener.accept(timeout=0.5)
+        stop.set()
+        counter.join()
+        # With the GIL held for the whole wait the counter would barely run;
+        # released, it spins millions of times in half a second.
+        assert counted[0] > 100_000
+
+
+def test_a_vanished_receiver_is_delivery_unknown(socket_path):
+    receiver = python_child(
+        """
+        import os, sys, sealpass
+        with sealpass.Listener(sys.argv[1]) as listener:
+            connection = listener.accept(timeout=20)
+            transfer = connection.receive(timeout=20)
+            os._exit(0)  # dies holding the transfer, unanswered
+        """,
+        socket_path,
+    )
+    wait_for_socket(socket_path, receiver)
+    with pytest.raises(sealpass.DeliveryUnknown) as raised:
+        sealpass.send(socket_path, {"a": b"x"}, connect_timeout=20)
+    assert raised.value.id == 1
+    finish(receiver)
+
+
+def test_closed_objects_raise_value_error(socket_path):
+    listener = sealpass.Listener(socket_path)
+    listener.close()
+    assert not os.path.exists(socket_path)
+    with pytest.raises(ValueError, match="closed"):
+        listener.accept(timeout=0.1)
+    segment = sealpass.Segment.from_buffer("a", b"x")
+    segment.close()
+    with pytest.raises(ValueError, match="closed"):
+        segment.fileno()
