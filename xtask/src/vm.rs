@@ -14,7 +14,11 @@
 //! - the conformance suite against the async example receiver and sender,
 //! - the demo (two 4 MiB memfds, every byte checked),
 //! - compat mode against a bare C peer,
-//! - `--doctor`.
+//! - `--doctor`,
+//! - the fd-passing unit tests (`proto::fdpass`: `SO_PASSRIGHTS` unknown,
+//!   so answers' fds arrive and are closed; `SO_PEERPIDFD` unknown), the
+//!   pidfd test of `receiver/tests/owned.rs` (no pidfd, all else works),
+//!   and `--json` saying `"pidfd":false`.
 //!
 //! It prints one line per step, then `vm: N passed, M failed`, and fails if
 //! any step failed or the VM did not report.
@@ -215,7 +219,11 @@ fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
             .arg(&bare)
             .arg(project::root().join("xtask/peers/bare_sender.c")),
     )?;
+    let proto_tests = test_binary(&["-p", "sealpass-proto", "--lib"])?;
+    let owned_tests = test_binary(&["-p", "sealpass-receiver", "--test", "owned"])?;
     Ok(vec![
+        ("proto_tests".into(), proto_tests),
+        ("owned_tests".into(), owned_tests),
         ("sealpass-recv".into(), debug.join("sealpass-recv")),
         ("sealpass-send".into(), debug.join("sealpass-send")),
         (
@@ -226,6 +234,34 @@ fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
         ("xtask".into(), std::env::current_exe()?),
         ("bare_sender".into(), bare),
     ])
+}
+
+/// Builds one test binary (`cargo test --no-run` with `selection`) and
+/// returns its path, from cargo's JSON messages.
+fn test_binary(selection: &[&str]) -> anyhow::Result<PathBuf> {
+    let output = cargo()
+        .args([
+            "test",
+            "--no-run",
+            "--locked",
+            "--all-features",
+            "--message-format=json",
+        ])
+        .args(selection)
+        .stderr(Stdio::inherit())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "building the test binary {selection:?} failed"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        // The binaries built beside it for its tests to run are not it.
+        .filter(|message| message.pointer("/profile/test") == Some(&serde_json::Value::Bool(true)))
+        .filter_map(|message| message.get("executable")?.as_str().map(PathBuf::from))
+        .next_back()
+        .with_context(|| format!("cargo named no test binary for {selection:?}"))
 }
 
 /// The shared libraries `program` loads, with the loader, by `ldd`.
@@ -295,6 +331,24 @@ compat() {
     wait $recv || return 1
     checked /tmp/bare.out
 }
+json_without_pidfd() {
+    sealpass-recv --socket /tmp/json.sock --once --json > /tmp/json.out &
+    recv=$!
+    sealpass-send --socket /tmp/json.sock --connect-timeout 30 --fill a=A:4KiB || return 1
+    wait $recv || return 1
+    cat /tmp/json.out
+    grep -q '"pidfd":false' /tmp/json.out
+}
+# Runs a test binary and checks that it ran tests, not a filter matching none.
+tests_ran() {
+    "$@" > /tmp/tests.log 2>&1
+    status=$?
+    cat /tmp/tests.log
+    [ $status = 0 ] && grep -q 'test result: ok\. [1-9][0-9]* passed' /tmp/tests.log
+}
+step fd-passing-unit-tests tests_ran proto_tests fdpass:: --test-threads 1
+step peer-without-pidfd tests_ran owned_tests --exact a_transfer_names_its_sender_by_pidfd_where_the_kernel_can
+step json-says-no-pidfd json_without_pidfd
 step conformance-of-sealpass-recv-and-sealpass-send xtask conformance --receiver /sealpass/sealpass-recv --sender "/sealpass/sealpass-send --fill conformance=C:64KiB"
 step conformance-of-the-async-receiver-and-sender xtask conformance --receiver /sealpass/async_receiver --sender /sealpass/async_sender
 step demo demo

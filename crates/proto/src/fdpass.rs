@@ -12,9 +12,10 @@
 #![allow(unsafe_code)]
 
 use std::mem;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -182,6 +183,10 @@ pub fn connect_stream(path: &Path) -> Result<OwnedFd, TransportError> {
 fn connect_as(kind: SockType, path: &Path) -> Result<OwnedFd, TransportError> {
     let addr = unix_addr(path)?;
     let sock = unix_socket(kind)?;
+    // The side that connects is a sender: answers carry no fds, so where
+    // the kernel can refuse them for us it does. Elsewhere the reader
+    // closes any that come.
+    refuse_fds(sock.as_fd())?;
     loop {
         match socket::connect(sock.as_raw_fd(), &addr) {
             Err(Errno::EINTR) => continue,
@@ -544,6 +549,116 @@ impl std::fmt::Display for PeerCredentials {
     }
 }
 
+/// `SO_PASSRIGHTS` (Linux 6.16+), as the generic socket numbering has it
+/// (x86_64, aarch64, riscv64, powerpc, ...); libc does not name it yet. The
+/// architectures with numbers of their own are left to the fallback.
+const SO_PASSRIGHTS: libc::c_int = if cfg!(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)) {
+    -1 // no such option: setsockopt fails with ENOPROTOOPT
+} else {
+    83
+};
+
+/// Whether the kernel knows `SO_PASSRIGHTS`; cleared at the first
+/// `ENOPROTOOPT`, so an older kernel pays for the failed call once.
+static PASSRIGHTS_KNOWN: AtomicBool = AtomicBool::new(true);
+
+/// Has the kernel refuse fds sent to `sock` (`SO_PASSRIGHTS` off, Linux
+/// 6.16+): a peer that tries gets `EPERM` from its `sendmsg`, and no fd
+/// ever reaches this process. Returns whether the kernel took it; on older
+/// kernels (`false`) fds can still arrive, and [`receive`] hands them over
+/// as `OwnedFd`s for the caller to close.
+pub fn refuse_fds(sock: BorrowedFd<'_>) -> Result<bool, TransportError> {
+    refuse_fds_with(sock, &PASSRIGHTS_KNOWN, SO_PASSRIGHTS)
+}
+
+/// [`refuse_fds`], with the option number and the memory of the kernel's
+/// answer passed in: a test gives an option no kernel knows, to take the
+/// path of a kernel before 6.16.
+fn refuse_fds_with(
+    sock: BorrowedFd<'_>,
+    known: &AtomicBool,
+    option: libc::c_int,
+) -> Result<bool, TransportError> {
+    if !known.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    let off: libc::c_int = 0;
+    // SAFETY: `sock` is an open socket for the duration of the call, and the
+    // option value is a live c_int whose size is the length passed.
+    let set = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            ptr::from_ref(&off).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        return Ok(true);
+    }
+    match Errno::last() {
+        Errno::ENOPROTOOPT => {
+            known.store(false, Ordering::Relaxed);
+            Ok(false)
+        }
+        errno => Err(TransportError::sys(Op::SetOption, errno)),
+    }
+}
+
+/// Whether fds sent to `sock` reach it (`SO_PASSRIGHTS`): `None` where the
+/// kernel does not know the option (before 6.16), and they always do.
+pub fn passes_fds(sock: BorrowedFd<'_>) -> Result<Option<bool>, TransportError> {
+    let mut value: libc::c_int = 0;
+    let mut length = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `sock` is open for the call; `value` and `length` are live
+    // and `length` is the size of `value`.
+    let got = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            ptr::from_mut(&mut value).cast(),
+            &mut length,
+        )
+    };
+    if got == 0 {
+        return Ok(Some(value != 0));
+    }
+    match Errno::last() {
+        Errno::ENOPROTOOPT => Ok(None),
+        errno => Err(TransportError::sys(Op::GetOption, errno)),
+    }
+}
+
+/// Whether the kernel knows `SO_PEERPIDFD`; cleared at the first
+/// `ENOPROTOOPT`.
+static PEERPIDFD_KNOWN: AtomicBool = AtomicBool::new(true);
+
+/// A pidfd for the process at the other end of a connected socket, the one
+/// that called `connect` (`SO_PEERPIDFD`, Linux 6.5+; close-on-exec).
+/// Unlike a pid it cannot come to mean another process: once that one
+/// exits, the pidfd polls readable and signals sent through it fail with
+/// `ESRCH`. `Ok(None)` on kernels without the option.
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> Result<Option<OwnedFd>, TransportError> {
+    if !PEERPIDFD_KNOWN.load(Ordering::Relaxed) {
+        return Ok(None);
+    }
+    match socket::getsockopt(&sock, sockopt::PeerPidfd) {
+        Ok(pidfd) => Ok(Some(pidfd)),
+        Err(Errno::ENOPROTOOPT) => {
+            PEERPIDFD_KNOWN.store(false, Ordering::Relaxed);
+            Ok(None)
+        }
+        Err(errno) => Err(TransportError::sys(Op::GetOption, errno)),
+    }
+}
+
 /// The credentials of the peer of a connected socket.
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> Result<PeerCredentials, TransportError> {
     let credentials = socket::getsockopt(&sock, sockopt::PeerCredentials)
@@ -578,6 +693,89 @@ pub fn pair() -> Result<(OwnedFd, OwnedFd), TransportError> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// The kernel's version, `(major, minor)`.
+    fn kernel() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse().unwrap_or(0));
+        (numbers.next().unwrap(), numbers.next().unwrap())
+    }
+
+    #[test]
+    fn a_socket_that_refuses_fds_never_receives_one_where_the_kernel_can() {
+        let (answers, receiver) = pair().unwrap();
+        let refused = refuse_fds(answers.as_fd()).unwrap();
+        // SO_PASSRIGHTS came with Linux 6.16: on it and later the kernel
+        // must refuse; before, the option is unknown and fds still come.
+        assert_eq!(refused, kernel() >= (6, 16), "kernel {:?}", kernel());
+        let (stray, _) = nix::unistd::pipe().unwrap();
+        let mut buffer = [0u8; 16];
+        let mut control = ControlBuffer::new();
+        if refused {
+            assert_eq!(passes_fds(answers.as_fd()).unwrap(), Some(false));
+            let error = send(receiver.as_fd(), b"ack", &[stray.as_fd()]).unwrap_err();
+            assert_eq!(error.errno(), Some(Errno::EPERM), "{error}");
+            send(receiver.as_fd(), b"ack", &[]).unwrap();
+            let got = receive(answers.as_fd(), &mut buffer, &mut control).unwrap();
+            assert_eq!((&buffer[..got.len], got.fds.len()), (&b"ack"[..], 0));
+        } else {
+            assert_eq!(passes_fds(answers.as_fd()).unwrap(), None);
+            send(receiver.as_fd(), b"ack", &[stray.as_fd()]).unwrap();
+            let got = receive(answers.as_fd(), &mut buffer, &mut control).unwrap();
+            assert_eq!(got.fds.len(), 1, "an old kernel lets it through, owned");
+        }
+        // A socket left alone passes fds, on kernels that know the option.
+        let (plain, _) = pair().unwrap();
+        assert_ne!(passes_fds(plain.as_fd()).unwrap(), Some(false));
+    }
+
+    #[test]
+    fn a_kernel_without_so_passrights_costs_one_failed_call() {
+        let (sock, _) = pair().unwrap();
+        let known = AtomicBool::new(true);
+        // An option number no kernel knows: setsockopt says ENOPROTOOPT,
+        // as a kernel before 6.16 says for SO_PASSRIGHTS.
+        let unknown = 0x7fff;
+        assert!(!refuse_fds_with(sock.as_fd(), &known, unknown).unwrap());
+        assert!(!known.load(Ordering::Relaxed), "remembered");
+        assert!(!refuse_fds_with(sock.as_fd(), &known, SO_PASSRIGHTS).unwrap());
+    }
+
+    #[test]
+    fn connecting_refuses_fds_where_the_kernel_can() {
+        let dir = std::env::temp_dir().join(format!("sealpass-fdpass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("connect.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = listen(&path, 4).unwrap();
+        let sender = connect(&path).unwrap();
+        let expected = (kernel() >= (6, 16)).then_some(false);
+        assert_eq!(passes_fds(sender.as_fd()).unwrap(), expected);
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_peer_pidfd_names_the_connecting_process_where_the_kernel_has_it() {
+        let (a, _b) = pair().unwrap();
+        let pidfd = peer_pidfd(a.as_fd()).unwrap();
+        // SO_PEERPIDFD came with Linux 6.5.
+        assert_eq!(pidfd.is_some(), kernel() >= (6, 5), "kernel {:?}", kernel());
+        if let Some(pidfd) = pidfd {
+            let flags = nix::fcntl::fcntl(&pidfd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "a pidfd must be close-on-exec");
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+                .unwrap();
+            let pid = info
+                .lines()
+                .find_map(|line| line.strip_prefix("Pid:"))
+                .map(str::trim)
+                .unwrap();
+            assert_eq!(pid, std::process::id().to_string(), "{info}");
+        }
+    }
 
     #[test]
     fn control_len_matches_libc() {

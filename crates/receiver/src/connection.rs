@@ -250,6 +250,9 @@ pub(crate) struct Core {
     pub(crate) link: Arc<Link>,
     pub(crate) config: Arc<Config>,
     pub(crate) peer: Option<PeerCredentials>,
+    /// The peer's pidfd (`SO_PEERPIDFD`, Linux 6.5+), shared with the
+    /// transfers it delivers.
+    pub(crate) peer_pidfd: Option<Arc<OwnedFd>>,
     pub(crate) incoming: Vec<u8>,
     pub(crate) control: Box<ControlBuffer>,
     // Reused from message to message, so serving one allocates only what the
@@ -271,10 +274,20 @@ impl Core {
         peer: Option<PeerCredentials>,
         own_buffer: bool,
     ) -> Core {
+        let peer_pidfd = match fdpass::peer_pidfd(link.socket.fd()) {
+            Ok(pidfd) => pidfd.map(Arc::new),
+            Err(error) => {
+                // Out of fds, or the peer is gone already: the credentials
+                // still stand, and the connection is served without it.
+                tracing::debug!("no pidfd for the peer: {error}");
+                None
+            }
+        };
         Core {
             link,
             config,
             peer,
+            peer_pidfd,
             incoming: if own_buffer {
                 vec![0; MAX_MESSAGE_LEN]
             } else {
@@ -399,6 +412,7 @@ impl Core {
         Ok(Event::Transfer(IncomingTransfer::new(
             delivered.version,
             self.peer,
+            self.peer_pidfd.clone(),
             segments,
             responder,
         )))
@@ -505,6 +519,12 @@ impl Connection {
     /// The peer, as the kernel recorded it at `connect`, where known.
     pub fn peer(&self) -> Option<PeerCredentials> {
         self.core.peer
+    }
+
+    /// A pidfd for the peer (`SO_PEERPIDFD`, Linux 6.5+; `None` before, or
+    /// when it could not be had): see [`IncomingTransfer::peer_pidfd`].
+    pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.core.peer_pidfd.as_deref().map(AsFd::as_fd)
     }
 
     /// Whether more messages may come: false once the peer closed, or after

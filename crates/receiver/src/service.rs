@@ -391,7 +391,9 @@ where
             return;
         }
     };
-    tracing::debug!(%peer, "connected");
+    // Whether the peer's identity is pinned by a pidfd (SO_PEERPIDFD, 6.5+).
+    let pidfd = connection.peer_pidfd().is_some();
+    tracing::debug!(%peer, pidfd, "connected");
     while connection.is_open() {
         let started = Instant::now();
         let outcome = connection.serve_one(|transfer| {
@@ -412,7 +414,7 @@ where
                 bytes,
             }) => {
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, id, segments, bytes, verdict = "Ack", micros, "transfer");
+                tracing::info!(%peer, pidfd, id, segments, bytes, verdict = "Ack", micros, "transfer");
             }
             Ok(Outcome::Rejected {
                 id,

@@ -235,6 +235,12 @@ impl Connection {
         self.core.peer
     }
 
+    /// A pidfd for the peer (`SO_PEERPIDFD`, Linux 6.5+): see
+    /// [`IncomingTransfer::peer_pidfd`](crate::IncomingTransfer::peer_pidfd).
+    pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.core.peer_pidfd.as_deref().map(AsFd::as_fd)
+    }
+
     /// Whether more messages may come.
     pub fn is_open(&self) -> bool {
         self.core.is_open()

@@ -314,6 +314,7 @@ pub struct IncomingTransfer {
     id: u64,
     version: Version,
     peer: Option<PeerCredentials>,
+    peer_pidfd: Option<Arc<OwnedFd>>,
     segments: Vec<VerifiedSegment>,
     responder: Responder,
 }
@@ -322,6 +323,7 @@ impl IncomingTransfer {
     pub(crate) fn new(
         version: Version,
         peer: Option<PeerCredentials>,
+        peer_pidfd: Option<Arc<OwnedFd>>,
         segments: Vec<VerifiedSegment>,
         responder: Responder,
     ) -> IncomingTransfer {
@@ -329,6 +331,7 @@ impl IncomingTransfer {
             id: responder.id(),
             version,
             peer,
+            peer_pidfd,
             segments,
             responder,
         }
@@ -348,6 +351,22 @@ impl IncomingTransfer {
     /// where known.
     pub fn peer(&self) -> Option<PeerCredentials> {
         self.peer
+    }
+
+    /// A pidfd for the sender, taken at accept (`SO_PEERPIDFD`, Linux 6.5+;
+    /// `None` on older kernels, or when it could not be had).
+    ///
+    /// It names the process that connected, for good: a pid can be reused
+    /// once that process exits, a pidfd cannot. With it an application can
+    /// tell whether that process is still running (the pidfd polls readable
+    /// once it has exited; `pidfd_send_signal` with signal 0 fails with
+    /// `ESRCH`), signal it without hitting a stranger, or read its pid now
+    /// (`Pid:` in `/proc/self/fdinfo/FD`, -1 once it has exited). It does not
+    /// say who the process is now: the credentials are those of `connect`,
+    /// and the process may since have called `exec` or changed its uid; nor
+    /// does it make sending fds any safer, which the seals already do.
+    pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.peer_pidfd.as_deref().map(AsFd::as_fd)
     }
 
     /// The segments, in the order sent.

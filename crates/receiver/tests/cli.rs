@@ -62,6 +62,9 @@ fn json_describes_each_transfer() {
     let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(line["id"], 1);
     assert_eq!(line["version"], "1.0");
+    assert_eq!(line["peer"]["pid"], std::process::id());
+    // SO_PEERPIDFD came with Linux 6.5.
+    assert_eq!(line["peer"]["pidfd"], support::kernel_at_least(6, 5));
     assert_eq!(line["segments"][0]["name"], "shma");
     assert_eq!(line["segments"][0]["size"], 4 << 20);
     assert_eq!(line["segments"][0]["head"], "41".repeat(16));

@@ -318,3 +318,65 @@ fn an_unsealed_or_foreign_fd_is_not_forwarded() {
 fn a_reason_by_any_spelling_is_the_reason() {
     assert_eq!(RejectReason::Unknown(17), RejectReason::ApplicationRejected);
 }
+
+/// Where the kernel has `SO_PEERPIDFD` (6.5+), a transfer carries a pidfd
+/// for the process that connected: it reads that process's pid while it
+/// runs, and tells, once it has exited, that it has, whatever process gets
+/// the pid next. Before 6.5 there is none, and nothing else changes.
+#[test]
+fn a_transfer_names_its_sender_by_pidfd_where_the_kernel_can() {
+    use std::os::fd::AsRawFd;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("pidfd.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let sender = peer("one-sender", &socket);
+    let sender_pid = sender.0.as_ref().unwrap().id();
+    let mut connection = listener.accept().unwrap();
+    let transfer = connection.receive().unwrap().unwrap();
+    assert_eq!(transfer.peer().unwrap().pid as u32, sender_pid);
+    let fdinfo_pid = |transfer: &sealpass_receiver::IncomingTransfer| {
+        let pidfd = transfer.peer_pidfd()?;
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("Pid:"))
+            .map(|pid| pid.trim().parse::<i64>().unwrap())
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let has_pidfd = (version.next().unwrap(), version.next().unwrap()) >= (6, 5);
+    assert_eq!(
+        transfer.peer_pidfd().is_some(),
+        has_pidfd,
+        "kernel {release}"
+    );
+    assert_eq!(connection.peer_pidfd().is_some(), has_pidfd);
+    if has_pidfd {
+        assert_eq!(fdinfo_pid(&transfer), Some(i64::from(sender_pid)));
+    }
+    let (segments, responder) = transfer.into_parts();
+    drop(segments);
+    // Keep the transfer's pidfd past the answer and the sender's exit.
+    let held = connection
+        .peer_pidfd()
+        .map(|fd| fd.try_clone_to_owned().unwrap());
+    responder.accept().unwrap();
+    assert_eq!(finish(sender), ["1 Ack"]);
+    if let Some(pidfd) = held {
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&pidfd),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap(),
+            1,
+            "an exited process's pidfd polls readable"
+        );
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap();
+        assert!(info.lines().any(|line| line == "Pid:\t-1"), "{info}");
+    }
+}

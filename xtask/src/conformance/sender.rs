@@ -141,10 +141,18 @@ fn answer(connection: &OwnedFd, id: u64, answering: Answering) -> Fallible<()> {
             std::thread::sleep(Duration::from_millis(500));
             send(&encoded(&ack)?, &[])
         }
-        Answering::AckCarryingAnFd => send(
-            &encoded(&ack)?,
-            &[memfd("stray", 1, Seals::empty())?.as_fd()],
-        ),
+        Answering::AckCarryingAnFd => {
+            let stray = memfd("stray", 1, Seals::empty())?;
+            match fdpass::send(connection.as_fd(), &encoded(&ack)?, &[stray.as_fd()]) {
+                // The sender had the kernel refuse fds on its socket
+                // (SO_PASSRIGHTS off, Linux 6.16+): none can reach it, which
+                // is the point. The Ack goes without.
+                Err(error) if error.errno() == Some(nix::errno::Errno::EPERM) => {
+                    send(&encoded(&ack)?, &[])
+                }
+                other => other.map_err(|e| format!("answering: {e}")),
+            }
+        }
         Answering::Reject(reason) => send(
             &encoded(&Message::Reject(Reject::new(
                 id,

@@ -181,6 +181,9 @@ struct PeerLine {
     pid: i32,
     uid: u32,
     gid: u32,
+    /// Whether the receiver holds a pidfd for the peer (Linux 6.5+): the
+    /// pid then names the process that connected, not a later one.
+    pidfd: bool,
 }
 
 #[derive(Serialize)]
@@ -205,6 +208,7 @@ fn describe<'a>(
             pid: peer.pid,
             uid: peer.uid,
             gid: peer.gid,
+            pidfd: transfer.peer_pidfd().is_some(),
         },
         segments: transfer
             .segments()

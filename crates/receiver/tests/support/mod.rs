@@ -204,3 +204,12 @@ pub(crate) fn own_memfd_mappings() -> usize {
         .filter(|line| line.contains("/memfd:"))
         .count()
 }
+
+/// Whether the running kernel is `major.minor` or later.
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
+}
