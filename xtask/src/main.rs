@@ -27,8 +27,10 @@ tasks:
                      maturin, pytest, numpy from the package index), runs its tests and
                      the conformance suite against its example receiver and sender
   soak               the load and fault tests, heavier and in release mode
-  vm                 the conformance suites, the demo and compat mode on Debian 12's
-                     Linux 6.1, booted in qemu (TCG); installs qemu with apt if missing
+  vm [--backports]   the conformance suites, the demo, compat mode and the kernel-facing
+                     tests on Debian 12's Linux 6.1 (with --backports: the newest kernel
+                     bookworm-backports offers, 6.12), booted in qemu (TCG); installs qemu
+                     with apt if missing
   noexec             the demo and the conformance suite with vm.memfd_noexec=2 (changes that
                      system setting for the run, says so, restores it; never run by `test`)
   bench [--quick] [--hot-path] [--pipelined]

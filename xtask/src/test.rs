@@ -56,7 +56,13 @@ const STEPS: &[Step] = &[
         "the Python package: built into a fresh venv, pytest, conformance",
         || crate::python::run_task(&[]),
     ),
-    ("the suite on Linux 6.1, in qemu", || crate::vm::run(&[])),
+    ("the suite on Linux 6.1, in qemu", || {
+        crate::vm::boot_and_check(crate::vm::Source::Bookworm)
+    }),
+    (
+        "the suite on the newest kernel for Debian 12 (bookworm-backports), in qemu",
+        || crate::vm::boot_and_check(crate::vm::Source::Backports),
+    ),
 ];
 
 /// The programs in `crates/receiver/examples/`: each starts its own peers
