@@ -7,8 +7,8 @@ use anyhow::bail;
 use crate::project::{self, cargo};
 
 pub(crate) const HELP: &str = "\
-usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill]
-       cargo xtask bench --python [--runs N]
+usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--e2e [--thp]]
+       cargo xtask bench --python [--runs N] [--thp]
 
 Runs the handoff benchmark in release mode, sender and receiver in separate
 processes, and prints medians with their spread, the ratios against the
@@ -21,6 +21,14 @@ target/bench/results.json and the plot target/bench/handoff.svg.
   --pipelined   only pipelined throughput on one connection
   --fill        only the producer's fill paths (mapping, MAP_POPULATE
                 mapping, pwrite) at each size
+  --e2e         only end to end (create, fill, seal, send, verify, map,
+                read every byte) against a unix stream copy at each size,
+                sender and receiver pinned to two CPUs, and their ratio
+  --thp         with --e2e or --python, as root: switch shmem transparent huge pages to
+                `advise` for the run (/sys/kernel/mm/transparent_hugepage/
+                shmem_enabled), say so, and put the old mode back on every
+                path, Ctrl-C included. The only flag that changes a system
+                setting; without it the machine's mode is used as it is
   --async       only the async round trip and pipelined rate (tokio at both
                 ends) beside the blocking ones, and their ratios
   --python      instead: a 64 MiB numpy array from one Python process to
@@ -30,10 +38,20 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 python` makes); writes target/bench/python.json
   -h, --help    this text
 
-Changes no system setting.
+Changes no system setting, except with --thp.
 ";
 
-const FLAGS: &[&str] = &["--quick", "--hot-path", "--pipelined", "--async", "--fill"];
+const FLAGS: &[&str] = &[
+    "--quick",
+    "--hot-path",
+    "--pipelined",
+    "--async",
+    "--fill",
+    "--e2e",
+    "--thp",
+];
+
+const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|arg| arg == "--help" || arg == "-h") {
@@ -46,10 +64,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     if let Some(unknown) = args.iter().find(|arg| !FLAGS.contains(&arg.as_str())) {
         bail!("bench: unknown flag {unknown:?}\n\n{HELP}");
     }
-    let mut command = cargo();
-    command
-        .env("SEALPASS_BENCH_OUT", project::root().join("target/bench"))
-        .args([
+    let thp = args.iter().any(|arg| arg == "--thp");
+    if thp && !args.iter().any(|arg| arg == "--e2e") {
+        bail!("bench: --thp goes with --e2e or --python\n\n{HELP}");
+    }
+    let args: Vec<&String> = args.iter().filter(|arg| *arg != "--thp").collect();
+    let bench = || {
+        let mut command = cargo();
+        command.args([
             "bench",
             "--locked",
             "-p",
@@ -58,18 +80,31 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
             "tokio",
             "--bench",
             "handoff",
-            "--",
-        ])
-        .args(args);
-    project::run(&mut command)
+        ]);
+        command
+    };
+    let mut command = bench();
+    command
+        .env("SEALPASS_BENCH_OUT", project::root().join("target/bench"))
+        .arg("--")
+        .args(&args);
+    if !thp {
+        return project::run(&mut command);
+    }
+    // Build first, so the setting holds only while the benchmark runs.
+    project::run(bench().arg("--no-run"))?;
+    run_with_huge_pages(&mut command)
 }
 
-/// `--python [--runs N]`: the Python handoff benchmark, in a fresh venv.
+/// `--python [--runs N] [--thp]`: the Python handoff benchmark, in a fresh
+/// venv.
 fn python(args: &[String]) -> anyhow::Result<()> {
-    let runs = match args {
+    let thp = args.iter().any(|arg| arg == "--thp");
+    let rest: Vec<&String> = args.iter().filter(|arg| *arg != "--thp").collect();
+    let runs = match rest.as_slice() {
         [] => None,
-        [flag, runs] if flag == "--runs" => Some(runs.clone()),
-        _ => bail!("bench --python takes only --runs N; got {args:?}\n\n{HELP}"),
+        [flag, runs] if *flag == "--runs" => Some((*runs).clone()),
+        _ => bail!("bench --python takes only --runs N and --thp; got {args:?}\n\n{HELP}"),
     };
     let venv = crate::python::Venv::fresh()?;
     let out = project::target_dir().join("bench");
@@ -82,5 +117,21 @@ fn python(args: &[String]) -> anyhow::Result<()> {
     if let Some(runs) = runs {
         command.args(["--runs", &runs]);
     }
-    project::run(&mut command)
+    if !thp {
+        return project::run(&mut command);
+    }
+    run_with_huge_pages(&mut command)
+}
+
+/// Runs `command` with shmem transparent huge pages switched to `advise`,
+/// and puts the old mode back after, whatever happens.
+fn run_with_huge_pages(command: &mut std::process::Command) -> anyhow::Result<()> {
+    let interrupted = project::catch_interrupts()?;
+    let changed = project::ChangedSetting::set("bench", SHMEM_THP, "advise")?;
+    let result = project::run(command);
+    drop(changed);
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted; shmem_enabled was put back");
+    }
+    result
 }

@@ -76,3 +76,67 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A system setting (a file under `/proc/sys` or `/sys`) changed for the
+/// length of a task, put back when dropped, on every path out. Tasks that
+/// change one run only when asked for by name, and say so.
+pub(crate) struct ChangedSetting {
+    path: &'static str,
+    /// What the file held before: for a `[selected]` sysfs list, the word
+    /// between the brackets.
+    before: String,
+    label: &'static str,
+}
+
+impl ChangedSetting {
+    /// Writes `value` to `path`, saying what it does, and remembers the old
+    /// value. Needs root.
+    pub(crate) fn set(
+        label: &'static str,
+        path: &'static str,
+        value: &str,
+    ) -> anyhow::Result<ChangedSetting> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        let before = match (text.find('['), text.find(']')) {
+            (Some(open), Some(close)) if open < close => {
+                text.get(open + 1..close).unwrap_or_default().to_owned()
+            }
+            _ => text.trim().to_owned(),
+        };
+        eprintln!("{label}: setting {path} from {before} to {value} for this run");
+        let changed = ChangedSetting {
+            path,
+            before,
+            label,
+        };
+        std::fs::write(path, value)
+            .with_context(|| format!("writing {value} to {path} (needs root)"))?;
+        Ok(changed)
+    }
+}
+
+impl Drop for ChangedSetting {
+    fn drop(&mut self) {
+        let (label, path, before) = (self.label, self.path, &self.before);
+        match std::fs::write(path, before) {
+            Ok(()) => eprintln!("{label}: {path} restored to {before}"),
+            Err(error) => eprintln!(
+                "{label}: could not restore {path} to {before}: {error}; run: echo {before} > {path}"
+            ),
+        }
+    }
+}
+
+/// Catches SIGINT, SIGTERM and SIGHUP for the rest of the task, so that a
+/// `ChangedSetting` is put back on Ctrl-C: the children, whose caught
+/// signals exec resets to their default, still die of it, while xtask lives
+/// to restore. Returns the flag that says a signal came.
+pub(crate) fn catch_interrupts() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&interrupted))
+            .with_context(|| format!("catching signal {signal}"))?;
+    }
+    Ok(interrupted)
+}

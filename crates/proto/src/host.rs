@@ -77,6 +77,57 @@ impl Host {
     }
 }
 
+/// Whether, and how, the kernel gives memfds 2 MiB pages (shmem
+/// transparent huge pages): the PMD-size per-size control
+/// (`hugepages-2048kB/shmem_enabled`, Linux 6.11+) unless it says
+/// `inherit`, else the global `shmem_enabled`. Smaller multi-size pages are
+/// not considered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShmemHugePages {
+    /// `never` or `deny`, or no THP at all: 4 KiB pages only.
+    Never,
+    /// `advise`: huge pages where a mapping asks for them (`MADV_HUGEPAGE`).
+    /// A `write` without a mapping gets none.
+    Advise,
+    /// `always`, `within_size` or `force`: huge pages for any write inside
+    /// the file's size, mapped or not.
+    Always,
+}
+
+impl ShmemHugePages {
+    /// The mode from the two sysfs lists (`always within_size advise [never]
+    /// deny force`), the per-size one first where the kernel has it.
+    pub fn from_sysfs(global: Option<&str>, pmd_size: Option<&str>) -> ShmemHugePages {
+        let chosen = match pmd_size.and_then(selected) {
+            Some(mode) if mode != "inherit" => Some(mode),
+            _ => global.and_then(selected),
+        };
+        match chosen.as_deref() {
+            Some("advise") => ShmemHugePages::Advise,
+            Some("always" | "within_size" | "force") => ShmemHugePages::Always,
+            _ => ShmemHugePages::Never,
+        }
+    }
+
+    /// This machine's mode, read from sysfs now.
+    pub fn read() -> ShmemHugePages {
+        ShmemHugePages::from_sysfs(
+            read_trimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled").as_deref(),
+            read_trimmed("/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled")
+                .as_deref(),
+        )
+    }
+
+    /// Whether a mapping of `size` bytes should ask for huge pages
+    /// (`MADV_HUGEPAGE`): at least one 2 MiB page, and a mode that heeds it.
+    pub fn advise_for(self, size: u64) -> bool {
+        size >= HUGE_PAGE && self != ShmemHugePages::Never
+    }
+}
+
+/// The huge page size shmem uses on x86_64 and aarch64 with 4 KiB pages.
+pub const HUGE_PAGE: u64 = 2 << 20;
+
 /// One finding: what, what it means for sealpass, and how to change it.
 fn item(
     f: &mut fmt::Formatter<'_>,
@@ -171,6 +222,63 @@ impl fmt::Display for Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check_mode(global: Option<&str>, pmd_size: Option<&str>, expected: ShmemHugePages) {
+        assert_eq!(
+            ShmemHugePages::from_sysfs(global, pmd_size),
+            expected,
+            "{global:?} / {pmd_size:?}"
+        );
+    }
+
+    #[test]
+    fn shmem_huge_page_modes() {
+        use ShmemHugePages::*;
+        // A sysfs list of `modes` with `mode` selected.
+        let list_of = |modes: &[&str], mode: &str| {
+            modes
+                .iter()
+                .map(|m| {
+                    if *m == mode {
+                        format!("[{m}]")
+                    } else {
+                        (*m).to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let list = |mode| {
+            list_of(
+                &["always", "within_size", "advise", "never", "deny", "force"],
+                mode,
+            )
+        };
+        let per_size = |mode| {
+            list_of(
+                &["always", "inherit", "within_size", "advise", "never"],
+                mode,
+            )
+        };
+        for (global, expected) in [
+            ("never", Never),
+            ("deny", Never),
+            ("advise", Advise),
+            ("always", Always),
+            ("within_size", Always),
+            ("force", Always),
+        ] {
+            check_mode(Some(&list(global)), None, expected);
+            check_mode(Some(&list(global)), Some(&per_size("inherit")), expected);
+        }
+        check_mode(Some(&list("never")), Some(&per_size("advise")), Advise);
+        check_mode(Some(&list("advise")), Some(&per_size("never")), Never);
+        check_mode(Some(&list("never")), Some(&per_size("within_size")), Always);
+        check_mode(None, None, Never);
+        check_mode(Some("garbage"), None, Never);
+        assert!(Advise.advise_for(HUGE_PAGE) && !Advise.advise_for(HUGE_PAGE - 1));
+        assert!(!Never.advise_for(1 << 30));
+    }
 
     #[test]
     fn sysfs_lists_and_meminfo_fields() {

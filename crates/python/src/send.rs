@@ -554,5 +554,8 @@ fn send(
     let mut sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
     let inner = sender.sender()?;
     py.detach(|| inner.submit(&made)).map_err(Error)?;
+    // Sent: the receiver holds the memfds now. Closing ours before the
+    // verdict leaves freeing the pages to whoever lets go last.
+    drop(made);
     sender.wait_verdict(py, sender.answer_timeout)
 }

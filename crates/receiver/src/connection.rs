@@ -432,8 +432,12 @@ impl Core {
     }
 }
 
-/// Runs `handler` on a transfer as [`Connection::serve_one`] does: then drops
-/// its mappings and answers by the result.
+/// Answers a transfer by `handled`, as [`Connection::serve_one`] does, then
+/// drops its mappings. The answer goes first: an `Ack` promises nothing
+/// about the mappings (PROTOCOL.md section 6), and unmapping big segments
+/// takes milliseconds the sender need not wait for. The connection reads
+/// its next message only after they are gone, so that message is judged
+/// against a budget that no longer counts them.
 pub(crate) fn answer_by<E: Display>(
     transfer: IncomingTransfer,
     handled: Result<(), E>,
@@ -444,7 +448,18 @@ pub(crate) fn answer_by<E: Display>(
         transfer.total_bytes(),
     );
     let (mappings, responder) = transfer.into_parts();
+    let outcome = answer(id, segments, bytes, responder, handled);
     drop(mappings);
+    outcome
+}
+
+fn answer<E: Display>(
+    id: u64,
+    segments: usize,
+    bytes: u64,
+    responder: Responder,
+    handled: Result<(), E>,
+) -> Result<Outcome, ServeError> {
     match handled {
         Ok(()) => {
             responder.accept()?;
@@ -568,8 +583,9 @@ impl Connection {
     }
 
     /// Receives one message, verifies it and hands a valid transfer to
-    /// `handler`; then drops its mappings and answers: `Ack` once `handler`
+    /// `handler`; then answers and drops its mappings: `Ack` once `handler`
     /// returns `Ok`, `Reject(ApplicationRejected)` with its error otherwise.
+    /// The mappings are gone when it returns.
     /// A refused message is answered and reported as such.
     pub fn serve_one<E: Display>(
         &mut self,

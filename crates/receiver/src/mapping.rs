@@ -3,10 +3,12 @@
 
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{Mmap, MmapOptions};
 use nix::errno::Errno;
+use sealpass_proto::host::ShmemHugePages;
 use sealpass_proto::session::Grant;
 
 /// Whether this kernel maps a write-sealed memfd shared and read-only.
@@ -72,13 +74,28 @@ fn map_sealed(
             Err(error) if error.raw_os_error() == Some(Errno::EPERM as i32) => {
                 shared.store(false, Ordering::Relaxed);
             }
-            other => return other.map(Some),
+            other => {
+                let mapping = other?;
+                advise_huge_pages(&mapping, size);
+                return Ok(Some(mapping));
+            }
         }
     }
     // SAFETY: as in `map_verified`: the caller's memfd is sealed against
     // shrinking and writing. A private read-only mapping of it sees the same
     // pages and can never be written through.
     unsafe { options.map_copy_read_only(&fd) }.map(Some)
+}
+
+/// Asks for huge pages on a mapping of `size` bytes where the machine heeds
+/// the request (`advise` and up) and the mapping holds one: the sender's
+/// huge pages are then mapped 2 MiB at a time, one fault each. Only a hint;
+/// the mode is read once per process.
+fn advise_huge_pages(mapping: &Mmap, size: u64) {
+    static MODE: OnceLock<ShmemHugePages> = OnceLock::new();
+    if MODE.get_or_init(ShmemHugePages::read).advise_for(size) {
+        let _ = mapping.advise(memmap2::Advice::HugePage);
+    }
 }
 
 #[cfg(test)]

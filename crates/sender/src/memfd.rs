@@ -11,12 +11,14 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::unistd::ftruncate;
+use sealpass_proto::host::ShmemHugePages;
 use sealpass_proto::{FieldError, Seals, Segment, message::validate_name};
 
 /// Why a segment could not be made.
@@ -178,6 +180,13 @@ fn sealed_facts(fd: BorrowedFd<'_>) -> Result<(String, u64, Seals), SegmentError
     ))
 }
 
+/// How this machine gives memfds huge pages, read once per process: the
+/// fill paths follow it (`cargo xtask bench --e2e --thp` measures it).
+fn huge_pages() -> ShmemHugePages {
+    static MODE: OnceLock<ShmemHugePages> = OnceLock::new();
+    *MODE.get_or_init(ShmemHugePages::read)
+}
+
 /// Whether the kernel took `MFD_NOEXEC_SEAL` (Linux 6.3+); cleared at the
 /// first `EINVAL` so older kernels pay for the failed call once.
 static NOEXEC_SEAL_SUPPORTED: AtomicBool = AtomicBool::new(true);
@@ -232,8 +241,36 @@ impl SealedSegment {
     /// kernel allocates the pages as it copies, with no page fault per
     /// 4 KiB. Filling a fresh mapping instead took 1.6 to 1.9 times as long
     /// at 4 KiB, 1 MiB, 64 MiB and 1 GiB (`cargo xtask bench --fill`).
+    ///
+    /// Where the machine gives memfds huge pages ([`ShmemHugePages`]), a
+    /// segment of 2 MiB or more takes the path that gets them: with
+    /// `advise`, a copy through a mapping that asks for them (a `write` gets
+    /// none in that mode); with `always` or `within_size`, the memfd is
+    /// sized before the `pwrite`.
     pub fn from_bytes(name: &str, bytes: &[u8], seals: Seals) -> Result<Self, SegmentError> {
-        let file = File::from(create(name)?);
+        Self::from_bytes_for(name, bytes, seals, huge_pages())
+    }
+
+    /// [`SealedSegment::from_bytes`] for the huge page mode `huge` (a test
+    /// takes each path on any machine).
+    fn from_bytes_for(
+        name: &str,
+        bytes: &[u8],
+        seals: Seals,
+        huge: ShmemHugePages,
+    ) -> Result<Self, SegmentError> {
+        let size = bytes.len() as u64;
+        if huge == ShmemHugePages::Advise && huge.advise_for(size) {
+            let mut writer = SegmentWriter::new(name, size)?;
+            writer.bytes_mut().copy_from_slice(bytes);
+            return writer.seal(seals);
+        }
+        let fd = create(name)?;
+        if huge.advise_for(size) {
+            // `within_size` gives huge pages only inside the file's size.
+            resize(name, &fd, size)?;
+        }
+        let file = File::from(fd);
         file.write_all_at(bytes, 0)
             .map_err(|source| SegmentError::Copy {
                 name: name.to_owned(),
@@ -251,10 +288,29 @@ impl SealedSegment {
     /// the memfd stays sparse. Any other is written with `pwrite`, from a
     /// buffer of at most 1 MiB, for the reason [`SealedSegment::from_bytes`]
     /// gives.
+    /// Huge pages are taken as [`SealedSegment::from_bytes`] takes them.
     pub fn filled(name: &str, byte: u8, size: u64, seals: Seals) -> Result<Self, SegmentError> {
+        Self::filled_for(name, byte, size, seals, huge_pages())
+    }
+
+    /// [`SealedSegment::filled`] for the huge page mode `huge`.
+    fn filled_for(
+        name: &str,
+        byte: u8,
+        size: u64,
+        seals: Seals,
+        huge: ShmemHugePages,
+    ) -> Result<Self, SegmentError> {
+        if byte != 0 && huge == ShmemHugePages::Advise && huge.advise_for(size) {
+            let mut writer = SegmentWriter::new(name, size)?;
+            writer.bytes_mut().fill(byte);
+            return writer.seal(seals);
+        }
         let fd = create(name)?;
-        if byte == 0 {
+        if byte == 0 || huge.advise_for(size) {
             resize(name, &fd, size)?;
+        }
+        if byte == 0 {
             return Self::seal(name.to_owned(), fd, size, seals);
         }
         const CHUNK: u64 = 1 << 20;
@@ -466,6 +522,11 @@ impl SegmentWriter {
                     source,
                 },
             )?;
+            if huge_pages().advise_for(size) {
+                // Only a hint: a kernel without THP says EINVAL, and the
+                // pages are then 4 KiB, as they would be anyway.
+                let _ = mapping.advise(memmap2::Advice::HugePage);
+            }
             Some(mapping)
         };
         Ok(SegmentWriter {
@@ -526,6 +587,42 @@ mod tests {
         let mut out = vec![0; segment.size() as usize];
         file.read_exact_at(&mut out, 0).unwrap();
         out
+    }
+
+    /// Each huge page mode takes its own path for 2 MiB and more (a
+    /// mapping that asks for huge pages; a memfd sized before `pwrite`);
+    /// whatever pages the kernel then gives, the bytes and seals are the
+    /// same.
+    #[test]
+    fn every_huge_page_mode_yields_the_same_bytes_and_seals() {
+        let seals = Seals::SENDER_DEFAULT;
+        let huge = sealpass_proto::host::HUGE_PAGE as usize;
+        for mode in [
+            ShmemHugePages::Never,
+            ShmemHugePages::Advise,
+            ShmemHugePages::Always,
+        ] {
+            for size in [4096, huge, huge + 1] {
+                let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+                let copied = SealedSegment::from_bytes_for("b", &bytes, seals, mode).unwrap();
+                assert_eq!(
+                    (copied.size(), read_all(&copied)),
+                    (size as u64, bytes),
+                    "{mode:?} {size}"
+                );
+                assert!(copied.seals().contains(seals));
+                for byte in [0, b'f'] {
+                    let filled =
+                        SealedSegment::filled_for("f", byte, size as u64, seals, mode).unwrap();
+                    assert_eq!(
+                        read_all(&filled),
+                        vec![byte; size],
+                        "{mode:?} {size} {byte}"
+                    );
+                    assert!(filled.seals().contains(seals));
+                }
+            }
+        }
     }
 
     #[test]

@@ -151,6 +151,14 @@ fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--e2e") {
+        // Only end to end against a stream copy, sender and receiver pinned
+        // to two CPUs: what a user pays to move fresh bytes.
+        e2e_rows(&mut report, runs, sizes, quick);
+        report.print();
+        return;
+    }
+
     if std::env::args().any(|a| a == "--pipelined") {
         // Only the pipelined 1-segment rate, for profiling the receiver.
         let rate = measure::pipelined_rate(1, if quick { 50_000 } else { 200_000 }, WINDOW);
@@ -225,7 +233,7 @@ fn main() {
             samples[AT_READ].push(measure::handoff(size, iterations, "sealpass-read", None).micros);
             samples[AT_READ_POPULATE]
                 .push(measure::handoff(size, iterations, "sealpass-read-populate", None).micros);
-            samples[AT_END_TO_END].push(measure::end_to_end(size, iterations));
+            samples[AT_END_TO_END].push(measure::end_to_end(size, iterations, None));
             samples[AT_STREAM].push(measure::stream_copy(iterations, &source));
             samples[AT_PIPE].push(measure::pipe_copy(iterations, &source));
             samples[AT_MEMCPY].push(measure::memcpy(iterations, &source));
@@ -621,4 +629,61 @@ fn hot_path(report: &mut Report, runs: usize, round_trips: usize) {
         ratio.median,
         Some(Target::AtMost(2.0)),
     );
+}
+
+/// `--e2e`: sealpass end to end and a unix stream copy at each size, the
+/// sender on one CPU and the receiver on another, and their ratio.
+fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
+    let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+        .take(2)
+        .collect();
+    let (sender_cpu, receiver_cpu) = match cpus.as_slice() {
+        [one, two] => (Some(*one), Some(*two)),
+        _ => (None, None),
+    };
+    pin_to_cpu(sender_cpu);
+    let pages = match sealpass_proto::host::ShmemHugePages::read() {
+        sealpass_proto::host::ShmemHugePages::Never => "4 KiB pages",
+        sealpass_proto::host::ShmemHugePages::Advise => "shmem THP advise",
+        sealpass_proto::host::ShmemHugePages::Always => "shmem THP always",
+    };
+    for &size in sizes {
+        let iterations = iterations_for(size, quick);
+        let source = vec![b'x'; size];
+        let (mut ours, mut stream, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let e2e = measure::end_to_end(size, iterations, receiver_cpu);
+            let copy = measure::stream_copy_on(iterations, &source, receiver_cpu);
+            ours.push(e2e);
+            stream.push(copy);
+            ratios.push(copy / e2e);
+        }
+        report.row(
+            Regime::TwoCpus,
+            format!("sealpass end to end, pinned, {pages}"),
+            Some(size),
+            "µs",
+            Stat::of(ours),
+            None,
+        );
+        report.row(
+            Regime::TwoCpus,
+            "copy through a unix stream socket, reader reads all, pinned",
+            Some(size),
+            "µs",
+            Stat::of(stream),
+            None,
+        );
+        report.line(
+            format!(
+                "stream copy / sealpass end to end ({pages}) at {}",
+                human(size)
+            ),
+            Stat::of(ratios).median,
+            None,
+        );
+    }
+    pin_to_cpu(None);
 }

@@ -172,18 +172,30 @@ pub(crate) fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<us
     }
 }
 
-pub(crate) fn end_to_end(size: usize, iterations: usize) -> f64 {
-    let peer = Peer::start("sealpass-read", 0, None);
+/// What a user pays to move `size` fresh bytes: make a memfd, fill it,
+/// seal it, hand it over; the receiver verifies, maps, reads every byte and
+/// answers. The sender closes its fd as soon as the transfer is sent, as a
+/// producer that is done with the buffer would, so the pages are freed by
+/// whichever side lets go last. With `cpu`, the receiver runs there (the
+/// caller pins itself elsewhere).
+pub(crate) fn end_to_end(size: usize, iterations: usize, cpu: Option<usize>) -> f64 {
+    let peer = Peer::start("sealpass-read", 0, cpu);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     per_op(iterations, || {
         let segment =
             SealedSegment::filled("e2e", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
-        assert!(sender.send(&[segment]).unwrap().is_accepted());
+        sender.submit(&[segment]).unwrap();
+        assert!(sender.next_verdict().unwrap().is_accepted());
     })
 }
 
 pub(crate) fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
-    let peer = Peer::start("stream", source.len(), None);
+    stream_copy_on(iterations, source, None)
+}
+
+/// [`stream_copy`], with the reader on `cpu`.
+pub(crate) fn stream_copy_on(iterations: usize, source: &[u8], cpu: Option<usize>) -> f64 {
+    let peer = Peer::start("stream", source.len(), cpu);
     let mut connection = File::from(fdpass::connect_stream(&peer.socket).unwrap());
     let mut ack = [0u8; 1];
     per_op(iterations, || {
