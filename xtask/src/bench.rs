@@ -9,6 +9,7 @@ use crate::project::{self, cargo};
 pub(crate) const HELP: &str = "\
 usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--e2e [--thp]]
        cargo xtask bench --python [--runs N] [--thp]
+       cargo xtask bench --peers [--quick] [--thp]
 
 Runs the handoff benchmark in release mode, sender and receiver in separate
 processes, and prints medians with their spread, the ratios against the
@@ -24,7 +25,11 @@ target/bench/results.json and the plot target/bench/handoff.svg.
   --e2e         only end to end (create, fill, seal, send, verify, map,
                 read every byte) against a unix stream copy at each size,
                 sender and receiver pinned to two CPUs, and their ratio
-  --thp         with --e2e or --python, as root: switch shmem transparent huge pages to
+  --peers       instead: sealpass end to end beside a unix stream, a pipe,
+                ipc-channel 0.23 and iceoryx2 0.10 (bench/peers, a workspace
+                of its own; producer and consumer pinned to two CPUs, every
+                byte written, read and checked); writes target/bench/peers.json
+  --thp         with --e2e, --python or --peers, as root: switch shmem transparent huge pages to
                 `advise` for the run (/sys/kernel/mm/transparent_hugepage/
                 shmem_enabled), say so, and put the old mode back on every
                 path, Ctrl-C included. The only flag that changes a system
@@ -60,6 +65,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if args.first().is_some_and(|arg| arg == "--python") {
         return python(args.get(1..).unwrap_or_default());
+    }
+    if args.first().is_some_and(|arg| arg == "--peers") {
+        let rest = args.get(1..).unwrap_or_default();
+        if let Some(unknown) = rest.iter().find(|a| *a != "--quick" && *a != "--thp") {
+            bail!("bench --peers takes --quick and --thp; got {unknown:?}\n\n{HELP}");
+        }
+        let flag = |name: &str| rest.iter().any(|a| a == name);
+        return crate::peers::run(flag("--quick"), flag("--thp"));
     }
     if let Some(unknown) = args.iter().find(|arg| !FLAGS.contains(&arg.as_str())) {
         bail!("bench: unknown flag {unknown:?}\n\n{HELP}");

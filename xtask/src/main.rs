@@ -5,6 +5,7 @@ mod bench;
 mod conformance;
 mod demo;
 mod noexec;
+mod peers;
 mod project;
 mod python;
 mod soak;

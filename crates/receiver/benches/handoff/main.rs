@@ -18,7 +18,6 @@ mod peer;
 mod report;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -154,8 +153,9 @@ fn main() {
     if std::env::args().any(|a| a == "--e2e") {
         // Only end to end against a stream copy, sender and receiver pinned
         // to two CPUs: what a user pays to move fresh bytes.
-        e2e_rows(&mut report, runs, sizes, quick);
+        let huge = e2e_rows(&mut report, runs, sizes, quick);
         report.print();
+        report.write_json(if huge { "e2e-thp.json" } else { "e2e.json" }, runs, quick);
         return;
     }
 
@@ -459,17 +459,7 @@ fn main() {
     );
 
     report.print();
-    let out = PathBuf::from(
-        std::env::var_os("SEALPASS_BENCH_OUT").unwrap_or_else(|| "target/bench".into()),
-    );
-    std::fs::create_dir_all(&out).unwrap();
-    let json = out.join("results.json");
-    std::fs::write(
-        &json,
-        serde_json::to_string_pretty(&report.json(runs, quick)).unwrap(),
-    )
-    .unwrap();
-    println!("wrote {}", json.display());
+    let out = report.write_json("results.json", runs, quick);
     let plot = out.join("handoff.svg");
     report.plot(&plot).unwrap();
     println!("wrote {}", plot.display());
@@ -632,8 +622,10 @@ fn hot_path(report: &mut Report, runs: usize, round_trips: usize) {
 }
 
 /// `--e2e`: sealpass end to end and a unix stream copy at each size, the
-/// sender on one CPU and the receiver on another, and their ratio.
-fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
+/// sender on one CPU and the receiver on another, and their ratio, with the
+/// ids and targets of the performance issue. Returns whether memfds had
+/// huge pages.
+fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) -> bool {
     let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
@@ -644,7 +636,9 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
         _ => (None, None),
     };
     pin_to_cpu(sender_cpu);
-    let pages = match sealpass_proto::host::ShmemHugePages::read() {
+    let mode = sealpass_proto::host::ShmemHugePages::read();
+    let huge = mode != sealpass_proto::host::ShmemHugePages::Never;
+    let pages = match mode {
         sealpass_proto::host::ShmemHugePages::Never => "4 KiB pages",
         sealpass_proto::host::ShmemHugePages::Advise => "shmem THP advise",
         sealpass_proto::host::ShmemHugePages::Always => "shmem THP always",
@@ -676,14 +670,28 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
             Stat::of(stream),
             None,
         );
-        report.line(
+        let short = human(size)
+            .replace(' ', "")
+            .replace("iB", "")
+            .to_lowercase();
+        let id = format!("e2e_{short}_vs_stream{}", if huge { "_thp" } else { "" });
+        let target = match (id.as_str(), quick) {
+            (_, true) => None,
+            ("e2e_4k_vs_stream", _) => Some(Target::AtLeast(0.6)),
+            ("e2e_64m_vs_stream", _) => Some(Target::AtLeast(1.2)),
+            ("e2e_64m_vs_stream_thp" | "e2e_1g_vs_stream_thp", _) => Some(Target::AtLeast(2.5)),
+            _ => None,
+        };
+        report.line_with_id(
+            id,
             format!(
                 "stream copy / sealpass end to end ({pages}) at {}",
                 human(size)
             ),
             Stat::of(ratios).median,
-            None,
+            target,
         );
     }
     pin_to_cpu(None);
+    huge
 }

@@ -1,6 +1,6 @@
 //! Statistics, the table, results.json and the plot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
@@ -84,6 +84,8 @@ impl Target {
 
 /// A closing ratio or figure, with the target it answers if any.
 pub(crate) struct Line {
+    /// A stable name for the figure, for tools that read results.json.
+    pub id: Option<String>,
     pub what: String,
     pub value: f64,
     pub target: Option<Target>,
@@ -126,10 +128,44 @@ impl Report {
     /// A closing figure, and the target it answers if any.
     pub(crate) fn line(&mut self, what: impl Into<String>, value: f64, target: Option<Target>) {
         self.lines.push(Line {
+            id: None,
             what: what.into(),
             value,
             target,
         });
+    }
+
+    /// [`Report::line`], with a stable `id` in results.json's `summary`.
+    pub(crate) fn line_with_id(
+        &mut self,
+        id: impl Into<String>,
+        what: impl Into<String>,
+        value: f64,
+        target: Option<Target>,
+    ) {
+        self.lines.push(Line {
+            id: Some(id.into()),
+            what: what.into(),
+            value,
+            target,
+        });
+    }
+
+    /// Writes `name` (JSON) into the benchmark's output directory
+    /// (`SEALPASS_BENCH_OUT`, else `target/bench`) and says so.
+    pub(crate) fn write_json(&self, name: &str, runs: usize, quick: bool) -> PathBuf {
+        let out = PathBuf::from(
+            std::env::var_os("SEALPASS_BENCH_OUT").unwrap_or_else(|| "target/bench".into()),
+        );
+        std::fs::create_dir_all(&out).unwrap();
+        let json = out.join(name);
+        std::fs::write(
+            &json,
+            serde_json::to_string_pretty(&self.json(runs, quick)).unwrap(),
+        )
+        .unwrap();
+        println!("wrote {}", json.display());
+        out
     }
 
     pub(crate) fn print(&self) {
@@ -189,6 +225,7 @@ impl Report {
             .iter()
             .map(|line| {
                 serde_json::json!({
+                    "id": line.id,
                     "what": line.what,
                     "value": line.value,
                     "target": line.target.map(Target::describe),
