@@ -7,7 +7,8 @@ use anyhow::bail;
 use crate::project::{self, cargo};
 
 pub(crate) const HELP: &str = "\
-usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--e2e [--thp]]
+usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--checks]
+                         [--e2e [--thp]]
        cargo xtask bench --python [--runs N] [--thp]
        cargo xtask bench --peers [--quick] [--thp]
 
@@ -22,6 +23,9 @@ target/bench/results.json and the plot target/bench/handoff.svg.
   --pipelined   only pipelined throughput on one connection
   --fill        only the producer's fill paths (mapping, MAP_POPULATE
                 mapping, pwrite) at each size
+  --checks      only the receiver's cost per 4 KiB segment, system call by
+                system call (each check, the mapping, the close, the two
+                messages), on one CPU
   --e2e         only end to end (create, fill, seal, send, verify, map,
                 read every byte) against a unix stream copy at each size,
                 sender and receiver pinned to two CPUs, and their ratio
@@ -54,6 +58,7 @@ const FLAGS: &[&str] = &[
     "--fill",
     "--e2e",
     "--thp",
+    "--checks",
 ];
 
 const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";

@@ -159,6 +159,13 @@ fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--checks") {
+        // What each system call of a 4 KiB handoff costs the receiver.
+        check_rows(&mut report, runs, if quick { 20_000 } else { 100_000 });
+        report.print();
+        return;
+    }
+
     if std::env::args().any(|a| a == "--pipelined") {
         // Only the pipelined 1-segment rate, for profiling the receiver.
         let rate = measure::pipelined_rate(1, if quick { 50_000 } else { 200_000 }, WINDOW);
@@ -694,4 +701,78 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) -> b
     }
     pin_to_cpu(None);
     huge
+}
+
+/// `--checks`: the receiver's cost per 4 KiB segment, call by call, in one
+/// process on one CPU: each check PROTOCOL.md section 6 asks for, the
+/// mapping, the close, and the two messages. The sum against the measured
+/// handoff shows where a message's time goes.
+fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use nix::fcntl::{FcntlArg, fcntl};
+    use sealpass_proto::fdpass;
+    use sealpass_sender::{SealedSegment, Seals};
+
+    pin_to_cpu(Some(first_allowed_cpu()));
+    let segment = SealedSegment::filled("checks", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+    let fd = segment.fd();
+    let (a, b) = fdpass::pair().unwrap();
+    let mut buffer = vec![0u8; 256];
+    let mut control = fdpass::ControlBuffer::new();
+    let payload = [0u8; 64];
+    let mut link = Vec::new();
+    let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
+    let mut measure = |what: &'static str, step: &mut dyn FnMut()| {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            samples.push(measure::per_op(iterations, &mut *step));
+        }
+        rows.push((what, samples));
+    };
+    measure(
+        "sendmsg + recvmsg of 64 bytes and 1 fd, and close it",
+        &mut || {
+            fdpass::send(a.as_fd(), &payload, &[fd]).unwrap();
+            let got = fdpass::receive(b.as_fd(), &mut buffer, &mut control).unwrap();
+            assert_eq!(got.fds.len(), 1);
+        },
+    );
+    measure(
+        "sendmsg + recvmsg of 64 bytes, no fd (the answer)",
+        &mut || {
+            fdpass::send(a.as_fd(), &payload, &[]).unwrap();
+            fdpass::receive(b.as_fd(), &mut buffer, &mut control).unwrap();
+        },
+    );
+    measure("fstat (regular file? size, blocks)", &mut || {
+        nix::sys::stat::fstat(fd).unwrap();
+    });
+    measure("fcntl(F_GET_SEALS)", &mut || {
+        fcntl(fd, FcntlArg::F_GET_SEALS).unwrap();
+    });
+    measure("every check together (inspect::facts_reusing)", &mut || {
+        let facts =
+            sealpass_receiver::inspect::facts_reusing(fd, std::mem::take(&mut link)).unwrap();
+        link = facts.link;
+    });
+    measure("mmap read-only + munmap, 4 KiB", &mut || {
+        // SAFETY: the memfd is sealed against writes and shrinking.
+        let mapping = unsafe { memmap2::MmapOptions::new().len(4096).map(fd.as_raw_fd()) }.unwrap();
+        drop(mapping);
+    });
+    measure("dup + close of the fd", &mut || {
+        drop(fd.try_clone_to_owned().unwrap());
+    });
+    pin_to_cpu(None);
+    for (what, samples) in rows {
+        report.row(
+            Regime::OneCpu,
+            what,
+            Some(4096),
+            "µs",
+            Stat::of(samples),
+            None,
+        );
+    }
 }
