@@ -252,5 +252,23 @@ fn report(figures: &[Figure], label: &str, quick: bool) -> anyhow::Result<()> {
         }))?,
     )?;
     println!("wrote {}", path.display());
-    Ok(())
+    // The plot, drawn by the handoff benchmark's plotter.
+    project::run(
+        cargo()
+            .args([
+                "bench",
+                "--locked",
+                "--quiet",
+                "-p",
+                "sealpass-receiver",
+                "--features",
+                "tokio",
+                "--bench",
+                "handoff",
+                "--",
+                "--plot-peers",
+            ])
+            .arg(&path)
+            .arg(out.join("peers.svg")),
+    )
 }

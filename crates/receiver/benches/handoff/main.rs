@@ -18,6 +18,7 @@ mod peer;
 mod report;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -156,6 +157,14 @@ fn main() {
         let huge = e2e_rows(&mut report, runs, sizes, quick);
         report.print();
         report.write_json(if huge { "e2e-thp.json" } else { "e2e.json" }, runs, quick);
+        return;
+    }
+
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--plot-peers") {
+        // The plot of `cargo xtask bench --peers`, from its JSON.
+        let (input, output) = (&args[at + 1], &args[at + 2]);
+        plot_peers(Path::new(input), Path::new(output));
         return;
     }
 
@@ -775,4 +784,29 @@ fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
             None,
         );
     }
+}
+
+/// Draws `target/bench/peers.json` (written by `cargo xtask bench --peers`)
+/// the way the handoff plot is drawn.
+fn plot_peers(input: &Path, output: &Path) {
+    let text = std::fs::read_to_string(input).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut report = Report::default();
+    for row in json["results"].as_array().unwrap() {
+        let value = |key: &str| row["value"][key].as_f64().unwrap();
+        report.row(
+            Regime::TwoCpus,
+            row["mechanism"].as_str().unwrap(),
+            Some(row["bytes"].as_u64().unwrap() as usize),
+            "µs",
+            Stat {
+                median: value("median"),
+                min: value("min"),
+                max: value("max"),
+            },
+            None,
+        );
+    }
+    report.plot(output).unwrap();
+    println!("wrote {}", output.display());
 }
