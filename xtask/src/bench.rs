@@ -87,21 +87,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("bench: --thp goes with --e2e or --python\n\n{HELP}");
     }
     let args: Vec<&String> = args.iter().filter(|arg| *arg != "--thp").collect();
-    let bench = || {
-        let mut command = cargo();
-        command.args([
-            "bench",
-            "--locked",
-            "-p",
-            "sealpass-receiver",
-            "--features",
-            "tokio",
-            "--bench",
-            "handoff",
-        ]);
-        command
-    };
-    let mut command = bench();
+    let mut command = handoff_bench();
     command
         .env("SEALPASS_BENCH_OUT", project::root().join("target/bench"))
         .arg("--")
@@ -110,7 +96,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         return project::run(&mut command);
     }
     // Build first, so the setting holds only while the benchmark runs.
-    project::run(bench().arg("--no-run"))?;
+    project::run(handoff_bench().arg("--no-run"))?;
     run_with_huge_pages(&mut command)
 }
 
@@ -152,4 +138,21 @@ fn run_with_huge_pages(command: &mut std::process::Command) -> anyhow::Result<()
         bail!("interrupted; shmem_enabled was put back");
     }
     result
+}
+
+/// `cargo bench` of the handoff benchmark (crates/receiver/benches/handoff),
+/// before its `--`.
+pub(crate) fn handoff_bench() -> std::process::Command {
+    let mut command = cargo();
+    command.args([
+        "bench",
+        "--locked",
+        "-p",
+        "sealpass-receiver",
+        "--features",
+        "tokio",
+        "--bench",
+        "handoff",
+    ]);
+    command
 }

@@ -254,20 +254,8 @@ fn report(figures: &[Figure], label: &str, quick: bool) -> anyhow::Result<()> {
     println!("wrote {}", path.display());
     // The plot, drawn by the handoff benchmark's plotter.
     project::run(
-        cargo()
-            .args([
-                "bench",
-                "--locked",
-                "--quiet",
-                "-p",
-                "sealpass-receiver",
-                "--features",
-                "tokio",
-                "--bench",
-                "handoff",
-                "--",
-                "--plot-peers",
-            ])
+        crate::bench::handoff_bench()
+            .args(["--quiet", "--", "--plot-peers"])
             .arg(&path)
             .arg(out.join("peers.svg")),
     )
