@@ -262,6 +262,9 @@ pub(crate) struct Transfer {
     id: u64,
     version: (u16, u16),
     peer: Option<PeerCredentials>,
+    /// The peer's pidfd, duplicated from the connection's (Linux 6.5+);
+    /// closed with the transfer (`close`, the end of its `with` block).
+    peer_pidfd: Mutex<Option<std::os::fd::OwnedFd>>,
     segments: Vec<Py<ReceivedSegment>>,
     responder: Mutex<Option<Responder>>,
 }
@@ -269,6 +272,11 @@ pub(crate) struct Transfer {
 impl Transfer {
     fn new(py: Python<'_>, transfer: IncomingTransfer) -> PyResult<Transfer> {
         let (id, version, peer) = (transfer.id(), transfer.version(), transfer.peer());
+        // Its own fd, so that it outlives the transfer's parts; a failed dup
+        // (out of fds) only loses the pidfd.
+        let peer_pidfd = transfer
+            .peer_pidfd()
+            .and_then(|pidfd| pidfd.try_clone_to_owned().ok());
         let (segments, responder) = transfer.into_parts();
         let segments = segments
             .into_iter()
@@ -278,6 +286,7 @@ impl Transfer {
             id,
             version: (version.major, version.minor),
             peer,
+            peer_pidfd: Mutex::new(peer_pidfd),
             segments,
             responder: Mutex::new(Some(responder)),
         })
@@ -313,6 +322,25 @@ impl Transfer {
     #[getter]
     fn peer(&self) -> Option<Peer> {
         peer(self.peer)
+    }
+
+    /// A new pidfd for the sending process (Linux 6.5+; None before, and
+    /// after `close`), which the caller owns and closes (`os.close`). It names the process that
+    /// connected even after its pid is reused: it polls readable once that
+    /// process has exited, and `signal.pidfd_send_signal` reaches only it.
+    fn peer_pidfd(&self) -> PyResult<Option<RawFd>> {
+        use std::os::fd::IntoRawFd;
+        lock(&self.peer_pidfd)
+            .as_ref()
+            .map(|pidfd| {
+                pidfd
+                    .try_clone()
+                    .map(IntoRawFd::into_raw_fd)
+                    .map_err(|error| {
+                        crate::SealpassError::new_err(format!("duplicating the pidfd: {error}"))
+                    })
+            })
+            .transpose()
     }
 
     /// The segments, in the order sent.
@@ -351,8 +379,9 @@ impl Transfer {
     }
 
     /// Releases every segment: at once if no view of it is open, else when
-    /// its last view goes. Does not answer.
+    /// its last view goes; closes the transfer's pidfd. Does not answer.
     fn close(&self, py: Python<'_>) {
+        drop(lock(&self.peer_pidfd).take());
         for segment in &self.segments {
             segment.bind(py).get().release_when_unviewed();
         }

@@ -125,3 +125,32 @@ def test_closed_objects_raise_value_error(socket_path):
     segment.close()
     with pytest.raises(ValueError, match="closed"):
         segment.fileno()
+
+
+def test_a_transfer_hands_out_a_pidfd_for_its_sender_where_the_kernel_has_one(socket_path):
+    import select
+
+    release = open("/proc/sys/kernel/osrelease").read()
+    has_pidfd = tuple(int(n) for n in release.split(".")[:2]) >= (6, 5)
+    sender = python_child(
+        """
+        import sys, sealpass
+        sealpass.send(sys.argv[1], {"a": b"x"}, connect_timeout=20)
+        """,
+        socket_path,
+    )
+    with sealpass.Listener(socket_path) as listener, listener.accept(timeout=20) as connection:
+        with connection.receive(timeout=20) as transfer:
+            assert transfer.peer.pid == sender.pid
+            pidfd = transfer.peer_pidfd()
+    assert (pidfd is not None) == has_pidfd, release
+    if pidfd is not None:
+        try:
+            assert finish(sender) == 0
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            assert poller.poll(5000), "an exited sender's pidfd polls readable"
+        finally:
+            os.close(pidfd)
+    else:
+        assert finish(sender) == 0

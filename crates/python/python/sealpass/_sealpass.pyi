@@ -204,6 +204,10 @@ class Transfer:
     def version(self) -> tuple[int, int]: ...
     @property
     def peer(self) -> Peer | None: ...
+    def peer_pidfd(self) -> int | None:
+        """A new pidfd for the sending process (Linux 6.5+; None before, and after
+        close()), owned by the caller (os.close it). It polls readable once that process
+        has exited."""
     @property
     def segments(self) -> tuple[ReceivedSegment, ...]: ...
     @property
@@ -213,7 +217,8 @@ class Transfer:
     def ack(self) -> None: ...
     def reject(self, message: str) -> None: ...
     def close(self) -> None:
-        """Releases every segment (one with open views goes with its last view)."""
+        """Releases every segment (one with open views goes with its last view) and
+        closes the transfer's pidfd."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
