@@ -33,11 +33,13 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 ipc-channel 0.23 and iceoryx2 0.10 (bench/peers, a workspace
                 of its own; producer and consumer pinned to two CPUs, every
                 byte written, read and checked); writes target/bench/peers.json
-  --thp         with --e2e, --python or --peers, as root: switch shmem transparent huge pages to
-                `advise` for the run (/sys/kernel/mm/transparent_hugepage/
-                shmem_enabled), say so, and put the old mode back on every
-                path, Ctrl-C included. The only flag that changes a system
-                setting; without it the machine's mode is used as it is
+                and peers.svg
+  --thp         with --e2e, --python or --peers, as root: switch shmem
+                transparent huge pages to `advise` for the run
+                (/sys/kernel/mm/transparent_hugepage/shmem_enabled), say so,
+                and put the old mode back on every path, Ctrl-C included.
+                The only flag that changes a system setting; without it the
+                machine's mode is used as it is
   --async       only the async round trip and pipelined rate (tokio at both
                 ends) beside the blocking ones, and their ratios
   --python      instead: a 64 MiB numpy array from one Python process to
