@@ -129,12 +129,17 @@ fn python(args: &[String]) -> anyhow::Result<()> {
     run_with_huge_pages(&mut command)
 }
 
-/// Runs `command` with shmem transparent huge pages switched to `advise`,
-/// and puts the old mode back after, whatever happens.
+/// Runs `command` under [`with_huge_pages`].
 fn run_with_huge_pages(command: &mut std::process::Command) -> anyhow::Result<()> {
+    with_huge_pages(|| project::run(command))
+}
+
+/// Runs `task` with shmem transparent huge pages switched to `advise`, and
+/// puts the old mode back after, whatever happens (Ctrl-C included).
+pub(crate) fn with_huge_pages<T>(task: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let interrupted = project::catch_interrupts()?;
     let changed = project::ChangedSetting::set("bench", SHMEM_THP, "advise")?;
-    let result = project::run(command);
+    let result = task();
     drop(changed);
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         bail!("interrupted; shmem_enabled was put back");

@@ -110,22 +110,15 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
     let args: &[&str] = if quick { &["--quick"] } else { &[] };
     let label = pages();
     let mut figures = measure(&binary, args, &label);
-    if thp && figures.is_ok() {
-        let interrupted = project::catch_interrupts()?;
-        let changed = project::ChangedSetting::set(
-            "bench",
-            "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
-            "advise",
-        )?;
-        let mut only = args.to_vec();
-        only.push("--mechanisms=sealpass");
-        let huge = measure(&binary, &only, "shmem THP advise");
-        drop(changed);
-        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-            anyhow::bail!("interrupted; shmem_enabled was put back");
-        }
+    if thp {
         if let Ok(all) = figures.as_mut() {
-            all.extend(huge?);
+            let mut only = args.to_vec();
+            only.push("--mechanisms=sealpass");
+            // On failure or Ctrl-C the error stands, after the cleanup below.
+            match crate::bench::with_huge_pages(|| measure(&binary, &only, "shmem THP advise")) {
+                Ok(huge) => all.extend(huge),
+                Err(error) => figures = Err(error),
+            }
         }
     }
     // iceoryx2 removes its objects when its ports drop; a run that failed

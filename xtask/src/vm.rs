@@ -65,7 +65,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 pub(crate) fn boot_and_check(source: Source) -> anyhow::Result<()> {
     let started = Instant::now();
     ensure_tools()?;
-    let dir = target_dir().join("vm");
+    let dir = project::target_dir().join("vm");
     std::fs::create_dir_all(&dir)?;
     let kernel = fetch_kernel(&dir, source)?;
     let binaries = build(&dir)?;
@@ -122,11 +122,6 @@ fn tail(text: &str, lines: usize) -> String {
     all.get(all.len().saturating_sub(lines)..)
         .unwrap_or_default()
         .join("\n")
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| project::root().join("target"), PathBuf::from)
 }
 
 fn have(program: &str) -> bool {
@@ -258,7 +253,7 @@ fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
         "sealpass-receiver",
         "--all-features",
     ]))?;
-    let debug = target_dir().join("debug");
+    let debug = project::target_dir().join("debug");
     let bare = dir.join("bare_sender");
     project::run(
         Command::new("gcc")

@@ -78,6 +78,14 @@ where
     }
 }
 
+/// Locks `mutex`, whether or not a thread panicked while holding it: the
+/// states kept behind these locks stay consistent at every step.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A Rust error on its way to becoming a Python exception.
 struct Error<E>(E);
 
@@ -101,29 +109,23 @@ impl From<Error<sealpass_sender::SendError>> for PyErr {
     }
 }
 
-impl From<Error<sealpass_sender::SegmentError>> for PyErr {
-    fn from(Error(error): Error<sealpass_sender::SegmentError>) -> PyErr {
-        sealpass_error(&error)
-    }
+/// Errors that become a plain `SealpassError`.
+macro_rules! sealpass_errors {
+    ($($error:ty),* $(,)?) => {$(
+        impl From<Error<$error>> for PyErr {
+            fn from(Error(error): Error<$error>) -> PyErr {
+                sealpass_error(&error)
+            }
+        }
+    )*};
 }
 
-impl From<Error<sealpass_receiver::ServeError>> for PyErr {
-    fn from(Error(error): Error<sealpass_receiver::ServeError>) -> PyErr {
-        sealpass_error(&error)
-    }
-}
-
-impl From<Error<sealpass_receiver::AnswerError>> for PyErr {
-    fn from(Error(error): Error<sealpass_receiver::AnswerError>) -> PyErr {
-        sealpass_error(&error)
-    }
-}
-
-impl From<Error<sealpass_receiver::BindError>> for PyErr {
-    fn from(Error(error): Error<sealpass_receiver::BindError>) -> PyErr {
-        sealpass_error(&error)
-    }
-}
+sealpass_errors!(
+    sealpass_sender::SegmentError,
+    sealpass_receiver::ServeError,
+    sealpass_receiver::AnswerError,
+    sealpass_receiver::BindError,
+);
 
 impl From<Error<sealpass_receiver::ConfigError>> for PyErr {
     fn from(Error(error): Error<sealpass_receiver::ConfigError>) -> PyErr {

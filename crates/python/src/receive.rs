@@ -2,7 +2,7 @@
 //! their verified segments, whose mappings Python reads without a copy.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::prelude::*;
@@ -14,7 +14,7 @@ use sealpass_receiver::{
 };
 
 use crate::send::Segment;
-use crate::{Error, buffers, seals_from, seals_to, timed_out, timeout_from};
+use crate::{Error, buffers, lock, seals_from, seals_to, timed_out, timeout_from};
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Peer>()?;
@@ -23,10 +23,6 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PyConnection>()?;
     module.add_class::<PyListener>()?;
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The sending process, as the kernel recorded it at `connect`

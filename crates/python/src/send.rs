@@ -1,7 +1,7 @@
 //! Sending: sealed segments, a segment filled in place, the sender.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
@@ -10,7 +10,7 @@ use pyo3::types::{PyFrozenSet, PyMapping, PyTuple};
 use sealpass_proto::Seals;
 use sealpass_sender::{SealedSegment, SegmentWriter, Sender, Verdict};
 
-use crate::{Error, buffers, rejected, seals_from, seals_to, timed_out, timeout_from};
+use crate::{Error, buffers, lock, rejected, seals_from, seals_to, timed_out, timeout_from};
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Segment>()?;
@@ -18,10 +18,6 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PySender>()?;
     module.add_function(wrap_pyfunction!(send, module)?)?;
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A memfd, filled and sealed, ready to send (any number of times, on any

@@ -14,6 +14,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
+mod support;
+
 use sealpass_receiver::{Config, Listener, RejectReason, Seals};
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 
@@ -343,16 +345,9 @@ fn a_transfer_names_its_sender_by_pidfd_where_the_kernel_can() {
             .find_map(|line| line.strip_prefix("Pid:"))
             .map(|pid| pid.trim().parse::<i64>().unwrap())
     };
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut version = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let has_pidfd = (version.next().unwrap(), version.next().unwrap()) >= (6, 5);
-    assert_eq!(
-        transfer.peer_pidfd().is_some(),
-        has_pidfd,
-        "kernel {release}"
-    );
+    // SO_PEERPIDFD came with Linux 6.5.
+    let has_pidfd = support::kernel_at_least(6, 5);
+    assert_eq!(transfer.peer_pidfd().is_some(), has_pidfd);
     assert_eq!(connection.peer_pidfd().is_some(), has_pidfd);
     if has_pidfd {
         assert_eq!(fdinfo_pid(&transfer), Some(i64::from(sender_pid)));
