@@ -2,13 +2,14 @@
 //! benches/handoff/) in release mode. Prints a table, and writes
 //! target/bench/results.json and the plot target/bench/handoff.svg.
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use crate::project::{self, cargo};
+use crate::summary;
 
 pub(crate) const HELP: &str = "\
 usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--checks]
-                         [--e2e [--thp]]
+                         [--e2e [--thp | --hugetlb]]
        cargo xtask bench --python [--runs N] [--thp]
        cargo xtask bench --peers [--quick] [--thp]
 
@@ -34,12 +35,16 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 of its own; producer and consumer pinned to two CPUs, every
                 byte written, read and checked); writes target/bench/peers.json
                 and peers.svg
+  --hugetlb     with --e2e, as root: the same with memfds from the hugetlb
+                pool (MFD_HUGETLB), at the sizes it takes (whole 2 MiB pages);
+                if the pool lacks room for two of the largest segment,
+                raise vm.nr_hugepages for the run, say so, and put the old
+                value back on every path, Ctrl-C included
   --thp         with --e2e, --python or --peers, as root: switch shmem
                 transparent huge pages to `advise` for the run
                 (/sys/kernel/mm/transparent_hugepage/shmem_enabled), say so,
                 and put the old mode back on every path, Ctrl-C included.
-                The only flag that changes a system setting; without it the
-                machine's mode is used as it is
+                Without it the machine's mode is used as it is
   --async       only the async round trip and pipelined rate (tokio at both
                 ends) beside the blocking ones, and their ratios
   --python      instead: a 64 MiB numpy array from one Python process to
@@ -49,10 +54,11 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 python` makes); writes target/bench/python.json
   -h, --help    this text
 
-Changes no system setting, except with --thp.
+Changes no system setting, except with --thp and --hugetlb.
 ";
 
 const FLAGS: &[&str] = &[
+    "--hugetlb",
     "--quick",
     "--hot-path",
     "--pipelined",
@@ -85,21 +91,58 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         bail!("bench: unknown flag {unknown:?}\n\n{HELP}");
     }
     let thp = args.iter().any(|arg| arg == "--thp");
-    if thp && !args.iter().any(|arg| arg == "--e2e") {
+    let hugetlb = args.iter().any(|arg| arg == "--hugetlb");
+    let e2e = args.iter().any(|arg| arg == "--e2e");
+    if thp && !e2e {
         bail!("bench: --thp goes with --e2e or --python\n\n{HELP}");
     }
+    if hugetlb && (!e2e || thp) {
+        bail!("bench: --hugetlb goes with --e2e, without --thp\n\n{HELP}");
+    }
+    let full = args.iter().all(|arg| arg == "--quick");
+    let invoked = std::iter::once("cargo xtask bench")
+        .chain(args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
     let args: Vec<&String> = args.iter().filter(|arg| *arg != "--thp").collect();
+    let out = project::target_dir().join("bench");
     let mut command = handoff_bench();
     command
-        .env("SEALPASS_BENCH_OUT", project::root().join("target/bench"))
+        .env("SEALPASS_BENCH_OUT", &out)
         .arg("--")
         .args(&args);
-    if !thp {
-        return project::run(&mut command);
+    let kept = if full {
+        summary::keep_others()?
+    } else {
+        Vec::new()
+    };
+    if thp {
+        // Build first, so the setting holds only while the benchmark runs.
+        project::run(handoff_bench().arg("--no-run"))?;
+        run_with_huge_pages(&mut command)?;
+    } else if hugetlb {
+        project::run(handoff_bench().arg("--no-run"))?;
+        let quick = args.iter().any(|arg| *arg == "--quick");
+        with_hugetlb_pool(if quick { 64 << 20 } else { 1 << 30 }, || {
+            project::run(&mut command)
+        })?;
+    } else {
+        project::run(&mut command)?;
     }
-    // Build first, so the setting holds only while the benchmark runs.
-    project::run(handoff_bench().arg("--no-run"))?;
-    run_with_huge_pages(&mut command)
+    if full {
+        summary::restore_others(kept, &invoked)?;
+    } else if e2e {
+        // The benchmark names its file after the pages it found.
+        let written = ["e2e-hugetlb.json", "e2e-thp.json", "e2e.json"]
+            .into_iter()
+            .map(|name| out.join(name))
+            .filter_map(|path| Some((std::fs::metadata(&path).ok()?.modified().ok()?, path)))
+            .max();
+        if let Some((_, path)) = written {
+            summary::merge(&path, &invoked)?;
+        }
+    }
+    Ok(())
 }
 
 /// `--python [--runs N] [--thp]`: the Python handoff benchmark, in a fresh
@@ -143,6 +186,46 @@ pub(crate) fn with_huge_pages<T>(task: impl FnOnce() -> anyhow::Result<T>) -> an
     drop(changed);
     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
         bail!("interrupted; shmem_enabled was put back");
+    }
+    result
+}
+
+/// Runs `task` with room in the hugetlb pool for two segments of
+/// `largest` bytes (one being read while the next is filled). A pool with
+/// room already is used as it is; otherwise `vm.nr_hugepages` is raised for
+/// the run, said so, and put back after, whatever happens (Ctrl-C
+/// included).
+fn with_hugetlb_pool(
+    largest: u64,
+    task: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+    let pool = || {
+        sealpass_proto::host::HugeTlbPool::read()
+            .context("/proc/meminfo names no hugetlb pool: a kernel without hugetlbfs")
+    };
+    let before = pool()?;
+    let (total, free, page) = (before.total, before.room(), before.page_bytes);
+    let needed = 2 * largest.div_ceil(page) + 4;
+    if free >= needed {
+        eprintln!(
+            "bench: the hugetlb pool has {free} free pages of {page} bytes; using it as it is"
+        );
+        return task();
+    }
+    let interrupted = project::catch_interrupts()?;
+    let changed =
+        project::ChangedSetting::set("bench", NR_HUGEPAGES, &(total + needed - free).to_string())?;
+    let result = match pool().map(|now| now.room()) {
+        Ok(got) if got >= needed => task(),
+        Ok(got) => Err(anyhow::anyhow!(
+            "the kernel found {got} free huge pages of the {needed} asked for (memory too fragmented)"
+        )),
+        Err(error) => Err(error),
+    };
+    drop(changed);
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted; vm.nr_hugepages was put back");
     }
     result
 }

@@ -9,6 +9,7 @@ mod peers;
 mod project;
 mod python;
 mod soak;
+mod summary;
 mod test;
 mod vm;
 

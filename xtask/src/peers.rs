@@ -3,8 +3,9 @@
 //! (`bench/peers`, a workspace of its own that `cargo xtask test` never
 //! builds). With `--thp` (root, explicit), a second pass measures sealpass
 //! again with shmem huge pages switched to `advise`, and the old mode is put
-//! back after. Prints the table and the ratios, with stable ids, and writes
-//! `target/bench/peers.json`. iceoryx2's shared memory objects left in
+//! back after. Prints the table and the ratios, with stable ids, writes
+//! `target/bench/peers.json`, and brings the ratios into
+//! `target/bench/results.json`'s summary (`crate::summary`). iceoryx2's shared memory objects left in
 //! `/dev/shm` by the run, if any, are removed.
 
 use std::collections::BTreeSet;
@@ -130,10 +131,18 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
         }
     }
     let figures = figures?;
-    report(&figures, &label, quick)
+    let written = report(&figures, &label, quick)?;
+    let invoked = format!(
+        "cargo xtask bench --peers{}{}",
+        if quick { " --quick" } else { "" },
+        if thp { " --thp" } else { "" }
+    );
+    crate::summary::merge(&written, &invoked)
 }
 
-fn report(figures: &[Figure], label: &str, quick: bool) -> anyhow::Result<()> {
+/// Prints the table and ratios, writes peers.json and the plot; returns
+/// peers.json's path.
+fn report(figures: &[Figure], label: &str, quick: bool) -> anyhow::Result<PathBuf> {
     println!(
         "{:<32} {:>8} {:>14} {:>26}",
         "mechanism", "size", "median µs", "spread µs"
@@ -251,5 +260,6 @@ fn report(figures: &[Figure], label: &str, quick: bool) -> anyhow::Result<()> {
             .args(["--quiet", "--", "--plot-peers"])
             .arg(&path)
             .arg(out.join("peers.svg")),
-    )
+    )?;
+    Ok(path)
 }

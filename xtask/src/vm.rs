@@ -19,6 +19,10 @@
 //! - the demo (two 4 MiB memfds, every byte checked),
 //! - compat mode against a bare C peer,
 //! - `--doctor`,
+//! - hugetlb memfds (`--hugetlb`, the sender's hugetlb unit test, a
+//!   segment that takes the whole pool, a hostile one with nothing
+//!   reserved), from a pool the guest's kernel command line sets aside
+//!   (`hugepages=16`),
 //! - the fd-passing unit tests (`proto::fdpass`: `SO_PASSRIGHTS` unknown,
 //!   so answers' fds arrive and are closed; `SO_PEERPIDFD` unknown), the
 //!   pidfd test of `receiver/tests/owned.rs` (no pidfd, all else works),
@@ -263,9 +267,11 @@ fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     )?;
     let proto_tests = test_binary(&["-p", "sealpass-proto", "--lib"])?;
     let owned_tests = test_binary(&["-p", "sealpass-receiver", "--test", "owned"])?;
+    let sender_tests = test_binary(&["-p", "sealpass-sender", "--lib"])?;
     Ok(vec![
         ("proto_tests".into(), proto_tests),
         ("owned_tests".into(), owned_tests),
+        ("sender_tests".into(), sender_tests),
         ("sealpass-recv".into(), debug.join("sealpass-recv")),
         ("sealpass-send".into(), debug.join("sealpass-send")),
         (
@@ -390,6 +396,36 @@ json_says_pidfd_as_the_kernel_can() {
     if kernel_at_least 6 5; then expected=true; else expected=false; fi
     grep -q "\"pidfd\":$expected" /tmp/json.out
 }
+# The kernel command line gives the VM a hugetlb pool (hugepages=16): a
+# segment of whole huge pages takes it, a 3 MiB one falls back to shmem, and
+# the receiver verifies and writes out both.
+hugetlb() {
+    grep HugePages_ /proc/meminfo
+    mkdir -p /tmp/huge.d
+    sealpass-recv --socket /tmp/huge.sock --once --out /tmp/huge.d &
+    recv=$!
+    sealpass-send --socket /tmp/huge.sock --connect-timeout 30 --hugetlb \
+        --fill big=H:4MiB --fill odd=O:3MiB > /tmp/huge.log || { cat /tmp/huge.log; return 1; }
+    wait $recv || return 1
+    cat /tmp/huge.log
+    grep -q '^  big 4194304 bytes .*(hugetlb pages)$' /tmp/huge.log || return 1
+    grep -q '^  odd 3145728 bytes .*(shmem pages' /tmp/huge.log || return 1
+    [ "$(wc -c < /tmp/huge.d/big)" = 4194304 ] && [ "$(tr -d H < /tmp/huge.d/big | wc -c)" = 0 ] || { echo "big is not 4 MiB of H"; return 1; }
+    [ "$(wc -c < /tmp/huge.d/odd)" = 3145728 ] && [ "$(tr -d O < /tmp/huge.d/odd | wc -c)" = 0 ] || { echo "odd is not 3 MiB of O"; return 1; }
+}
+# A segment that takes the whole pool (16 pages) still goes through: the
+# receiver's mapping (shared from 6.7, private before) reserves no pages of
+# its own (README, --hugetlb).
+hugetlb_whole_pool() {
+    sealpass-recv --socket /tmp/whole.sock --once > /tmp/whole.recv 2>&1 &
+    recv=$!
+    sealpass-send --socket /tmp/whole.sock --connect-timeout 30 --hugetlb \
+        --fill all=W:32MiB > /tmp/whole.log 2>&1
+    status=$?
+    cat /tmp/whole.log
+    [ $status = 0 ] || { kill $recv; cat /tmp/whole.recv; return 1; }
+    wait $recv && grep -q '^  all 33554432 bytes .*(hugetlb pages)$' /tmp/whole.log
+}
 # Runs a test binary and checks that it ran tests, not a filter matching none.
 tests_ran() {
     "$@" > /tmp/tests.log 2>&1
@@ -405,6 +441,10 @@ step conformance-of-the-async-receiver-and-sender xtask conformance --receiver /
 step demo demo
 step compat-with-a-bare-c-peer compat
 step doctor sealpass-recv --doctor
+step hugetlb-taken-where-the-pool-has-room tests_ran sender_tests hugetlb
+step hugetlb-segments-from-sealpass-send-to-sealpass-recv hugetlb
+step hugetlb-segment-taking-the-whole-pool hugetlb_whole_pool
+step hugetlb-memfd-with-nothing-reserved tests_ran owned_tests --exact a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without
 echo "vm: $pass passed, $fail failed"
 poweroff -f
 "#;
@@ -529,7 +569,9 @@ fn boot(kernel: &Path, initramfs: &Path) -> anyhow::Result<String> {
         .arg(kernel)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        // hugepages=16: a hugetlb pool of 32 MiB inside the guest, for the
+        // MFD_HUGETLB steps, without touching this machine's pool.
+        .args(["-append", "console=ttyS0 panic=-1 quiet hugepages=16"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

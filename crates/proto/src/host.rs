@@ -23,8 +23,8 @@ pub struct Host {
     /// The shmem transparent huge page mode (`never`, `advise`,
     /// `within_size`, `always`, `deny`, `force`).
     pub shmem_thp: Option<String>,
-    /// The hugetlb pool: pages in all, free, and their size in KiB.
-    pub hugetlb: Option<(u64, u64, u64)>,
+    /// The hugetlb pool.
+    pub hugetlb: Option<HugeTlbPool>,
     /// `RLIMIT_NOFILE`, soft and hard.
     pub nofile: Option<(u64, u64)>,
     /// `vm.max_map_count`: mappings one process may hold.
@@ -51,18 +51,46 @@ fn meminfo(text: &str, key: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// The hugetlb pool of the default huge page size, from `/proc/meminfo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HugeTlbPool {
+    /// Pages in the pool (`HugePages_Total`).
+    pub total: u64,
+    /// Pages not in use (`HugePages_Free`), reserved ones included.
+    pub free: u64,
+    /// Free pages promised to mappings already (`HugePages_Rsvd`).
+    pub reserved: u64,
+    /// The size of one page in bytes (`Hugepagesize`).
+    pub page_bytes: u64,
+}
+
+impl HugeTlbPool {
+    /// The pool as `/proc/meminfo`'s text states it; `None` when it names
+    /// none (a kernel without hugetlbfs).
+    pub fn from_meminfo(text: &str) -> Option<HugeTlbPool> {
+        Some(HugeTlbPool {
+            total: meminfo(text, "HugePages_Total")?,
+            free: meminfo(text, "HugePages_Free")?,
+            reserved: meminfo(text, "HugePages_Rsvd")?,
+            page_bytes: meminfo(text, "Hugepagesize")?.checked_mul(1024)?,
+        })
+    }
+
+    /// This machine's pool, now.
+    pub fn read() -> Option<HugeTlbPool> {
+        HugeTlbPool::from_meminfo(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    }
+
+    /// Pages a new memfd could still reserve: free and not promised.
+    pub fn room(&self) -> u64 {
+        self.free.saturating_sub(self.reserved)
+    }
+}
+
 impl Host {
     /// Reads the facts of this machine.
     pub fn read() -> Host {
-        let meminfo_text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let hugetlb = match (
-            meminfo(&meminfo_text, "HugePages_Total"),
-            meminfo(&meminfo_text, "HugePages_Free"),
-            meminfo(&meminfo_text, "Hugepagesize"),
-        ) {
-            (Some(total), Some(free), Some(size)) => Some((total, free, size)),
-            _ => None,
-        };
         let noexec = MFdFlags::from_bits_retain(nix::libc::MFD_NOEXEC_SEAL);
         Host {
             kernel: read_trimmed("/proc/sys/kernel/osrelease"),
@@ -70,7 +98,7 @@ impl Host {
             memfd_noexec: read_trimmed("/proc/sys/vm/memfd_noexec").and_then(|v| v.parse().ok()),
             shmem_thp: read_trimmed("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
                 .and_then(|list| selected(&list)),
-            hugetlb,
+            hugetlb: HugeTlbPool::read(),
             nofile: getrlimit(Resource::RLIMIT_NOFILE).ok(),
             max_map_count: read_trimmed("/proc/sys/vm/max_map_count").and_then(|v| v.parse().ok()),
         }
@@ -192,11 +220,17 @@ impl fmt::Display for Host {
         item(
             f,
             "hugetlb pool",
-            &self.hugetlb.map_or_else(unknown, |(total, free, size)| {
-                format!("{total} pages of {size} KiB, {free} free")
+            &self.hugetlb.map_or_else(unknown, |pool| {
+                format!(
+                    "{} pages of {} KiB, {} free for new memfds",
+                    pool.total,
+                    pool.page_bytes / 1024,
+                    pool.room()
+                )
             }),
-            "hugetlb-backed memfds (MFD_HUGETLB) would need free pages here; sealpass does not \
-             create them yet: its memfds use the page cache (shmem)",
+            "sealpass-send --hugetlb (Pages::HugeTlb in the library) takes segments of whole \
+             huge pages from here while it has room, one fault per huge page; without free \
+             pages they use the page cache (shmem)",
             "sysctl -w vm.nr_hugepages=N",
         )?;
         item(
@@ -292,6 +326,30 @@ mod tests {
         assert_eq!(meminfo(text, "HugePages_Total"), Some(4));
         assert_eq!(meminfo(text, "Hugepagesize"), Some(2048));
         assert_eq!(meminfo(text, "HugePages_Free"), None);
+    }
+
+    #[test]
+    fn hugetlb_pool_table() {
+        fn check(text: &str, expected: Option<(u64, u64, u64, u64, u64)>) {
+            let pool = HugeTlbPool::from_meminfo(text);
+            let got = pool.map(|p| (p.total, p.free, p.reserved, p.page_bytes, p.room()));
+            assert_eq!(got, expected, "{text:?}");
+        }
+        let fields = |total, free, reserved| {
+            format!(
+                "HugePages_Total: {total}\nHugePages_Free: {free}\nHugePages_Rsvd: {reserved}\n\
+                 HugePages_Surp: 0\nHugepagesize: 2048 kB\n"
+            )
+        };
+        check(&fields(0, 0, 0), Some((0, 0, 0, 2 << 20, 0)));
+        check(&fields(16, 12, 2), Some((16, 12, 2, 2 << 20, 10)));
+        check(&fields(16, 2, 2), Some((16, 2, 2, 2 << 20, 0)));
+        // No hugetlbfs: the fields are missing.
+        check("MemTotal: 100 kB\n", None);
+        check(
+            "HugePages_Total: 1\nHugePages_Free: 1\nHugepagesize: 2048 kB\n",
+            None,
+        );
     }
 
     #[test]

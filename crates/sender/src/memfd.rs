@@ -157,6 +157,45 @@ pub struct SealedSegment {
     fd: OwnedFd,
 }
 
+/// Where a segment's pages come from.
+///
+/// Ask for [`Pages::HugeTlb`] with [`SegmentWriter::new_in`],
+/// [`SealedSegment::from_bytes_in`], [`SealedSegment::filled_in`] or
+/// [`SealedSegment::from_file_in`]; `pages()` on the result says what the
+/// kernel gave, since the request falls back to [`Pages::Shmem`] rather than
+/// fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Pages {
+    /// The shared memory file system's page cache (`memfd_create` without
+    /// `MFD_HUGETLB`): 4 KiB pages, or 2 MiB ones for big segments where the
+    /// machine gives memfds transparent huge pages
+    /// ([`ShmemHugePages`]).
+    #[default]
+    Shmem,
+    /// The hugetlb pool (`MFD_HUGETLB`), in the machine's default huge page
+    /// size: the pool's pages are set aside in advance
+    /// (`sysctl vm.nr_hugepages`), so filling takes one fault per 2 MiB and
+    /// freeing returns them to the pool. Taken only for a size that is a
+    /// whole number of huge pages (hugetlbfs sizes files in whole pages, and
+    /// a segment is never padded) and while the pool has room for all of
+    /// it; otherwise the segment is made in [`Pages::Shmem`].
+    HugeTlb,
+}
+
+impl Pages {
+    /// Where `fd`'s pages come from, from the kernel (`fstatfs`):
+    /// [`Pages::HugeTlb`] on hugetlbfs, [`Pages::Shmem`] for anything else
+    /// (and if `fstatfs` fails).
+    pub fn of(fd: BorrowedFd<'_>) -> Pages {
+        use nix::sys::statfs::{HUGETLBFS_MAGIC, fstatfs};
+        match fstatfs(fd) {
+            Ok(stats) if stats.filesystem_type() == HUGETLBFS_MAGIC => Pages::HugeTlb,
+            _ => Pages::Shmem,
+        }
+    }
+}
+
 /// The name, size and seals of a memfd, from the kernel: its link
 /// (`/memfd:NAME (deleted)`), `fstat` and `F_GET_SEALS`.
 fn sealed_facts(fd: BorrowedFd<'_>) -> Result<(String, u64, Seals), SegmentError> {
@@ -224,6 +263,56 @@ fn create_error(name: &str, errno: Errno) -> SegmentError {
     }
 }
 
+/// A memfd of `size` bytes from the hugetlb pool, mapped for writing, or
+/// `None` when the machine cannot give one: no hugetlbfs (`memfd_create`
+/// refuses `MFD_HUGETLB`), a size that is not a whole number of huge pages
+/// (hugetlbfs refuses to size a file otherwise), or a pool without room
+/// for all of it (the shared mapping reserves every page up front, or
+/// fails with `ENOMEM`). The fd of a failed attempt is closed here. With
+/// the reservation made, filling cannot fault for want of a page (no
+/// SIGBUS); a receiver's mapping reserves whatever the sender left
+/// unreserved, or fails (`receiver/tests/owned.rs`).
+fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWriter>, SegmentError> {
+    validate_name(0, name)?;
+    let Ok(length) = usize::try_from(size) else {
+        return Ok(None);
+    };
+    if length == 0 {
+        return Ok(None);
+    }
+    let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_HUGETLB;
+    // MFD_NOEXEC_SEAL as `create` learnt it; an EINVAL here may be the
+    // kernel refusing MFD_HUGETLB instead, so it teaches nothing.
+    let created = if NOEXEC_SEAL_SUPPORTED.load(Ordering::Relaxed) {
+        memfd_create(name, base | MFD_NOEXEC_SEAL).or_else(|_| memfd_create(name, base))
+    } else {
+        memfd_create(name, base)
+    };
+    let Ok(fd) = created else {
+        return Ok(None);
+    };
+    // A hugetlbfs file's block size is its huge page size.
+    let whole_pages = nix::sys::stat::fstat(&fd)
+        .ok()
+        .and_then(|stat| u64::try_from(stat.st_blksize).ok())
+        .is_some_and(|page| page > 0 && size % page == 0);
+    if !whole_pages || resize(name, &fd, size).is_err() {
+        return Ok(None);
+    }
+    // SAFETY: as in `SegmentWriter::new`: the memfd was created just above
+    // and stays private to the writer until `seal` gives it out, after
+    // dropping this mapping; `length` is its size.
+    let Ok(mapping) = (unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }) else {
+        return Ok(None);
+    };
+    Ok(Some(SegmentWriter {
+        name: name.to_owned(),
+        size,
+        mapping: Some(mapping),
+        fd,
+    }))
+}
+
 fn resize(name: &str, fd: &OwnedFd, size: u64) -> Result<(), SegmentError> {
     let length = i64::try_from(size).map_err(|_| SegmentError::TooLarge {
         name: name.to_owned(),
@@ -284,6 +373,26 @@ impl SealedSegment {
         )
     }
 
+    /// [`SealedSegment::from_bytes`] with its pages from `pages`: for
+    /// [`Pages::HugeTlb`], copied through a mapping of a hugetlb memfd where
+    /// the machine gives one (hugetlbfs takes no `write`), else as
+    /// [`SealedSegment::from_bytes`] does. [`SealedSegment::pages`] says
+    /// which.
+    pub fn from_bytes_in(
+        name: &str,
+        bytes: &[u8],
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<Self, SegmentError> {
+        if pages == Pages::HugeTlb {
+            if let Some(mut writer) = hugetlb_writer(name, bytes.len() as u64)? {
+                writer.bytes_mut().copy_from_slice(bytes);
+                return writer.seal(seals);
+            }
+        }
+        Self::from_bytes(name, bytes, seals)
+    }
+
     /// A segment of `size` bytes, each `byte`. A zero byte costs no memory:
     /// the memfd stays sparse. Any other is written with `pwrite`, from a
     /// buffer of at most 1 MiB, for the reason [`SealedSegment::from_bytes`]
@@ -328,6 +437,28 @@ impl SealedSegment {
             offset += length as u64;
         }
         Self::seal(name.to_owned(), OwnedFd::from(file), size, seals)
+    }
+
+    /// [`SealedSegment::filled`] with its pages from `pages`: for
+    /// [`Pages::HugeTlb`], a hugetlb memfd where the machine gives one (its
+    /// pages reserved in the pool, and written unless `byte` is 0), else as
+    /// [`SealedSegment::filled`] does.
+    pub fn filled_in(
+        name: &str,
+        byte: u8,
+        size: u64,
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<Self, SegmentError> {
+        if pages == Pages::HugeTlb {
+            if let Some(mut writer) = hugetlb_writer(name, size)? {
+                if byte != 0 {
+                    writer.bytes_mut().fill(byte);
+                }
+                return writer.seal(seals);
+            }
+        }
+        Self::filled(name, byte, size, seals)
     }
 
     /// A segment of `size` bytes written by `fill` through a writable shared
@@ -387,6 +518,48 @@ impl SealedSegment {
             source,
         })?;
         Self::from_reader(name, &mut source, seals)
+    }
+
+    /// [`SealedSegment::from_file`] with its pages from `pages`: for
+    /// [`Pages::HugeTlb`], the file's bytes read into a mapping of a hugetlb
+    /// memfd of the file's length, where the machine gives one, else as
+    /// [`SealedSegment::from_file`] does. A file that grows or shrinks while
+    /// it is read is an error ([`SegmentError::Copy`]), not a short segment.
+    pub fn from_file_in(
+        name: &str,
+        path: impl AsRef<Path>,
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<Self, SegmentError> {
+        let path = path.as_ref();
+        if pages == Pages::HugeTlb {
+            let mut source = File::open(path).map_err(|source| SegmentError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+            let length = source
+                .metadata()
+                .map_err(|source| SegmentError::Open {
+                    path: path.to_owned(),
+                    source,
+                })?
+                .len();
+            if let Some(mut writer) = hugetlb_writer(name, length)? {
+                let copy_error = |source| SegmentError::Copy {
+                    name: name.to_owned(),
+                    source,
+                };
+                source.read_exact(writer.bytes_mut()).map_err(copy_error)?;
+                if source.read(&mut [0u8; 1]).map_err(copy_error)? != 0 {
+                    return Err(copy_error(io::Error::other(format!(
+                        "{} grew past {length} bytes while it was copied",
+                        path.display()
+                    ))));
+                }
+                return writer.seal(seals);
+            }
+        }
+        Self::from_file(name, path, seals)
     }
 
     fn seal(name: String, fd: OwnedFd, size: u64, seals: Seals) -> Result<Self, SegmentError> {
@@ -483,6 +656,11 @@ impl SealedSegment {
         self.fd.as_fd()
     }
 
+    /// Where the memfd's pages come from, as the kernel reports it.
+    pub fn pages(&self) -> Pages {
+        Pages::of(self.fd.as_fd())
+    }
+
     /// The segment as its header declares it.
     pub fn declaration(&self) -> &Segment {
         &self.declared
@@ -568,6 +746,24 @@ impl SegmentWriter {
             mapping,
             fd,
         })
+    }
+
+    /// A new memfd of `size` zero bytes mapped for writing, its pages from
+    /// `pages`: for [`Pages::HugeTlb`], a hugetlb memfd where the machine
+    /// gives one (see [`Pages::HugeTlb`] for when), else as
+    /// [`SegmentWriter::new`] makes it. [`SegmentWriter::pages`] says which.
+    pub fn new_in(name: &str, size: u64, pages: Pages) -> Result<SegmentWriter, SegmentError> {
+        if pages == Pages::HugeTlb {
+            if let Some(writer) = hugetlb_writer(name, size)? {
+                return Ok(writer);
+            }
+        }
+        Self::new(name, size)
+    }
+
+    /// Where the memfd's pages come from, as the kernel reports it.
+    pub fn pages(&self) -> Pages {
+        Pages::of(self.fd.as_fd())
     }
 
     /// The memfd's name.
@@ -692,6 +888,118 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Huge pages of the hugetlb pool free for a new reservation, and their
+    /// size in bytes (0 without hugetlbfs).
+    fn hugetlb_room() -> (u64, u64) {
+        sealpass_proto::host::HugeTlbPool::read()
+            .map_or((0, 0), |pool| (pool.room(), pool.page_bytes))
+    }
+
+    /// `Pages::HugeTlb` is honoured exactly when the machine can: a size of
+    /// whole huge pages and a pool with room for it; otherwise the segment
+    /// is made in shmem. Either way the bytes and seals are right. On a
+    /// machine without a pool every case falls back; `cargo xtask vm` boots
+    /// its kernels with one, where the eligible cases take it.
+    #[test]
+    fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
+        let seals = Seals::SENDER_DEFAULT;
+        let (_, huge) = hugetlb_room();
+        let huge = if huge == 0 { 2 << 20 } else { huge };
+        let mut source = tempfile::NamedTempFile::new().unwrap();
+        let pattern = |size: u64| (0..size).map(|i| (i % 253) as u8).collect::<Vec<u8>>();
+        source.write_all(&pattern(2 * huge)).unwrap();
+        type Make = Box<dyn Fn() -> Result<(SealedSegment, Vec<u8>), SegmentError>>;
+        let path = source.path().to_owned();
+        let cases: Vec<(&str, u64, Make)> = vec![
+            (
+                "bytes, one huge page",
+                huge,
+                Box::new(move || {
+                    let bytes = pattern(huge);
+                    Ok((
+                        SealedSegment::from_bytes_in("h1", &bytes, seals, Pages::HugeTlb)?,
+                        bytes,
+                    ))
+                }),
+            ),
+            (
+                "filled, two huge pages",
+                2 * huge,
+                Box::new(move || {
+                    let segment =
+                        SealedSegment::filled_in("h2", b'H', 2 * huge, seals, Pages::HugeTlb)?;
+                    Ok((segment, vec![b'H'; 2 * huge as usize]))
+                }),
+            ),
+            (
+                "zeros, reserved, not written",
+                huge,
+                Box::new(move || {
+                    let segment = SealedSegment::filled_in("h0", 0, huge, seals, Pages::HugeTlb)?;
+                    Ok((segment, vec![0; huge as usize]))
+                }),
+            ),
+            (
+                "a file of two huge pages",
+                2 * huge,
+                Box::new(move || {
+                    let segment = SealedSegment::from_file_in("hf", &path, seals, Pages::HugeTlb)?;
+                    Ok((segment, pattern(2 * huge)))
+                }),
+            ),
+            (
+                "not whole pages",
+                huge + 4096,
+                Box::new(move || {
+                    let segment =
+                        SealedSegment::filled_in("hx", b'x', huge + 4096, seals, Pages::HugeTlb)?;
+                    Ok((segment, vec![b'x'; huge as usize + 4096]))
+                }),
+            ),
+            (
+                "small",
+                4096,
+                Box::new(move || {
+                    let bytes = pattern(4096);
+                    Ok((
+                        SealedSegment::from_bytes_in("hs", &bytes, seals, Pages::HugeTlb)?,
+                        bytes,
+                    ))
+                }),
+            ),
+            (
+                "empty",
+                0,
+                Box::new(move || {
+                    Ok((
+                        SealedSegment::filled_in("he", b'e', 0, seals, Pages::HugeTlb)?,
+                        Vec::new(),
+                    ))
+                }),
+            ),
+        ];
+        for (case, size, make) in cases {
+            let (room, _) = hugetlb_room();
+            let expected = if size > 0 && size % huge == 0 && room >= size / huge {
+                Pages::HugeTlb
+            } else {
+                Pages::Shmem
+            };
+            let (segment, bytes) = make().unwrap();
+            assert_eq!(segment.pages(), expected, "{case}: pool room {room}");
+            assert_eq!(segment.size(), size, "{case}");
+            assert_eq!(read_all(&segment), bytes, "{case}");
+            assert!(
+                segment.seals().contains(seals),
+                "{case}: {}",
+                segment.seals()
+            );
+        }
+        // The writer reports what it got, and a plain request never uses the pool.
+        let writer = SegmentWriter::new_in("w", huge, Pages::Shmem).unwrap();
+        assert_eq!(writer.pages(), Pages::Shmem);
     }
 
     #[test]

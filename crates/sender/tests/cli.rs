@@ -130,6 +130,78 @@ fn a_64_mib_file_arrives_byte_for_byte_with_every_source_in_order() {
     }
 }
 
+/// `--hugetlb` takes the pool for a segment of whole huge pages where the
+/// pool has room (the VM steps boot with one), makes the rest in shmem,
+/// says which, and the bytes arrive either way.
+#[test]
+fn hugetlb_segments_say_where_their_pages_came_from() {
+    let (dir, socket) = scratch();
+    let file = dir.path().join("two-mib.bin");
+    let content: Vec<u8> = (0..2u32 << 20).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&file, &content).unwrap();
+    let pool = sealpass_proto::host::HugeTlbPool::read();
+    let room = pool.map_or(0, |pool| pool.room());
+    let reports = receiver(&socket);
+    let file_spec = format!("file={}", file.display());
+    let output = send(
+        &socket,
+        &[
+            "--hugetlb",
+            "--fill",
+            "whole=W:2MiB",
+            "--file",
+            &file_spec,
+            "--fill",
+            "odd=O:5KiB",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shmem = "(shmem pages: the hugetlb pool did not take it)";
+    // Each 2 MiB segment needs one huge page, if 2 MiB is the machine's size.
+    let huge_page_is_2_mib = pool.is_some_and(|pool| pool.page_bytes == 2 << 20);
+    let whole = if huge_page_is_2_mib && room >= 2 {
+        "(hugetlb pages)"
+    } else {
+        shmem
+    };
+    let lines: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "  whole 2097152 bytes sealed {} {whole}",
+                lines[0].split_whitespace().nth(4).unwrap()
+            ),
+            format!(
+                "  file 2097152 bytes sealed {} {whole}",
+                lines[1].split_whitespace().nth(4).unwrap()
+            ),
+            format!(
+                "  odd 5120 bytes sealed {} {shmem}",
+                lines[2].split_whitespace().nth(4).unwrap()
+            ),
+        ],
+        "pool room {room}"
+    );
+    let (outcome, seen) = reports.recv().unwrap();
+    assert!(
+        matches!(outcome, Outcome::Accepted { segments: 3, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(seen[0].bytes, vec![b'W'; 2 << 20]);
+    assert!(
+        seen[1].bytes == content,
+        "the file differs after the handoff"
+    );
+    assert_eq!(seen[2].bytes, vec![b'O'; 5 << 10]);
+}
+
 #[test]
 fn a_rejection_exits_3_with_the_reason() {
     let (_dir, socket) = scratch();

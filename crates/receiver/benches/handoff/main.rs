@@ -26,6 +26,7 @@ use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 
 use report::{Regime, Report, Stat, Target, human};
+use sealpass_sender::Pages;
 
 /// Counts heap allocations, so the table can show how many a message costs.
 struct CountingAllocator;
@@ -154,7 +155,20 @@ fn main() {
     if std::env::args().any(|a| a == "--e2e") {
         // Only end to end against a stream copy, sender and receiver pinned
         // to two CPUs: what a user pays to move fresh bytes.
-        let huge = e2e_rows(&mut report, runs, sizes, quick);
+        // With --hugetlb, segments from the hugetlb pool (xtask sizes the
+        // pool), at the sizes it takes: whole huge pages.
+        if std::env::args().any(|a| a == "--hugetlb") {
+            let whole: Vec<usize> = sizes
+                .iter()
+                .copied()
+                .filter(|s| s % (2 << 20) == 0)
+                .collect();
+            e2e_rows(&mut report, runs, &whole, quick, Pages::HugeTlb);
+            report.print();
+            report.write_json("e2e-hugetlb.json", runs, quick);
+            return;
+        }
+        let huge = e2e_rows(&mut report, runs, sizes, quick, Pages::Shmem);
         report.print();
         report.write_json(if huge { "e2e-thp.json" } else { "e2e.json" }, runs, quick);
         return;
@@ -249,7 +263,7 @@ fn main() {
             samples[AT_READ].push(measure::handoff(size, iterations, "sealpass-read", None).micros);
             samples[AT_READ_POPULATE]
                 .push(measure::handoff(size, iterations, "sealpass-read-populate", None).micros);
-            samples[AT_END_TO_END].push(measure::end_to_end(size, iterations, None));
+            samples[AT_END_TO_END].push(measure::end_to_end(size, iterations, None, Pages::Shmem));
             samples[AT_STREAM].push(measure::stream_copy(iterations, &source));
             samples[AT_PIPE].push(measure::pipe_copy(iterations, &source));
             samples[AT_MEMCPY].push(measure::memcpy(iterations, &source));
@@ -419,7 +433,10 @@ fn main() {
         })
         .and_then(|row| row.ratio_to_floor)
         .unwrap();
-    report.line(
+    // Issue 12 asks for at most 1.5 under this id; an earlier target, 1.15,
+    // is stricter, and stays.
+    report.line_with_id(
+        "roundtrip_vs_floor",
         format!("handoff {} / floor, 2 CPUs", human(small)),
         handoff_ratio.median,
         Some(Target::AtMost(1.15)),
@@ -462,10 +479,11 @@ fn main() {
         memcpy_ratio,
         None,
     );
-    report.line(
+    report.line_with_id(
+        "pipelined_vs_raw",
         "pipelined 1-segment rate / raw one-way 1-fd rate",
         throughput_ratio.median,
-        Some(Target::AtLeast(0.25)),
+        Some(Target::AtLeast(0.30)),
     );
     let peak_mib = unread["peak_hwm_kib"] / 1024.0;
     report.line(
@@ -640,8 +658,9 @@ fn hot_path(report: &mut Report, runs: usize, round_trips: usize) {
 /// `--e2e`: sealpass end to end and a unix stream copy at each size, the
 /// sender on one CPU and the receiver on another, and their ratio, with the
 /// ids and targets of the performance issue. Returns whether memfds had
-/// huge pages.
-fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) -> bool {
+/// transparent huge pages. With `Pages::HugeTlb`, the memfds come from the
+/// hugetlb pool instead, and the ids end in `_hugetlb`.
+fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool, from: Pages) -> bool {
     let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&cpu| allowed.is_set(cpu).unwrap_or(false))
@@ -654,17 +673,23 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) -> b
     pin_to_cpu(sender_cpu);
     let mode = sealpass_proto::host::ShmemHugePages::read();
     let huge = mode != sealpass_proto::host::ShmemHugePages::Never;
-    let pages = match mode {
-        sealpass_proto::host::ShmemHugePages::Never => "4 KiB pages",
-        sealpass_proto::host::ShmemHugePages::Advise => "shmem THP advise",
-        sealpass_proto::host::ShmemHugePages::Always => "shmem THP always",
+    let pages = match (from, mode) {
+        (Pages::HugeTlb, _) => "hugetlb pool",
+        (_, sealpass_proto::host::ShmemHugePages::Never) => "4 KiB pages",
+        (_, sealpass_proto::host::ShmemHugePages::Advise) => "shmem THP advise",
+        (_, sealpass_proto::host::ShmemHugePages::Always) => "shmem THP always",
+    };
+    let suffix = match (from, huge) {
+        (Pages::HugeTlb, _) => "_hugetlb",
+        (_, true) => "_thp",
+        (_, false) => "",
     };
     for &size in sizes {
         let iterations = iterations_for(size, quick);
         let source = vec![b'x'; size];
         let (mut ours, mut stream, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            let e2e = measure::end_to_end(size, iterations, receiver_cpu);
+            let e2e = measure::end_to_end(size, iterations, receiver_cpu, from);
             let copy = measure::stream_copy_on(iterations, &source, receiver_cpu);
             ours.push(e2e);
             stream.push(copy);
@@ -690,7 +715,7 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) -> b
             .replace(' ', "")
             .replace("iB", "")
             .to_lowercase();
-        let id = format!("e2e_{short}_vs_stream{}", if huge { "_thp" } else { "" });
+        let id = format!("e2e_{short}_vs_stream{suffix}");
         let target = match (id.as_str(), quick) {
             (_, true) => None,
             ("e2e_4k_vs_stream", _) => Some(Target::AtLeast(0.6)),

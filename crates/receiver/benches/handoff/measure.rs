@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sealpass_proto::Seals;
 use sealpass_proto::fdpass::{self, ControlBuffer};
-use sealpass_sender::{SealedSegment, Sender};
+use sealpass_sender::{Pages, SealedSegment, Sender};
 
 use crate::{allocations, peer};
 
@@ -177,13 +177,20 @@ pub(crate) fn handoff(size: usize, iterations: usize, role: &str, cpu: Option<us
 /// answers. The sender closes its fd as soon as the transfer is sent, as a
 /// producer that is done with the buffer would, so the pages are freed by
 /// whichever side lets go last. With `cpu`, the receiver runs there (the
-/// caller pins itself elsewhere).
-pub(crate) fn end_to_end(size: usize, iterations: usize, cpu: Option<usize>) -> f64 {
+/// caller pins itself elsewhere). The memfds' pages come from `pages`; a
+/// segment that fell back from the hugetlb pool to shmem stops the run, so
+/// a figure never mixes the two.
+pub(crate) fn end_to_end(size: usize, iterations: usize, cpu: Option<usize>, pages: Pages) -> f64 {
     let peer = Peer::start("sealpass-read", 0, cpu);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     per_op(iterations, || {
         let segment =
-            SealedSegment::filled("e2e", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
+            SealedSegment::filled_in("e2e", b'x', size as u64, Seals::SENDER_DEFAULT, pages)
+                .unwrap();
+        assert!(
+            pages != Pages::HugeTlb || segment.pages() == Pages::HugeTlb,
+            "a {size}-byte segment got no hugetlb pages: the pool (vm.nr_hugepages) is too small"
+        );
         sender.submit(&[segment]).unwrap();
         assert!(sender.next_verdict().unwrap().is_accepted());
     })

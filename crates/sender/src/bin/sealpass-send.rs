@@ -12,7 +12,7 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use nix::errno::Errno;
 use sealpass_proto::{Seals, Segment, validate_transfer};
-use sealpass_sender::{SealedSegment, SendError, Sender, Verdict, parse_size};
+use sealpass_sender::{Pages, SealedSegment, SendError, Sender, Verdict, parse_size};
 
 /// Hand buffers to a receiver as sealed memfds: zero copies, verified by the
 /// kernel. All segments go in one message, in the order given.
@@ -41,6 +41,12 @@ struct Cli {
     /// A segment named NAME holding everything read from stdin (once).
     #[arg(long = "stdin", value_name = "NAME", value_parser = parse_name)]
     stdin: Option<String>,
+    /// Take the pages of --fill and --file segments from the hugetlb pool
+    /// (MFD_HUGETLB) where the machine can: a size of whole huge pages
+    /// (2 MiB) and a pool with room (sysctl vm.nr_hugepages). Other
+    /// segments use shmem as usual; the summary says which each got.
+    #[arg(long)]
+    hugetlb: bool,
     /// Seals to apply to every segment.
     #[arg(long, value_name = "LIST", default_value = "shrink,grow,write,seal")]
     seals: Seals,
@@ -258,11 +264,18 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     if patience.is_none() {
         check_socket_path(cli.socket())?;
     }
+    let pages = if cli.hugetlb {
+        Pages::HugeTlb
+    } else {
+        Pages::Shmem
+    };
     let mut segments = Vec::new();
     for (name, source) in sources {
         let segment = match source {
-            Source::File(path) => SealedSegment::from_file(&name, &path, cli.seals)?,
-            Source::Fill { byte, size } => SealedSegment::filled(&name, byte, size, cli.seals)?,
+            Source::File(path) => SealedSegment::from_file_in(&name, &path, cli.seals, pages)?,
+            Source::Fill { byte, size } => {
+                SealedSegment::filled_in(&name, byte, size, cli.seals, pages)?
+            }
             Source::Stdin => SealedSegment::from_reader(&name, &mut io::stdin().lock(), cli.seals)?,
         };
         segments.push(segment);
@@ -304,8 +317,13 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
                 handoff.as_micros()
             );
             for segment in &segments {
+                let pages = match segment.pages() {
+                    Pages::HugeTlb => " (hugetlb pages)",
+                    _ if cli.hugetlb => " (shmem pages: the hugetlb pool did not take it)",
+                    _ => "",
+                };
                 println!(
-                    "  {} {} bytes sealed {}",
+                    "  {} {} bytes sealed {}{pages}",
                     segment.name(),
                     segment.size(),
                     segment.seals()
