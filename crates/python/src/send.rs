@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyFrozenSet, PyMapping, PyTuple};
 use sealpass_proto::Seals;
-use sealpass_sender::{SealedSegment, SegmentWriter, Sender, Verdict};
+use sealpass_sender::{Pages, SealedSegment, SegmentWriter, Sender, Verdict};
 
 use crate::{Error, buffers, lock, rejected, seals_from, seals_to, timed_out, timeout_from};
 
@@ -18,6 +18,15 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<PySender>()?;
     module.add_function(wrap_pyfunction!(send, module)?)?;
     Ok(())
+}
+
+/// The pages a Python caller asked for.
+fn pages(hugetlb: bool) -> Pages {
+    if hugetlb {
+        Pages::HugeTlb
+    } else {
+        Pages::Shmem
+    }
 }
 
 /// A memfd, filled and sealed, ready to send (any number of times, on any
@@ -53,38 +62,42 @@ impl Segment {
     /// A segment holding a copy of `data` (bytes, bytearray, memoryview, a
     /// C-contiguous numpy array: anything with the buffer protocol), copied
     /// into a new memfd with `pwrite` without the GIL, then sealed with
-    /// `seals` (default: SEAL, SHRINK, GROW, WRITE).
+    /// `seals` (default: SEAL, SHRINK, GROW, WRITE). With `hugetlb=True`,
+    /// from the hugetlb pool where the machine can (see `hugetlb`).
     #[staticmethod]
-    #[pyo3(signature = (name, data, seals = None))]
+    #[pyo3(signature = (name, data, seals = None, *, hugetlb = false))]
     fn from_buffer(
         py: Python<'_>,
         name: &str,
         data: &Bound<'_, PyAny>,
         seals: Option<&Bound<'_, PyAny>>,
+        hugetlb: bool,
     ) -> PyResult<Segment> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
         let borrowed = buffers::Borrowed::get(data)?;
         let bytes = borrowed.bytes();
         let segment = py
-            .detach(|| SealedSegment::from_bytes(name, bytes, seals))
+            .detach(|| SealedSegment::from_bytes_in(name, bytes, seals, pages(hugetlb)))
             .map_err(Error)?;
         drop(borrowed);
         Ok(Segment::new(segment))
     }
 
     /// A segment holding the bytes of the file at `path`, copied in the
-    /// kernel (`copy_file_range`) without the GIL, then sealed.
+    /// kernel (`copy_file_range`) without the GIL, then sealed. With
+    /// `hugetlb=True`, read into hugetlb pages where the machine can.
     #[staticmethod]
-    #[pyo3(signature = (name, path, seals = None))]
+    #[pyo3(signature = (name, path, seals = None, *, hugetlb = false))]
     fn from_file(
         py: Python<'_>,
         name: &str,
         path: std::path::PathBuf,
         seals: Option<&Bound<'_, PyAny>>,
+        hugetlb: bool,
     ) -> PyResult<Segment> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
         let segment = py
-            .detach(|| SealedSegment::from_file(name, &path, seals))
+            .detach(|| SealedSegment::from_file_in(name, &path, seals, pages(hugetlb)))
             .map_err(Error)?;
         Ok(Segment::new(segment))
     }
@@ -114,6 +127,13 @@ impl Segment {
     #[getter]
     fn size(&self) -> PyResult<u64> {
         self.with(SealedSegment::size)
+    }
+
+    /// Whether its pages come from the hugetlb pool (`MFD_HUGETLB`), as
+    /// the kernel reports it.
+    #[getter]
+    fn hugetlb(&self) -> PyResult<bool> {
+        self.with(|segment| segment.pages() == Pages::HugeTlb)
     }
 
     /// The seals the kernel reports, as a frozenset of names.
@@ -233,6 +253,8 @@ fn transfer_segments(
 pub(crate) struct Writer {
     name: String,
     size: u64,
+    /// Whether the pages came from the hugetlb pool.
+    hugetlb: bool,
     state: Mutex<WriterState>,
 }
 
@@ -258,14 +280,20 @@ impl Writer {
 #[pymethods]
 impl Writer {
     /// A new memfd named `name` of `size` zero bytes, mapped for writing.
+    /// With `hugetlb=True`, from the hugetlb pool where the machine can: a
+    /// size of whole huge pages (2 MiB) and room in the pool
+    /// (`vm.nr_hugepages`); otherwise a plain memfd, as without it.
     #[new]
-    fn new(py: Python<'_>, name: &str, size: u64) -> PyResult<Writer> {
+    #[pyo3(signature = (name, size, *, hugetlb = false))]
+    fn new(py: Python<'_>, name: &str, size: u64, hugetlb: bool) -> PyResult<Writer> {
         let writer = py
-            .detach(|| SegmentWriter::new(name, size))
+            .detach(|| SegmentWriter::new_in(name, size, pages(hugetlb)))
             .map_err(Error)?;
+        let hugetlb = writer.pages() == Pages::HugeTlb;
         Ok(Writer {
             name: name.to_owned(),
             size,
+            hugetlb,
             state: Mutex::new(WriterState {
                 writer: Some(writer),
                 exports: 0,
@@ -283,6 +311,12 @@ impl Writer {
     #[getter]
     fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether its pages come from the hugetlb pool.
+    #[getter]
+    fn hugetlb(&self) -> bool {
+        self.hugetlb
     }
 
     /// Unmaps the pages and seals the memfd with `seals` (default: SEAL,

@@ -191,3 +191,49 @@ def test_seals_are_checked_and_spelled_as_the_cli_spells_them():
     assert {"SHRINK", "GROW", "WRITE"} <= segment.seals and "SEAL" not in segment.seals
     with pytest.raises(ValueError, match="unknown seal"):
         sealpass.Segment.from_buffer("s", b"x", seals="shrink,glue")
+
+
+def _hugetlb_room():
+    """Huge pages free for new memfds and their size in bytes, from /proc/meminfo."""
+    fields = {}
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0])
+    if "HugePages_Free" not in fields:
+        return 0, 0
+    return fields["HugePages_Free"] - fields["HugePages_Rsvd"], fields["Hugepagesize"] * 1024
+
+
+def test_hugetlb_is_taken_where_the_pool_has_room_and_the_bytes_arrive_either_way(socket_path, tmp_path):
+    size = 2 << 20
+
+    def pool_takes_one():
+        room, page = _hugetlb_room()
+        return page == size and room >= 1
+
+    expected_pages = [pool_takes_one()]
+    with sealpass.SegmentWriter("written", size, hugetlb=True) as writer:
+        assert writer.hugetlb == expected_pages[0]
+        numpy.frombuffer(writer, dtype=numpy.uint8)[:] = 7
+        written = writer.seal()
+    expected_pages.append(pool_takes_one())
+    copied = sealpass.Segment.from_buffer("copied", b"c" * size, hugetlb=True)
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"f" * size)
+    expected_pages.append(pool_takes_one())
+    from_file = sealpass.Segment.from_file("file", path, hugetlb=True)
+    odd = sealpass.Segment.from_buffer("odd", b"o" * 5000, hugetlb=True)
+    plain = sealpass.Segment.from_buffer("plain", b"p" * size)
+    got = [s.hugetlb for s in (written, copied, from_file, odd, plain)]
+    assert got == expected_pages + [False, False], _hugetlb_room()
+    with sealpass.Listener(socket_path) as listener:
+        segments = [written, copied, from_file, odd, plain]
+        thread, results = _one_transfer(socket_path, segments)
+        with listener.accept(timeout=20) as connection, connection.receive(timeout=20) as transfer:
+            expected = {"written": b"\x07" * size, "copied": b"c" * size, "file": b"f" * size,
+                        "odd": b"o" * 5000, "plain": b"p" * size}
+            for name, data in expected.items():
+                assert bytes(memoryview(transfer[name])) == data, name
+        thread.join()
+    assert results == [1]

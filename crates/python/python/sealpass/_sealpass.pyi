@@ -72,12 +72,18 @@ class Segment:
     """A memfd, filled and sealed, ready to send (any number of times)."""
 
     @staticmethod
-    def from_buffer(name: str, data: _Bytes, seals: _Seals | None = None) -> Segment:
+    def from_buffer(
+        name: str, data: _Bytes, seals: _Seals | None = None, *, hugetlb: bool = False
+    ) -> Segment:
         """A copy of `data` (C-contiguous) in a new memfd, sealed (default SEAL, SHRINK,
-        GROW, WRITE). The copy runs without the GIL."""
+        GROW, WRITE). The copy runs without the GIL. hugetlb=True takes the hugetlb
+        pool where the machine can (whole 2 MiB pages, room in the pool)."""
     @staticmethod
-    def from_file(name: str, path: str | PathLike[str], seals: _Seals | None = None) -> Segment:
-        """The bytes of the file at `path`, copied in the kernel, sealed."""
+    def from_file(
+        name: str, path: str | PathLike[str], seals: _Seals | None = None, *, hugetlb: bool = False
+    ) -> Segment:
+        """The bytes of the file at `path`, copied in the kernel, sealed. hugetlb=True as
+        for from_buffer."""
     @staticmethod
     def from_sealed_fd(fd: int, required: _Seals | None = None) -> Segment:
         """A sealed memfd received elsewhere, to forward untouched (the fd is duplicated).
@@ -89,6 +95,9 @@ class Segment:
     @property
     def seals(self) -> frozenset[str]:
         """The seals the kernel reports (may be more than asked: EXEC)."""
+    @property
+    def hugetlb(self) -> bool:
+        """Whether the pages come from the hugetlb pool, as the kernel reports it."""
     def fileno(self) -> int:
         """The memfd's fd (still this segment's)."""
     def close(self) -> None: ...
@@ -100,11 +109,14 @@ class SegmentWriter:
     """A memfd filled in place through a writable buffer (memoryview, numpy.frombuffer),
     zeroed to start with. seal() raises BufferError while any view is open."""
 
-    def __new__(cls, name: str, size: int) -> Self: ...
+    def __new__(cls, name: str, size: int, *, hugetlb: bool = False) -> Self: ...
     @property
     def name(self) -> str: ...
     @property
     def size(self) -> int: ...
+    @property
+    def hugetlb(self) -> bool:
+        """Whether the pages come from the hugetlb pool (hugetlb=True, and the machine could)."""
     def seal(self, seals: _Seals | None = None) -> Segment:
         """Unmaps the pages, seals the memfd, returns the Segment to send."""
     def close(self) -> None:
