@@ -112,7 +112,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         .arg("--")
         .args(&args);
     let kept = if full {
-        summary::keep_others()?
+        summary::keep_others()
     } else {
         Vec::new()
     };

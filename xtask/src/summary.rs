@@ -51,16 +51,25 @@ fn stamp(line: &mut Value, command: &str, measured_at: u64) {
     }
 }
 
+/// `results.json` as it is, for lines to keep: one that cannot be read is
+/// reported and treated as absent, so it never stops a benchmark.
+fn earlier_results() -> Option<Value> {
+    read_json(&results_path()).unwrap_or_else(|error| {
+        eprintln!("bench: {error:#}; its earlier lines are dropped");
+        None
+    })
+}
+
 /// The id'd lines of `results.json` as it is now, before a full `bench`
 /// run rewrites the file: the ones that run does not measure are put back
 /// after it by [`restore_others`].
-pub(crate) fn keep_others() -> anyhow::Result<Vec<Value>> {
-    Ok(read_json(&results_path())?
+pub(crate) fn keep_others() -> Vec<Value> {
+    earlier_results()
         .map(|document| summary_of(&document))
         .unwrap_or_default()
         .into_iter()
         .filter(|line| id_of(line).is_some())
-        .collect())
+        .collect()
 }
 
 /// After a full `bench` run (`command`) rewrote `results.json`: stamps its
@@ -99,7 +108,7 @@ pub(crate) fn merge(from: &Path, command: &str) -> anyhow::Result<()> {
         }
     }
     let path = results_path();
-    let mut document = read_json(&path)?.unwrap_or_else(|| json!({ "summary": [] }));
+    let mut document = earlier_results().unwrap_or_else(|| json!({ "summary": [] }));
     let summary = combine(summary_of(&document), incoming);
     write_summary(&path, &mut document, summary)
 }
