@@ -180,14 +180,7 @@ fn run_with_huge_pages(command: &mut std::process::Command) -> anyhow::Result<()
 /// Runs `task` with shmem transparent huge pages switched to `advise`, and
 /// puts the old mode back after, whatever happens (Ctrl-C included).
 pub(crate) fn with_huge_pages<T>(task: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
-    let interrupted = project::catch_interrupts()?;
-    let changed = project::ChangedSetting::set("bench", SHMEM_THP, "advise")?;
-    let result = task();
-    drop(changed);
-    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-        bail!("interrupted; shmem_enabled was put back");
-    }
-    result
+    project::with_changed_setting("bench", SHMEM_THP, "advise", |_| task())
 }
 
 /// Runs `task` with room in the hugetlb pool for two segments of
@@ -213,21 +206,16 @@ fn with_hugetlb_pool(
         );
         return task();
     }
-    let interrupted = project::catch_interrupts()?;
-    let changed =
-        project::ChangedSetting::set("bench", NR_HUGEPAGES, &(total + needed - free).to_string())?;
-    let result = match pool().map(|now| now.room()) {
-        Ok(got) if got >= needed => task(),
-        Ok(got) => Err(anyhow::anyhow!(
-            "the kernel found {got} free huge pages of the {needed} asked for (memory too fragmented)"
-        )),
-        Err(error) => Err(error),
-    };
-    drop(changed);
-    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-        bail!("interrupted; vm.nr_hugepages was put back");
-    }
-    result
+    let raised = (total + needed - free).to_string();
+    project::with_changed_setting("bench", NR_HUGEPAGES, &raised, |_| {
+        let got = pool()?.room();
+        if got < needed {
+            bail!(
+                "the kernel found {got} free huge pages of the {needed} asked for (memory too fragmented)"
+            );
+        }
+        task()
+    })
 }
 
 /// `cargo bench` of the handoff benchmark (crates/receiver/benches/handoff),

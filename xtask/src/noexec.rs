@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, bail};
 
-use crate::project::{ChangedSetting, catch_interrupts};
+use crate::project::with_changed_setting;
 
 const SETTING: &str = "/proc/sys/vm/memfd_noexec";
 
@@ -20,18 +20,15 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         .with_context(|| format!("reading {SETTING} (the kernel may predate 6.3)"))?;
     // Build first: the setting should hold for as short a time as can be.
     crate::project::build_binaries(false)?;
-    let interrupted = catch_interrupts()?;
-    let restore = ChangedSetting::set("noexec", SETTING, "2")?;
-    let demo = crate::demo::run(&[]);
-    let conformance = if interrupted.load(Ordering::SeqCst) {
-        Err(anyhow::anyhow!("skipped: interrupted"))
-    } else {
-        crate::conformance::run(&[])
-    };
-    drop(restore);
-    if interrupted.load(Ordering::SeqCst) {
-        bail!("interrupted; vm.memfd_noexec was put back");
-    }
+    let (demo, conformance) = with_changed_setting("noexec", SETTING, "2", |interrupted| {
+        let demo = crate::demo::run(&[]);
+        let conformance = if interrupted.load(Ordering::SeqCst) {
+            Err(anyhow::anyhow!("skipped: interrupted"))
+        } else {
+            crate::conformance::run(&[])
+        };
+        Ok((demo, conformance))
+    })?;
     demo.context("the demo with vm.memfd_noexec=2")?;
     conformance.context("the conformance suite with vm.memfd_noexec=2")?;
     println!("noexec: 2 passed, 0 failed");

@@ -127,6 +127,26 @@ impl Drop for ChangedSetting {
     }
 }
 
+/// Runs `task` with the setting at `path` changed to `value` (said so), and
+/// puts the old value back after, whatever happens, Ctrl-C included. The
+/// task is handed the flag that says an interrupt came, to stop early; an
+/// interrupted run ends in an error saying the setting was put back.
+pub(crate) fn with_changed_setting<T>(
+    label: &'static str,
+    path: &'static str,
+    value: &str,
+    task: impl FnOnce(&std::sync::atomic::AtomicBool) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let interrupted = catch_interrupts()?;
+    let changed = ChangedSetting::set(label, path, value)?;
+    let result = task(&interrupted);
+    drop(changed);
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("interrupted; {path} was put back");
+    }
+    result
+}
+
 /// Catches SIGINT, SIGTERM and SIGHUP for the rest of the task, so that a
 /// `ChangedSetting` is put back on Ctrl-C: the children, whose caught
 /// signals exec resets to their default, still die of it, while xtask lives

@@ -274,10 +274,7 @@ fn create_error(name: &str, errno: Errno) -> SegmentError {
 /// unreserved, or fails (`receiver/tests/owned.rs`).
 fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWriter>, SegmentError> {
     validate_name(0, name)?;
-    let Ok(length) = usize::try_from(size) else {
-        return Ok(None);
-    };
-    if length == 0 {
+    if size == 0 {
         return Ok(None);
     }
     let base = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_HUGETLB;
@@ -299,18 +296,9 @@ fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWriter>, Segmen
     if !whole_pages || resize(name, &fd, size).is_err() {
         return Ok(None);
     }
-    // SAFETY: as in `SegmentWriter::new`: the memfd was created just above
-    // and stays private to the writer until `seal` gives it out, after
-    // dropping this mapping; `length` is its size.
-    let Ok(mapping) = (unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }) else {
-        return Ok(None);
-    };
-    Ok(Some(SegmentWriter {
-        name: name.to_owned(),
-        size,
-        mapping: Some(mapping),
-        fd,
-    }))
+    // The mapping reserves the pages, or fails (`ENOMEM`) when the pool has
+    // no room: then the fd closes and the caller falls back.
+    Ok(SegmentWriter::mapping(name, size, fd, false).ok())
 }
 
 fn resize(name: &str, fd: &OwnedFd, size: u64) -> Result<(), SegmentError> {
@@ -715,6 +703,18 @@ impl SegmentWriter {
     pub fn new(name: &str, size: u64) -> Result<SegmentWriter, SegmentError> {
         let fd = create(name)?;
         resize(name, &fd, size)?;
+        Self::mapping(name, size, fd, huge_pages().advise_for(size))
+    }
+
+    /// A writer over `fd`, a memfd this process just made and sized to
+    /// `size`: maps it for writing (nothing for size 0), asking for
+    /// transparent huge pages with `advise_huge`.
+    fn mapping(
+        name: &str,
+        size: u64,
+        fd: OwnedFd,
+        advise_huge: bool,
+    ) -> Result<SegmentWriter, SegmentError> {
         let mapping = if size == 0 {
             None
         } else {
@@ -722,8 +722,8 @@ impl SegmentWriter {
                 name: name.to_owned(),
                 size,
             })?;
-            // SAFETY: the memfd was created just above and stays private to
-            // this writer until `seal` gives it out, after dropping this
+            // SAFETY: the memfd was created by our caller and stays private
+            // to this writer until `seal` gives it out, after dropping this
             // mapping: no other process or mapping can truncate it while the
             // mapping lives, and `length` is its size.
             let mapping = unsafe { memmap2::MmapOptions::new().len(length).map_mut(&fd) }.map_err(
@@ -733,7 +733,7 @@ impl SegmentWriter {
                     source,
                 },
             )?;
-            if huge_pages().advise_for(size) {
+            if advise_huge {
                 // Only a hint: a kernel without THP says EINVAL, and the
                 // pages are then 4 KiB, as they would be anyway.
                 let _ = mapping.advise(memmap2::Advice::HugePage);

@@ -161,7 +161,7 @@ fn main() {
             let whole: Vec<usize> = sizes
                 .iter()
                 .copied()
-                .filter(|s| s % (2 << 20) == 0)
+                .filter(|&s| s as u64 % sealpass_proto::host::HUGE_PAGE == 0)
                 .collect();
             e2e_rows(&mut report, runs, &whole, quick, Pages::HugeTlb);
             report.print();
