@@ -43,6 +43,10 @@ pub enum Op {
     Send,
     /// `recvmsg(2)`.
     Receive,
+    /// `sendmmsg(2)`.
+    SendMany,
+    /// `recvmmsg(2)`.
+    ReceiveMany,
     /// `setsockopt(2)`.
     SetOption,
     /// `getsockopt(2)`.
@@ -65,6 +69,8 @@ impl std::fmt::Display for Op {
             Op::Connect => "connect",
             Op::Send => "sendmsg",
             Op::Receive => "recvmsg",
+            Op::SendMany => "sendmmsg",
+            Op::ReceiveMany => "recvmmsg",
             Op::SetOption => "setsockopt",
             Op::GetOption => "getsockopt",
             Op::Chmod => "fchmod",
@@ -503,12 +509,33 @@ fn receive_with_flags(
         }
     };
 
-    // SAFETY: after a successful recvmsg, msg_control/msg_controllen describe
-    // control data the kernel wrote into `control`; CMSG_FIRSTHDR/NXTHDR stay
-    // within msg_controllen and return null past it. Even under MSG_CTRUNC
-    // each header's cmsg_len covers only the fds actually installed.
+    // SAFETY: recvmsg succeeded on `header`, so its control fields describe
+    // what the kernel wrote into `control`, which is still alive.
+    unsafe { collect_fds(&header, &mut fds) };
+    Ok(Received {
+        len,
+        fds,
+        payload_truncated: header.msg_flags & libc::MSG_TRUNC != 0,
+        control_truncated: header.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// Takes ownership of every fd in the `SCM_RIGHTS` control data of
+/// `header`, in order, into `fds`.
+///
+/// # Safety
+///
+/// `header` must be one that `recvmsg` (or an entry `recvmmsg`) just filled:
+/// `msg_control`/`msg_controllen` describe control data the kernel wrote
+/// into memory that is still alive, and its fds were installed for this
+/// caller alone.
+unsafe fn collect_fds(header: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
+    // SAFETY: by the caller's contract the control data is the kernel's;
+    // CMSG_FIRSTHDR/NXTHDR stay within msg_controllen and return null past
+    // it. Even under MSG_CTRUNC each header's cmsg_len covers only the fds
+    // actually installed.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+        let mut cmsg = libc::CMSG_FIRSTHDR(header);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
@@ -520,15 +547,272 @@ fn receive_with_flags(
                     fds.push(OwnedFd::from_raw_fd(raw));
                 }
             }
-            cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+            cmsg = libc::CMSG_NXTHDR(header, cmsg);
         }
     }
-    Ok(Received {
-        len,
-        fds,
-        payload_truncated: header.msg_flags & libc::MSG_TRUNC != 0,
-        control_truncated: header.msg_flags & libc::MSG_CTRUNC != 0,
-    })
+}
+
+/// Most messages one [`receive_batch`] takes, and one [`send_batch`] call
+/// hands the kernel at a time.
+pub const MAX_BATCH: usize = 32;
+
+/// Buffers for up to `slots` messages received by one `recvmmsg`
+/// ([`receive_batch`]): a payload buffer and a control buffer per slot, and
+/// the messages of the last call, taken in order with
+/// [`ReceiveBatch::take_next`]. A receiver answers every message it
+/// receives, so one that stopped part-way (a handler's panic) takes the rest
+/// before it receives again. Whatever is still untaken is dropped, its fds
+/// closed, by the next receive or with the batch.
+#[derive(Debug)]
+pub struct ReceiveBatch {
+    payload_len: usize,
+    payloads: Vec<u8>,
+    controls: Vec<ControlBuffer>,
+    received: Vec<Option<Received>>,
+    /// The index of the next message to take.
+    next: usize,
+    /// fd lists handed back, so receiving allocates none per message.
+    spare_fds: Vec<Vec<OwnedFd>>,
+}
+
+impl ReceiveBatch {
+    /// Room for `slots` messages (1 to [`MAX_BATCH`]; clamped) of at most
+    /// `payload_len` bytes each. The payload buffers are zeroed memory that
+    /// the allocator maps lazily: a slot's pages are touched only by the
+    /// messages that land in it.
+    pub fn new(slots: usize, payload_len: usize) -> ReceiveBatch {
+        let slots = slots.clamp(1, MAX_BATCH);
+        let payload_len = payload_len.max(1);
+        ReceiveBatch {
+            payload_len,
+            payloads: vec![0; slots * payload_len],
+            controls: (0..slots)
+                .map(|_| ControlBuffer {
+                    bytes: [0; CONTROL_LEN],
+                })
+                .collect(),
+            received: Vec::with_capacity(slots),
+            next: 0,
+            spare_fds: Vec::new(),
+        }
+    }
+
+    /// How many messages one receive may take.
+    pub fn slots(&self) -> usize {
+        self.controls.len()
+    }
+
+    /// How many messages of the last receive are still to be taken.
+    pub fn untaken(&self) -> usize {
+        self.received.len().saturating_sub(self.next)
+    }
+
+    /// Takes the next message of the last receive, in order: what `recvmsg`
+    /// would have said of it, and its payload bytes. `None` once all are
+    /// taken.
+    pub fn take_next(&mut self) -> Option<(Received, &[u8])> {
+        let index = self.next;
+        let received = self.received.get_mut(index)?.take()?;
+        self.next += 1;
+        let start = index * self.payload_len;
+        let bytes = self
+            .payloads
+            .get(start..start + received.len.min(self.payload_len))
+            .unwrap_or_default();
+        Some((received, bytes))
+    }
+
+    /// Hands back an fd list (emptied here, closing what it held) for a
+    /// later message to reuse.
+    pub fn recycle(&mut self, mut fds: Vec<OwnedFd>) {
+        fds.clear();
+        if self.spare_fds.len() < self.slots() {
+            self.spare_fds.push(fds);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.next = 0;
+        let untaken: Vec<_> = self.received.drain(..).flatten().collect();
+        for received in untaken {
+            self.recycle(received.fds);
+        }
+    }
+}
+
+/// How many messages a receiver takes per [`receive_batch`] within this
+/// process's `RLIMIT_NOFILE`: each may bring [`MAX_SEGMENTS`] fds, and a
+/// batch may use at most half the soft limit, so batching never runs a
+/// process out of fds that one message at a time would not. 1 (no
+/// batching) below 1012 fds; [`MAX_BATCH`] from 16192.
+pub fn batch_slots() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| soft);
+    batch_slots_for(soft)
+}
+
+/// [`batch_slots`] for a soft `RLIMIT_NOFILE` of `soft`.
+pub fn batch_slots_for(soft: u64) -> usize {
+    let slots = soft / 2 / MAX_SEGMENTS as u64;
+    usize::try_from(slots)
+        .unwrap_or(MAX_BATCH)
+        .clamp(1, MAX_BATCH)
+}
+
+/// Receives up to `batch.slots()` messages in one `recvmmsg`, with
+/// `MSG_CMSG_CLOEXEC`: it waits for the first as [`receive`] does (the
+/// socket's receive timeout applies) and then takes only those already
+/// queued (`MSG_WAITFORONE`). Returns how many came, at least 1; each is in
+/// the batch, its fds owned, whatever else is wrong with it. An end of
+/// stream is a message of its own, as with [`receive`].
+pub fn receive_batch(
+    sock: BorrowedFd<'_>,
+    batch: &mut ReceiveBatch,
+) -> Result<usize, TransportError> {
+    receive_batch_with_flags(sock, batch, libc::MSG_WAITFORONE)
+}
+
+/// [`receive_batch`] without blocking (`MSG_DONTWAIT`): `Ok(None)` when
+/// nothing is queued. For drivers that wait for readiness themselves.
+pub fn try_receive_batch(
+    sock: BorrowedFd<'_>,
+    batch: &mut ReceiveBatch,
+) -> Result<Option<usize>, TransportError> {
+    match receive_batch_with_flags(sock, batch, libc::MSG_DONTWAIT) {
+        Ok(count) => Ok(Some(count)),
+        Err(TransportError::TimedOut { .. }) => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+fn receive_batch_with_flags(
+    sock: BorrowedFd<'_>,
+    batch: &mut ReceiveBatch,
+    flags: libc::c_int,
+) -> Result<usize, TransportError> {
+    batch.clear();
+    let slots = batch.slots();
+    // SAFETY: iovec and mmsghdr are plain C structs for which all-zero bytes
+    // are valid (null pointers, zero lengths).
+    let mut iovecs: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
+    // SAFETY: as above.
+    let mut headers: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
+    for (((iov, header), payload), control) in iovecs
+        .iter_mut()
+        .zip(headers.iter_mut())
+        .zip(batch.payloads.chunks_exact_mut(batch.payload_len.max(1)))
+        .zip(batch.controls.iter_mut())
+    {
+        iov.iov_base = payload.as_mut_ptr().cast();
+        iov.iov_len = batch.payload_len;
+        header.msg_hdr.msg_iov = iov;
+        header.msg_hdr.msg_iovlen = 1;
+        header.msg_hdr.msg_control = control.bytes.as_mut_ptr().cast();
+        header.msg_hdr.msg_controllen = CONTROL_LEN;
+    }
+    let count = loop {
+        // SAFETY: the first `slots` headers point at their own iovec (over
+        // a distinct `payload_len` chunk of `batch.payloads`) and control
+        // buffer, all writable and alive for the call, with their true
+        // lengths; no timeout pointer is passed.
+        let got = unsafe {
+            libc::recvmmsg(
+                sock.as_raw_fd(),
+                headers.as_mut_ptr(),
+                slots as libc::c_uint,
+                libc::MSG_CMSG_CLOEXEC | flags,
+                ptr::null_mut(),
+            )
+        };
+        match Errno::result(got) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(TransportError::sys(Op::ReceiveMany, e)),
+            Ok(n) => break usize::try_from(n).unwrap_or(0).min(slots),
+        }
+    };
+    for header in headers.iter().take(count) {
+        let mut fds = batch.spare_fds.pop().unwrap_or_default();
+        // SAFETY: recvmmsg filled this entry; its control buffer is in
+        // `batch`, alive and untouched since.
+        unsafe { collect_fds(&header.msg_hdr, &mut fds) };
+        batch.received.push(Some(Received {
+            len: header.msg_len as usize,
+            fds,
+            payload_truncated: header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            control_truncated: header.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0,
+        }));
+    }
+    Ok(count)
+}
+
+/// Sends each of `payloads` as one message with no fds, with
+/// `MSG_NOSIGNAL`, handing the kernel up to [`MAX_BATCH`] per `sendmmsg`.
+/// Blocks while the peer's queue is full (the socket's send timeout
+/// applies). On an error, the messages before the failed one were sent and
+/// the rest were not.
+pub fn send_batch<P: AsRef<[u8]>>(
+    sock: BorrowedFd<'_>,
+    payloads: &[P],
+) -> Result<(), TransportError> {
+    send_batch_with_flags(sock, payloads, libc::MSG_NOSIGNAL).map(drop)
+}
+
+/// [`send_batch`] without blocking (`MSG_DONTWAIT`): returns how many of
+/// `payloads`, from the first, were sent before the peer's queue was full
+/// (0 when it was full from the start).
+pub fn try_send_batch<P: AsRef<[u8]>>(
+    sock: BorrowedFd<'_>,
+    payloads: &[P],
+) -> Result<usize, TransportError> {
+    send_batch_with_flags(sock, payloads, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+fn send_batch_with_flags<P: AsRef<[u8]>>(
+    sock: BorrowedFd<'_>,
+    payloads: &[P],
+    flags: libc::c_int,
+) -> Result<usize, TransportError> {
+    let mut total = 0;
+    for chunk in payloads.chunks(MAX_BATCH) {
+        // SAFETY: as in `receive_batch`, all-zero is valid for these.
+        let mut iovecs: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
+        // SAFETY: as above.
+        let mut headers: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
+        for ((iov, header), payload) in iovecs.iter_mut().zip(headers.iter_mut()).zip(chunk) {
+            let payload = payload.as_ref();
+            iov.iov_base = payload.as_ptr().cast_mut().cast();
+            iov.iov_len = payload.len();
+            header.msg_hdr.msg_iov = iov;
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < chunk.len() {
+            let rest = headers.get_mut(sent..chunk.len()).unwrap_or_default();
+            // SAFETY: each of the `rest.len()` headers points at its own
+            // iovec over a payload the caller lends for the call (the kernel
+            // only reads it); there is no control data.
+            let got = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    rest.as_mut_ptr(),
+                    rest.len() as libc::c_uint,
+                    flags,
+                )
+            };
+            match Errno::result(got) {
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) if flags & libc::MSG_DONTWAIT != 0 => {
+                    return Ok(total + sent);
+                }
+                Err(e) => return Err(TransportError::sys(Op::SendMany, e)),
+                // SOCK_SEQPACKET sends each record whole or not at all, and
+                // sendmmsg returns at least 1 when it succeeds.
+                Ok(n) => sent += usize::try_from(n).unwrap_or(0).max(1),
+            }
+        }
+        total += sent;
+    }
+    Ok(total)
 }
 
 /// Who is at the other end of a unix socket, as the kernel recorded it at
@@ -821,6 +1105,194 @@ mod tests {
         drop(got);
         drop(r);
         assert_eq!(nix::unistd::write(&w, b"x"), Err(Errno::EPIPE));
+    }
+
+    /// The reader of a pipe, and whether any reader of it is still open
+    /// anywhere in the process (a write fails `EPIPE` once none is).
+    fn pipe_with_reader_check() -> (OwnedFd, impl Fn() -> bool) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        (r, move || nix::unistd::write(&w, b"x") != Err(Errno::EPIPE))
+    }
+
+    #[test]
+    fn a_batch_brings_every_queued_message_with_its_own_fds_and_bytes() {
+        let (a, b) = pair().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        send(a.as_fd(), b"none", &[]).unwrap();
+        send(a.as_fd(), b"one", &[r.as_fd()]).unwrap();
+        send(a.as_fd(), b"two!", &[r.as_fd(), w.as_fd()]).unwrap();
+        let mut batch = ReceiveBatch::new(8, 64);
+        assert_eq!(receive_batch(b.as_fd(), &mut batch).unwrap(), 3);
+        assert_eq!(batch.untaken(), 3);
+        for (index, (payload, fds)) in [(&b"none"[..], 0), (b"one", 1), (b"two!", 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let (got, bytes) = batch.take_next().unwrap();
+            assert_eq!((bytes, got.fds.len()), (payload, fds), "message {index}");
+            assert!(!got.payload_truncated && !got.control_truncated);
+            for fd in &got.fds {
+                let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+                assert_ne!(flags & libc::FD_CLOEXEC, 0, "close-on-exec");
+            }
+        }
+        assert!(batch.take_next().is_none(), "each taken once");
+        assert_eq!(batch.untaken(), 0);
+    }
+
+    #[test]
+    fn a_batch_waits_for_one_and_takes_no_more_than_its_slots() {
+        let check = |queued: usize, slots: usize, expected: &[usize]| {
+            let (a, b) = pair().unwrap();
+            for index in 0..queued {
+                send(a.as_fd(), &[index as u8 + 1], &[]).unwrap();
+            }
+            let mut batch = ReceiveBatch::new(slots, 8);
+            let mut next = 1u8;
+            for &count in expected {
+                assert_eq!(receive_batch(b.as_fd(), &mut batch).unwrap(), count);
+                for _ in 0..count {
+                    let (_, bytes) = batch.take_next().unwrap();
+                    assert_eq!(bytes, [next], "in order");
+                    next += 1;
+                }
+            }
+            // Nothing left: the wait for the first runs into the timeout.
+            set_timeouts(b.as_fd(), Some(Duration::from_millis(10)), None).unwrap();
+            assert_eq!(
+                receive_batch(b.as_fd(), &mut batch),
+                Err(TransportError::TimedOut {
+                    op: Op::ReceiveMany
+                })
+            );
+        };
+        check(1, 8, &[1]);
+        check(5, 2, &[2, 2, 1]);
+        check(MAX_BATCH + 4, 100, &[MAX_BATCH, 4]);
+        check(3, 0, &[1, 1, 1]);
+    }
+
+    #[test]
+    fn a_batch_flags_truncation_and_the_end_of_stream() {
+        let (a, b) = pair().unwrap();
+        send(a.as_fd(), &[7; 100], &[]).unwrap();
+        drop(a);
+        let mut batch = ReceiveBatch::new(4, 10);
+        let count = receive_batch(b.as_fd(), &mut batch).unwrap();
+        let (got, bytes) = batch.take_next().unwrap();
+        assert!(got.payload_truncated && !got.is_end_of_stream());
+        assert_eq!(bytes, [7; 10]);
+        if count == 1 {
+            receive_batch(b.as_fd(), &mut batch).unwrap();
+        }
+        assert!(batch.take_next().unwrap().0.is_end_of_stream());
+    }
+
+    #[test]
+    fn fds_nobody_took_from_a_batch_are_closed_by_the_next_receive() {
+        let (a, b) = pair().unwrap();
+        let (reader, readers_left) = pipe_with_reader_check();
+        send(a.as_fd(), b"x", &[reader.as_fd()]).unwrap();
+        drop(reader);
+        let mut batch = ReceiveBatch::new(4, 8);
+        receive_batch(b.as_fd(), &mut batch).unwrap();
+        assert!(readers_left(), "held in the batch");
+        send(a.as_fd(), b"y", &[]).unwrap();
+        receive_batch(b.as_fd(), &mut batch).unwrap();
+        assert!(!readers_left(), "closed, never leaked");
+
+        let (reader, readers_left) = pipe_with_reader_check();
+        send(a.as_fd(), b"z", &[reader.as_fd()]).unwrap();
+        drop(reader);
+        receive_batch(b.as_fd(), &mut batch).unwrap();
+        drop(batch);
+        assert!(!readers_left(), "closed with the batch");
+    }
+
+    #[test]
+    fn a_batch_send_delivers_every_message_in_order() {
+        let check = |count: usize| {
+            let (a, b) = pair().unwrap();
+            let payloads: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8; i + 1]).collect();
+            send_batch(a.as_fd(), &payloads).unwrap();
+            drop(a);
+            let mut buffer = [0u8; 64];
+            let mut control = ControlBuffer::new();
+            for payload in &payloads {
+                let got = receive(b.as_fd(), &mut buffer, &mut control).unwrap();
+                assert_eq!(&buffer[..got.len], &payload[..]);
+            }
+            assert!(
+                receive(b.as_fd(), &mut buffer, &mut control)
+                    .unwrap()
+                    .is_end_of_stream()
+            );
+        };
+        for count in [0, 1, MAX_BATCH, MAX_BATCH + 1, 40] {
+            check(count);
+        }
+    }
+
+    #[test]
+    fn a_batch_send_to_a_vanished_peer_is_an_error_not_a_signal() {
+        let (a, b) = pair().unwrap();
+        drop(b);
+        let error = send_batch(a.as_fd(), &[b"x"; 3]).unwrap_err();
+        assert_eq!(error.errno(), Some(Errno::EPIPE), "{error}");
+        assert_eq!(error.to_string(), "sendmmsg failed: EPIPE: Broken pipe");
+    }
+
+    #[test]
+    fn batches_stay_within_half_the_fd_limit() {
+        let check = |soft: u64, expected: usize| {
+            assert_eq!(batch_slots_for(soft), expected, "soft limit {soft}");
+        };
+        for (soft, expected) in [
+            (0, 1),
+            (32, 1),
+            (1011, 1),
+            (1012, 2),
+            (1024, 2),
+            (4096, 8),
+            (8096, 16),
+            (16191, 31),
+            (16192, MAX_BATCH),
+            (1 << 20, MAX_BATCH),
+            (u64::MAX, MAX_BATCH),
+        ] {
+            check(soft, expected);
+        }
+    }
+
+    #[test]
+    fn non_blocking_batches_say_nothing_queued_and_no_room() {
+        let (a, b) = pair().unwrap();
+        let mut batch = ReceiveBatch::new(4, 8);
+        assert_eq!(try_receive_batch(b.as_fd(), &mut batch), Ok(None));
+        send(a.as_fd(), b"x", &[]).unwrap();
+        assert_eq!(try_receive_batch(b.as_fd(), &mut batch), Ok(Some(1)));
+        assert_eq!(
+            batch.take_next().map(|(_, bytes)| bytes.to_vec()),
+            Some(b"x".to_vec())
+        );
+        // Fill the peer's queue: a non-blocking batch send stops where it is
+        // full and says how far it got, in order.
+        let payload = vec![9u8; 4096];
+        let mut sent = 0;
+        loop {
+            let got = try_send_batch(a.as_fd(), &[&payload[..]; 8]).unwrap();
+            sent += got;
+            if got < 8 {
+                break;
+            }
+        }
+        assert!(sent > 0);
+        assert_eq!(try_send_batch(a.as_fd(), &[&payload[..]]), Ok(0), "full");
+        let mut received = 0;
+        while let Some(count) = try_receive_batch(b.as_fd(), &mut batch).unwrap() {
+            received += count;
+        }
+        assert_eq!(received, sent, "every message sent arrived, none twice");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
-use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, TransportError};
+use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::session::{Datagram, Received, Ticket, unknown_fd_facts};
 use sealpass_proto::verify::FdFacts;
@@ -89,6 +89,16 @@ pub enum Outcome {
     Closed,
 }
 
+impl Outcome {
+    pub(crate) fn refused(reject: Reject) -> Outcome {
+        Outcome::Rejected {
+            id: reject.id,
+            reason: reject.reason,
+            message: reject.message,
+        }
+    }
+}
+
 /// What the next message brought, for [`Connection::next_event`].
 #[derive(Debug)]
 #[non_exhaustive]
@@ -139,9 +149,64 @@ pub(crate) struct Link {
 #[derive(Debug)]
 pub(crate) struct LinkState {
     pub(crate) session: Session,
-    outgoing: Vec<u8>,
-    /// The kind of the answer encoded in `outgoing` that is still to be sent.
-    pending: Option<&'static str>,
+    /// Answers taken from the session and encoded, reused buffers; those in
+    /// `unsent` are still to go out, in order (on a non-blocking socket,
+    /// the ones the peer had no room for yet).
+    encoded: Vec<Vec<u8>>,
+    /// `Ack` or `Reject`, for each of `encoded`.
+    kinds: Vec<&'static str>,
+    unsent: std::ops::Range<usize>,
+    /// While set, due answers wait in the session: a batch is being served,
+    /// and its answers leave together when it is done ([`AnswerHold`]).
+    held: bool,
+}
+
+impl LinkState {
+    /// Takes up to [`fdpass::MAX_BATCH`] due answers from the session and
+    /// encodes them as the next `unsent`.
+    fn encode_due(&mut self) -> Result<(), AnswerError> {
+        self.unsent = 0..0;
+        let mut count = 0;
+        while count < fdpass::MAX_BATCH {
+            let Some(transmit) = self.session.poll_transmit() else {
+                break;
+            };
+            let answer = transmit.message.kind();
+            if self.encoded.len() <= count {
+                self.encoded.push(Vec::new());
+                self.kinds.push(answer);
+            }
+            if let (Some(buffer), Some(kind)) =
+                (self.encoded.get_mut(count), self.kinds.get_mut(count))
+            {
+                // Answers the session made are valid: this fails only on a
+                // bug, which ends the connection rather than skip an answer.
+                if let Err(source) = codec::encode_into(&transmit.message, buffer) {
+                    self.session.abort();
+                    return Err(AnswerError::Encode { answer, source });
+                }
+                *kind = answer;
+                count += 1;
+            }
+        }
+        self.unsent = 0..count;
+        Ok(())
+    }
+
+    /// What the unsent answers are, for an error: `Ack`, `Reject`, or both.
+    fn unsent_kind(&self) -> &'static str {
+        let mut kinds = self
+            .kinds
+            .get(self.unsent.clone())
+            .unwrap_or_default()
+            .iter();
+        let first = kinds.next().copied().unwrap_or("answer");
+        if kinds.all(|kind| *kind == first) {
+            first
+        } else {
+            "Ack or Reject"
+        }
+    }
 }
 
 /// Most queued messages discarded when a connection closes, so the peer
@@ -165,8 +230,10 @@ impl Link {
             socket,
             state: Mutex::new(LinkState {
                 session,
-                outgoing: Vec::new(),
-                pending: None,
+                encoded: Vec::new(),
+                kinds: Vec::new(),
+                unsent: 0..0,
+                held: false,
             }),
             #[cfg(feature = "tokio")]
             flusher: None,
@@ -190,45 +257,44 @@ impl Link {
         self.flush(&mut state)
     }
 
-    /// Sends every answer that is due, in order. On a blocking socket each
-    /// send waits (at most the idle timeout). On a non-blocking one, an
-    /// answer the peer has no room for stays pending, the flusher is woken,
-    /// and `Ok` returns: it goes out, in order, once there is room.
+    /// Sends every answer that is due, in order, unless answers are held
+    /// ([`AnswerHold`]), up to [`fdpass::MAX_BATCH`] per `sendmmsg`. On a
+    /// blocking socket each send waits at most the idle timeout. On a
+    /// non-blocking one, answers the peer has no room for stay pending, the
+    /// flusher is woken, and `Ok` returns: they go out, in order, once there
+    /// is room.
     pub(crate) fn flush(&self, state: &mut LinkState) -> Result<(), AnswerError> {
+        if state.held {
+            return Ok(());
+        }
         loop {
-            let answer = match state.pending {
-                Some(answer) => answer,
-                None => {
-                    let Some(transmit) = state.session.poll_transmit() else {
-                        return Ok(());
-                    };
-                    let answer = transmit.message.kind();
-                    codec::encode_into(&transmit.message, &mut state.outgoing)
-                        .map_err(|source| AnswerError::Encode { answer, source })?;
-                    state.pending = Some(answer);
-                    answer
-                }
-            };
-            let sent = match &self.socket {
-                Socket::Blocking(fd) => {
-                    fdpass::send(fd.as_fd(), &state.outgoing, &[]).map(|()| true)
-                }
-                #[cfg(feature = "tokio")]
-                Socket::Async(fd) => {
-                    fdpass::try_send_each(fd.get_ref().as_fd(), &state.outgoing, std::iter::empty())
-                }
-            };
-            match sent {
-                Ok(true) => state.pending = None,
-                Ok(false) => {
-                    #[cfg(feature = "tokio")]
-                    if let Some(flusher) = &self.flusher {
-                        flusher.notify_one();
-                    }
+            if state.unsent.is_empty() {
+                state.encode_due()?;
+                if state.unsent.is_empty() {
                     return Ok(());
                 }
+            }
+            let due = state.encoded.get(state.unsent.clone()).unwrap_or_default();
+            let sent = match &self.socket {
+                Socket::Blocking(fd) => fdpass::send_batch(fd.as_fd(), due).map(|()| due.len()),
+                #[cfg(feature = "tokio")]
+                Socket::Async(fd) => fdpass::try_send_batch(fd.get_ref().as_fd(), due),
+            };
+            match sent {
+                Ok(sent) => {
+                    let all = sent >= due.len();
+                    state.unsent.start = (state.unsent.start + sent).min(state.unsent.end);
+                    if !all {
+                        #[cfg(feature = "tokio")]
+                        if let Some(flusher) = &self.flusher {
+                            flusher.notify_one();
+                        }
+                        return Ok(());
+                    }
+                }
                 Err(source) => {
-                    state.pending = None;
+                    let answer = state.unsent_kind();
+                    state.unsent = 0..0;
                     state.session.abort();
                     return Err(AnswerError::Send { answer, source });
                 }
@@ -239,7 +305,46 @@ impl Link {
     /// Whether an answer waits for room in the peer's queue.
     #[cfg(feature = "tokio")]
     pub(crate) fn has_pending(state: &LinkState) -> bool {
-        state.pending.is_some()
+        !state.unsent.is_empty()
+    }
+}
+
+/// Holds a link's answers back while a batch of already-received messages
+/// is served, so they leave in one `sendmmsg` and the sender is woken once.
+/// Dropping it, on any path (an error, a handler's panic), releases them;
+/// [`AnswerHold::release`] does so and reports a failure to send.
+#[derive(Debug)]
+struct AnswerHold {
+    link: Arc<Link>,
+    released: bool,
+}
+
+impl AnswerHold {
+    fn new(link: &Arc<Link>) -> AnswerHold {
+        link.lock().held = true;
+        AnswerHold {
+            link: Arc::clone(link),
+            released: false,
+        }
+    }
+
+    fn release(mut self) -> Result<(), AnswerError> {
+        self.released = true;
+        let mut state = self.link.lock();
+        state.held = false;
+        self.link.flush(&mut state)
+    }
+}
+
+impl Drop for AnswerHold {
+    fn drop(&mut self) {
+        if !self.released {
+            let mut state = self.link.lock();
+            state.held = false;
+            // The path out is already an error or a panic; a failed send
+            // ends the session, and the next call reports that.
+            let _ = self.link.flush(&mut state);
+        }
     }
 }
 
@@ -260,6 +365,9 @@ pub(crate) struct Core {
     pub(crate) spare_fds: Vec<OwnedFd>,
     spare_mappings: Vec<Option<Mmap>>,
     scratch: FdFacts,
+    /// The messages of the last `recvmmsg` (`serve_batch`), with its
+    /// buffers; made by the first batch, or lent per batch by its driver.
+    pub(crate) batch: Option<ReceiveBatch>,
     /// Where big mappings are released, off the async runtime's threads.
     #[cfg(feature = "tokio")]
     pub(crate) release: Option<tokio::runtime::Handle>,
@@ -297,6 +405,7 @@ impl Core {
             spare_fds: Vec::new(),
             spare_mappings: Vec::new(),
             scratch: unknown_fd_facts(),
+            batch: None,
             #[cfg(feature = "tokio")]
             release: None,
         }
@@ -346,9 +455,23 @@ impl Core {
         received: fdpass::Received,
         now: Instant,
     ) -> Result<Event, ServeError> {
+        let incoming = std::mem::take(&mut self.incoming);
+        let bytes = incoming.get(..received.len).unwrap_or_default();
+        let event = self.judge_bytes(received, bytes, now);
+        self.incoming = incoming;
+        event
+    }
+
+    /// [`Core::judge`], of a message whose payload is `bytes`.
+    pub(crate) fn judge_bytes(
+        &mut self,
+        received: fdpass::Received,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Event, ServeError> {
         let mut fds = received.fds;
         let datagram = Datagram {
-            bytes: self.incoming.get(..received.len).unwrap_or_default(),
+            bytes,
             fds: fds.len(),
             payload_truncated: received.payload_truncated,
             control_truncated: received.control_truncated,
@@ -416,6 +539,57 @@ impl Core {
             segments,
             responder,
         )))
+    }
+
+    /// Judges the next untaken message of the batch, if there is one. Once
+    /// the connection stopped reading (the end, or an answer that closes
+    /// it), the rest are discarded and their fds closed, as messages still
+    /// queued are when the socket closes.
+    pub(crate) fn judge_next_in_batch(&mut self) -> Option<Result<Event, ServeError>> {
+        let mut batch = self.batch.take()?;
+        let event = loop {
+            let Some((received, bytes)) = batch.take_next() else {
+                break None;
+            };
+            if !self.is_open() {
+                batch.recycle(received.fds);
+                continue;
+            }
+            let event = self.judge_bytes(received, bytes, Instant::now());
+            batch.recycle(std::mem::take(&mut self.spare_fds));
+            break Some(event);
+        };
+        self.batch = Some(batch);
+        event
+    }
+
+    /// Whether a batch holds messages not yet judged.
+    pub(crate) fn has_untaken(&self) -> bool {
+        self.batch.as_ref().is_some_and(|batch| batch.untaken() > 0)
+    }
+
+    /// Takes every message of the batch through the session in order,
+    /// `handler` deciding each valid transfer, with the answers held until
+    /// the last and then sent together; appends the outcomes.
+    pub(crate) fn serve_received<E: Display>(
+        &mut self,
+        mut handler: impl FnMut(&IncomingTransfer) -> Result<(), E>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<usize, ServeError> {
+        let hold = AnswerHold::new(&self.link);
+        let before = outcomes.len();
+        while let Some(event) = self.judge_next_in_batch() {
+            outcomes.push(match event? {
+                Event::Transfer(transfer) => {
+                    let handled = handler(&transfer);
+                    answer_by(transfer, handled)?
+                }
+                Event::Refused(reject) => Outcome::refused(reject),
+                Event::Closed => Outcome::Closed,
+            });
+        }
+        hold.release()?;
+        Ok(outcomes.len() - before)
     }
 
     /// Closes the fds of a refused message, then sends what is due.
@@ -593,13 +767,7 @@ impl Connection {
     ) -> Result<Outcome, ServeError> {
         let transfer = match self.next_event()? {
             Event::Transfer(transfer) => transfer,
-            Event::Refused(reject) => {
-                return Ok(Outcome::Rejected {
-                    id: reject.id,
-                    reason: reject.reason,
-                    message: reject.message,
-                });
-            }
+            Event::Refused(reject) => return Ok(Outcome::refused(reject)),
             Event::Closed => return Ok(Outcome::Closed),
         };
         let handled = handler(&transfer);
@@ -653,17 +821,124 @@ impl Connection {
         &mut self,
         limit: impl Into<Option<Duration>>,
     ) -> Result<Option<Event>, ServeError> {
-        let limit = limit.into();
+        // Messages a panicking `serve_batch` handler left come first.
+        if let Some(event) = self.core.judge_next_in_batch() {
+            return event.map(Some);
+        }
+        let received = self.wait_for(limit.into(), |connection| {
+            let core = &mut connection.core;
+            fdpass::receive_reusing(
+                core.link.socket.fd(),
+                &mut core.incoming,
+                &mut core.control,
+                std::mem::take(&mut core.spare_fds),
+            )
+        })?;
+        match received {
+            None => Ok(None),
+            Some(Err(event)) => Ok(Some(event)),
+            Some(Ok(received)) => self.core.judge(received, Instant::now()).map(Some),
+        }
+    }
+
+    /// Serves every message already queued, up to a batch, as
+    /// [`Connection::serve_one`] serves one, and answers them together.
+    ///
+    /// It waits for the first message as `serve_one` does, then takes those
+    /// already queued behind it in the same `recvmmsg` (up to
+    /// [`fdpass::MAX_BATCH`], fewer where `RLIMIT_NOFILE` is low: see
+    /// [`fdpass::batch_slots`]). Each is judged on its own, in order, and a
+    /// valid one is handed to `handler` and its mappings dropped before the
+    /// next is judged, so each is judged against a budget that no longer
+    /// counts the last. The answers wait until the batch is done and then
+    /// leave in order in one `sendmmsg`, waking the sender once rather than
+    /// once per message; every answer is sent before it returns, so none
+    /// waits on a later call. A handler that takes long delays the answers
+    /// of the messages before it in the batch: such an application serves
+    /// one at a time.
+    ///
+    /// Appends each message's outcome to `outcomes`, in order
+    /// ([`Outcome::Closed`] at the end), and returns how many it appended: a
+    /// caller that clears and reuses one list allocates nothing per batch.
+    /// An error sending the answers ends the connection, and is returned
+    /// instead; outcomes appended before it stand for messages whose answers
+    /// may not have reached the peer.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
+    /// # let mut connection = listener.accept()?;
+    /// use sealpass_receiver::Outcome;
+    ///
+    /// let mut outcomes = Vec::new();
+    /// let mut accepted = 0;
+    /// while connection.is_open() {
+    ///     outcomes.clear();
+    ///     connection.serve_batch(
+    ///         |transfer| {
+    ///             let bytes: usize = transfer.segments().iter().map(|s| s.bytes().len()).sum();
+    ///             if bytes == 0 { Err("empty") } else { Ok(()) }
+    ///         },
+    ///         &mut outcomes,
+    ///     )?;
+    ///     accepted += outcomes.iter().filter(|o| matches!(o, Outcome::Accepted { .. })).count();
+    /// }
+    /// assert_eq!(accepted, 1);
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn serve_batch<E: Display>(
+        &mut self,
+        handler: impl FnMut(&IncomingTransfer) -> Result<(), E>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<usize, ServeError> {
+        // A handler that panicked part-way through the last batch left the
+        // rest of it: that is served before anything more is read.
+        if !self.core.has_untaken() {
+            match self.wait_for(None, |connection| {
+                let core = &mut connection.core;
+                let batch = core.batch.get_or_insert_with(|| {
+                    ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN)
+                });
+                fdpass::receive_batch(core.link.socket.fd(), batch)
+            })? {
+                Some(Ok(_)) => {}
+                Some(Err(Event::Refused(reject))) => {
+                    outcomes.push(Outcome::refused(reject));
+                    return Ok(1);
+                }
+                Some(Err(_)) | None => {
+                    outcomes.push(Outcome::Closed);
+                    return Ok(1);
+                }
+            }
+        }
+        self.core.serve_received(handler, outcomes)
+    }
+
+    /// Waits under the connection's deadlines, and at most `limit`, for
+    /// `receive` to bring something: `Some(Ok(_))` what it brought;
+    /// `Some(Err(_))` a deadline's refusal, or the end; `None` once `limit`
+    /// passed.
+    fn wait_for<R>(
+        &mut self,
+        limit: Option<Duration>,
+        mut receive: impl FnMut(&mut Connection) -> Result<R, TransportError>,
+    ) -> Result<Option<Result<R, Event>>, ServeError> {
         let started = Instant::now();
         loop {
             let Some(deadline) = self.core.deadline() else {
-                return Ok(Some(Event::Closed));
+                return Ok(Some(Err(Event::Closed)));
             };
             let now = Instant::now();
             let wait = match deadline {
                 Some(deadline) if deadline <= now => {
                     if let Some(reject) = self.core.timed_out(now)? {
-                        return Ok(Some(Event::Refused(reject)));
+                        return Ok(Some(Err(Event::Refused(reject))));
                     }
                     continue;
                 }
@@ -680,23 +955,15 @@ impl Connection {
                 (wait, left) => wait.or(left),
             };
             self.set_receive_timeout(wait)?;
-            let core = &mut self.core;
-            let received = match fdpass::receive_reusing(
-                core.link.socket.fd(),
-                &mut core.incoming,
-                &mut core.control,
-                std::mem::take(&mut core.spare_fds),
-            ) {
-                Ok(received) => received,
+            match receive(self) {
+                Ok(received) => return Ok(Some(Ok(received))),
                 Err(TransportError::TimedOut { .. }) => {
                     if let Some(reject) = self.core.timed_out(Instant::now())? {
-                        return Ok(Some(Event::Refused(reject)));
+                        return Ok(Some(Err(Event::Refused(reject))));
                     }
-                    continue;
                 }
                 Err(error) => return Err(self.core.receive_failed(error)),
-            };
-            return self.core.judge(received, Instant::now()).map(Some);
+            }
         }
     }
 

@@ -394,37 +394,28 @@ where
     // Whether the peer's identity is pinned by a pidfd (SO_PEERPIDFD, 6.5+).
     let pidfd = connection.peer_pidfd().is_some();
     tracing::debug!(%peer, pidfd, "connected");
-    while connection.is_open() {
+    // Messages already queued are served together and answered in one
+    // `sendmmsg` (`serve_batch`); each still gets its own log line.
+    let mut outcomes = Vec::new();
+    'serving: while connection.is_open() {
         let started = Instant::now();
-        let outcome = connection.serve_one(|transfer| {
-            run_handler(
-                &shared.handler,
-                &Delivery {
-                    peer,
-                    connection: number,
-                    transfer,
-                },
-            )
-        });
+        outcomes.clear();
+        let served = connection.serve_batch(
+            |transfer| {
+                run_handler(
+                    &shared.handler,
+                    &Delivery {
+                        peer,
+                        connection: number,
+                        transfer,
+                    },
+                )
+            },
+            &mut outcomes,
+        );
         let micros = started.elapsed().as_micros() as u64;
-        match outcome {
-            Ok(Outcome::Accepted {
-                id,
-                segments,
-                bytes,
-            }) => {
-                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, pidfd, id, segments, bytes, verdict = "Ack", micros, "transfer");
-            }
-            Ok(Outcome::Rejected {
-                id,
-                reason,
-                message,
-            }) => {
-                shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, id, verdict = %reason, micros, "transfer rejected: {message}");
-            }
-            Ok(Outcome::Closed) => break,
+        let batch = match served {
+            Ok(batch) => batch,
             Err(error @ ServeError::Answer { .. }) => {
                 tracing::info!(%peer, "connection ended: {}", crate::ErrorChain(&error));
                 break;
@@ -432,6 +423,27 @@ where
             Err(error) => {
                 tracing::warn!(%peer, "connection failed: {}", crate::ErrorChain(&error));
                 break;
+            }
+        };
+        for outcome in outcomes.drain(..) {
+            match outcome {
+                Outcome::Accepted {
+                    id,
+                    segments,
+                    bytes,
+                } => {
+                    shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, pidfd, id, segments, bytes, verdict = "Ack", micros, batch, "transfer");
+                }
+                Outcome::Rejected {
+                    id,
+                    reason,
+                    message,
+                } => {
+                    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, id, verdict = %reason, micros, batch, "transfer rejected: {message}");
+                }
+                Outcome::Closed => break 'serving,
             }
         }
     }

@@ -6,9 +6,10 @@
 //! driver's. Only the waiting differs: for readiness instead of in
 //! `recvmsg`, and for the session's deadline with the runtime's timer.
 //!
-//! Answers are sent without blocking. One the peer has no room for waits in
-//! the connection, and a small task per connection sends it, in order, once
-//! there is room (at most the idle timeout; then the connection ends). Big
+//! Answers are sent without blocking. Those the peer has no room for wait in
+//! the connection (at most one batch of them), and a small task per
+//! connection sends them, in order, once there is room (at most the idle
+//! timeout; then the connection ends). Big
 //! mappings (4 MiB and more) are released on the runtime's blocking pool:
 //! unmapping resident pages costs milliseconds.
 //!
@@ -54,7 +55,7 @@ use ::tokio::io::unix::AsyncFd;
 use ::tokio::sync::{Notify, watch};
 use ::tokio::task::JoinSet;
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, PeerCredentials, TransportError};
+use sealpass_proto::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::session::admit;
 use sealpass_proto::{Config, MappedBudget, RejectReason, Session, Version};
@@ -85,6 +86,10 @@ fn transport(error: &io::Error, op: fdpass::Op) -> TransportError {
 thread_local! {
     /// The receive buffer of the connections served on this thread.
     static RECEIVE_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// `serve_batch`'s buffers (a payload buffer per slot), lent the same
+    /// way: taken after readiness and given back once the batch is served,
+    /// with no await between.
+    static RECEIVE_BATCH: Cell<Option<ReceiveBatch>> = const { Cell::new(None) };
 }
 
 /// A listening socket on tokio. It binds, replaces stale sockets and
@@ -279,36 +284,87 @@ impl Connection {
                 let handled = handler(&transfer);
                 answer_by(transfer, handled)
             }
-            Event::Refused(reject) => Ok(Outcome::Rejected {
-                id: reject.id,
-                reason: reject.reason,
-                message: reject.message,
-            }),
+            Event::Refused(reject) => Ok(Outcome::refused(reject)),
             Event::Closed => Ok(Outcome::Closed),
         }
     }
 
-    /// What the next message brings: a transfer, a refusal (answered), or
-    /// the end. A silent peer gets `Reject(Timeout)` at the session's
-    /// deadline, on the runtime's timer.
-    pub async fn next_event(&mut self) -> Result<Event, ServeError> {
-        let link = Arc::clone(&self.core.link);
-        let Socket::Async(socket) = &link.socket else {
-            return Err(ServeError::Receive(TransportError::Sys {
-                op: fdpass::Op::Receive,
-                errno: Errno::EINVAL,
-            }));
-        };
+    /// Serves every message already queued, up to a batch, and answers them
+    /// together, as the blocking
+    /// [`Connection::serve_batch`](crate::Connection::serve_batch) does:
+    /// one `recvmmsg` once the socket is readable, each message judged on
+    /// its own and in order, `handler` deciding each valid transfer, and
+    /// the answers sent in one `sendmmsg` (those the peer has no room for
+    /// go out, in order, as room comes). Appends each outcome to `outcomes`
+    /// and returns how many it appended.
+    ///
+    /// Cancel-safe as [`Connection::next_event`] is: the messages are
+    /// received, judged and answered within one poll.
+    pub async fn serve_batch<E: Display>(
+        &mut self,
+        handler: impl FnMut(&IncomingTransfer) -> Result<(), E>,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<usize, ServeError> {
+        // A handler that panicked part-way through the last batch left the
+        // rest of it: that is served before anything more is read.
+        if !self.core.has_untaken() {
+            let link = Arc::clone(&self.core.link);
+            let socket = async_socket(&link)?;
+            loop {
+                let mut ready = match self.readable(socket).await? {
+                    Ok(ready) => ready,
+                    Err(event) => {
+                        outcomes.push(match event {
+                            Event::Refused(reject) => Outcome::refused(reject),
+                            _ => Outcome::Closed,
+                        });
+                        return Ok(1);
+                    }
+                };
+                let mut batch = RECEIVE_BATCH
+                    .with(Cell::take)
+                    .unwrap_or_else(|| ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN));
+                match fdpass::try_receive_batch(socket.get_ref().as_fd(), &mut batch) {
+                    Ok(Some(_)) => {
+                        self.core.batch = Some(batch);
+                        break;
+                    }
+                    Ok(None) => {
+                        RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+                        ready.clear_ready();
+                    }
+                    Err(error) => {
+                        RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+                        return Err(self.core.receive_failed(error));
+                    }
+                }
+            }
+        }
+        let served = self.core.serve_received(handler, outcomes);
+        if !self.core.has_untaken() {
+            if let Some(batch) = self.core.batch.take() {
+                RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+            }
+        }
+        served
+    }
+
+    /// Waits until the socket is readable with no answer pending, under the
+    /// session's deadline: `Err(_)` a deadline's refusal, or the end.
+    async fn readable<'a>(
+        &mut self,
+        socket: &'a AsyncFd<OwnedFd>,
+    ) -> Result<Result<::tokio::io::unix::AsyncFdReadyGuard<'a, OwnedFd>, Event>, ServeError> {
         loop {
             // No reading while an answer waits for room in the peer's queue:
             // a peer that does not read its answers must not make this side
             // queue answers without bound.
-            if Link::has_pending(&link.lock()) {
+            if Link::has_pending(&self.core.link.lock()) {
                 self.wait_for_room(socket).await?;
                 continue;
             }
             let Some(deadline) = self.core.deadline() else {
-                return Ok(Event::Closed);
+                return Ok(Err(Event::Closed));
             };
             let readable = match deadline {
                 Some(deadline) => {
@@ -317,7 +373,7 @@ impl Connection {
                         Ok(readable) => readable,
                         Err(_) => {
                             if let Some(reject) = self.core.timed_out(Instant::now())? {
-                                return Ok(Event::Refused(reject));
+                                return Ok(Err(Event::Refused(reject)));
                             }
                             continue;
                         }
@@ -325,8 +381,27 @@ impl Connection {
                 }
                 None => socket.readable().await,
             };
-            let mut ready = readable
-                .map_err(|error| ServeError::Receive(transport(&error, fdpass::Op::Poll)))?;
+            return readable
+                .map(Ok)
+                .map_err(|error| ServeError::Receive(transport(&error, fdpass::Op::Poll)));
+        }
+    }
+
+    /// What the next message brings: a transfer, a refusal (answered), or
+    /// the end. A silent peer gets `Reject(Timeout)` at the session's
+    /// deadline, on the runtime's timer.
+    pub async fn next_event(&mut self) -> Result<Event, ServeError> {
+        // Messages a panicking `serve_batch` handler left come first.
+        if let Some(event) = self.core.judge_next_in_batch() {
+            return event;
+        }
+        let link = Arc::clone(&self.core.link);
+        let socket = async_socket(&link)?;
+        loop {
+            let mut ready = match self.readable(socket).await? {
+                Ok(ready) => ready,
+                Err(event) => return Ok(event),
+            };
             // The receive buffer (128 KiB, the protocol's limit) is the
             // thread's, lent for one message at a time: an idle connection
             // holds none, so a thousand of them cost kilobytes, not 128 MB.
@@ -386,6 +461,17 @@ impl Connection {
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.core.link.socket.fd()
+    }
+}
+
+/// The socket of an async connection's link (never a blocking one).
+fn async_socket(link: &Link) -> Result<&AsyncFd<OwnedFd>, ServeError> {
+    match &link.socket {
+        Socket::Async(socket) => Ok(socket),
+        Socket::Blocking(_) => Err(ServeError::Receive(TransportError::Sys {
+            op: fdpass::Op::Receive,
+            errno: Errno::EINVAL,
+        })),
     }
 }
 

@@ -222,6 +222,20 @@ fn blocking_and_async_peers_mix_both_ways() {
     assert_eq!(receiver.join().unwrap(), 10);
 }
 
+/// A raw blocking peer connected to an async listener at `socket`, and the
+/// async side of that connection.
+async fn raw_peer_and_connection(socket: &Path) -> (OwnedFd, sealpass_receiver::tokio::Connection) {
+    let listener = Listener::bind(socket).unwrap();
+    let (peer, connection) = tokio::join!(
+        tokio::task::spawn_blocking({
+            let socket = socket.to_owned();
+            move || fdpass::connect(&socket).unwrap()
+        }),
+        async { listener.accept().await.unwrap() }
+    );
+    (peer.unwrap(), connection)
+}
+
 #[test]
 fn cancelled_futures_leak_nothing_and_leave_the_connection_usable() {
     let _serial = serial();
@@ -233,15 +247,7 @@ fn cancelled_futures_leak_nothing_and_leave_the_connection_usable() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cancel.sock");
     runtime.block_on(async {
-        let listener = Listener::bind(&socket).unwrap();
-        let (peer, mut connection) = tokio::join!(
-            tokio::task::spawn_blocking({
-                let socket = socket.clone();
-                move || fdpass::connect(&socket).unwrap()
-            }),
-            async { listener.accept().await.unwrap() }
-        );
-        let peer = peer.unwrap();
+        let (peer, mut connection) = raw_peer_and_connection(&socket).await;
 
         // A receive dropped while waiting: nothing taken, nothing held.
         let waited = tokio::time::timeout(Duration::from_millis(20), connection.receive()).await;
@@ -464,4 +470,74 @@ fn one_current_thread_runtime_serves_1000_connections() {
         open_fds() == fds_before
     });
     assert_eq!(memfd_mappings(), 0);
+}
+
+#[test]
+fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
+    let _serial = serial();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("async-batch.sock");
+    const MESSAGES: u64 = 64;
+    runtime.block_on(async {
+        let (peer, mut connection) = raw_peer_and_connection(&socket).await;
+        // The smallest send buffer the kernel allows: a few answers fill it,
+        // and the rest must wait for room, in order.
+        nix::sys::socket::setsockopt(&connection, nix::sys::socket::sockopt::SndBuf, &1).unwrap();
+        // Each declares a segment and carries no fd: FdCountMismatch, with
+        // its id, and the connection goes on.
+        for id in 1..=MESSAGES {
+            let header = encode(&Message::Transfer(Transfer::new(
+                id,
+                vec![Segment::new("s", 1, Seals::SENDER_DEFAULT)],
+            )))
+            .unwrap();
+            fdpass::send(peer.as_fd(), &header, &[]).unwrap();
+        }
+        // The peer reads its answers only later, on its own thread.
+        let reader = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let mut ids = Vec::new();
+            while (ids.len() as u64) < MESSAGES {
+                match fixtures::answer(&peer).unwrap() {
+                    Answer::Message(Message::Reject(reject)) => {
+                        assert_eq!(reject.reason, RejectReason::FdCountMismatch);
+                        ids.push(reject.id);
+                    }
+                    other => panic!("expected a Reject; got {other:?}"),
+                }
+            }
+            ids
+        });
+        let mut outcomes = Vec::new();
+        let mut batches = Vec::new();
+        while (outcomes.len() as u64) < MESSAGES {
+            let count = connection
+                .serve_batch(|_| Ok::<(), String>(()), &mut outcomes)
+                .await
+                .unwrap();
+            batches.push(count);
+        }
+        assert_eq!(
+            batches[0],
+            (MESSAGES as usize).min(fdpass::batch_slots()),
+            "one recvmmsg takes what is queued ({batches:?})"
+        );
+        let expected: Vec<u64> = (1..=MESSAGES).collect();
+        let served: Vec<u64> = outcomes
+            .iter()
+            .map(|outcome| match outcome {
+                sealpass_receiver::Outcome::Rejected { id, reason, .. } => {
+                    assert_eq!(*reason, RejectReason::FdCountMismatch);
+                    *id
+                }
+                other => panic!("expected a refusal; got {other:?}"),
+            })
+            .collect();
+        assert_eq!(served, expected);
+        assert_eq!(reader.await.unwrap(), expected, "every answer, in order");
+    });
 }

@@ -191,8 +191,11 @@ fn main() {
 
     if std::env::args().any(|a| a == "--pipelined") {
         // Only the pipelined 1-segment rate, for profiling the receiver.
-        let rate = measure::pipelined_rate(1, if quick { 50_000 } else { 200_000 }, WINDOW);
+        let messages = if quick { 50_000 } else { 200_000 };
+        let rate = measure::pipelined_rate(1, messages, WINDOW);
         println!("sealpass pipelined, window {WINDOW}, 1 segment: {rate:.0} msg/s");
+        let rate = measure::pipelined_rate_against("sealpass-one", 1, messages, WINDOW);
+        println!("  the same, receiver serving one at a time: {rate:.0} msg/s");
         return;
     }
 
@@ -382,6 +385,17 @@ fn main() {
         "msg/s",
         Stat::of(pipelined_one),
         Some(throughput_ratio),
+    );
+    let served_one_at_a_time = (0..runs)
+        .map(|_| measure::pipelined_rate_against("sealpass-one", 1, messages / 4, WINDOW))
+        .collect();
+    report.row(
+        Regime::TwoCpus,
+        format!("sealpass pipelined, window {WINDOW}, 1 segment, receiver serve_one"),
+        None,
+        "msg/s",
+        Stat::of(served_one_at_a_time),
+        None,
     );
     for segments in [8, 64] {
         // Bounded so fds in flight stay within a default RLIMIT_NOFILE.

@@ -53,7 +53,9 @@ impl Peer {
         };
         if role != "pipe" {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !peer.socket.exists() {
+            // Listening, not just bound: between bind and listen a connect
+            // is refused.
+            while !listening(&peer.socket) {
                 assert!(
                     Instant::now() < deadline,
                     "bench peer {role} never listened"
@@ -249,7 +251,17 @@ pub(crate) fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
 /// Messages per second through one connection, each carrying `segments`
 /// pre-sealed 4 KiB segments, with up to `window` transfers in flight.
 pub(crate) fn pipelined_rate(segments: usize, messages: usize, window: usize) -> f64 {
-    let peer = Peer::start("sealpass", 0, None);
+    pipelined_rate_against("sealpass", segments, messages, window)
+}
+
+/// [`pipelined_rate`] against the receiver `role` of the peer process.
+pub(crate) fn pipelined_rate_against(
+    role: &str,
+    segments: usize,
+    messages: usize,
+    window: usize,
+) -> f64 {
+    let peer = Peer::start(role, 0, None);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     let list: Vec<SealedSegment> = (0..segments)
         .map(|index| {
@@ -386,5 +398,20 @@ pub(crate) fn fill(source: &[u8], method: Fill, iterations: usize) -> f64 {
                 mapping.copy_from_slice(source);
             }
         }
+    })
+}
+
+/// Whether a unix socket listens at `path`: `/proc/net/unix` lists it with
+/// `__SO_ACCEPTCON` (0x10000) in its flags.
+fn listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
     })
 }

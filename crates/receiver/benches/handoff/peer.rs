@@ -32,9 +32,11 @@ pub(crate) fn run(role: &str) {
         // Bare one-way sink: receive (and close) every fd, answer one byte
         // per batch of `parameter` messages so the sender can time a batch.
         "floor-sink" => bare_peer(&socket, parameter, &[1]),
-        // The real receiver: every kernel check, mapping, Ack. With "read",
-        // the handler also reads every byte.
-        "sealpass" | "sealpass-read" | "sealpass-read-populate" => {
+        // The real receiver: every kernel check, mapping, Ack, serving what
+        // is queued in batches (`serve_batch`). With "read", the handler
+        // also reads every byte; "sealpass-one" serves one message at a time
+        // (`serve_one`), for comparison.
+        "sealpass" | "sealpass-one" | "sealpass-read" | "sealpass-read-populate" => {
             let mut listener = Listener::bind(&socket).unwrap();
             listener.set_config(
                 Config::builder()
@@ -44,24 +46,29 @@ pub(crate) fn run(role: &str) {
                     .unwrap(),
             );
             let mut connection = listener.accept().unwrap();
-            let read = role != "sealpass";
+            let read = role.starts_with("sealpass-read");
+            let handler = |transfer: &sealpass_receiver::IncomingTransfer| {
+                if read {
+                    for segment in transfer.segments() {
+                        black_box(checksum(segment.bytes()));
+                    }
+                }
+                Ok::<(), String>(())
+            };
+            let accepted = |outcome: &sealpass_receiver::Outcome| {
+                matches!(outcome, sealpass_receiver::Outcome::Accepted { .. })
+            };
             let mut messages = 0u64;
+            let mut outcomes = Vec::new();
             let before = allocations();
             while connection.is_open() {
-                let outcome = connection
-                    .serve_one(|transfer| {
-                        if read {
-                            for segment in transfer.segments() {
-                                black_box(checksum(segment.bytes()));
-                            }
-                        }
-                        Ok::<(), String>(())
-                    })
-                    .unwrap();
-                messages += u64::from(matches!(
-                    outcome,
-                    sealpass_receiver::Outcome::Accepted { .. }
-                ));
+                if role == "sealpass-one" {
+                    messages += u64::from(accepted(&connection.serve_one(handler).unwrap()));
+                } else {
+                    outcomes.clear();
+                    connection.serve_batch(handler, &mut outcomes).unwrap();
+                    messages += outcomes.iter().filter(|o| accepted(o)).count() as u64;
+                }
             }
             let allocated = allocations() - before;
             println!("messages={messages}");
@@ -89,8 +96,8 @@ pub(crate) fn run(role: &str) {
                 .unwrap();
             println!("peak_hwm_kib={}", status_kib("VmHWM"));
         }
-        // The async receiver: the same session and checks, on a tokio
-        // current_thread runtime.
+        // The async receiver: the same session and checks, served in
+        // batches as the blocking one is, on a tokio current_thread runtime.
         "sealpass-async" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -101,15 +108,17 @@ pub(crate) fn run(role: &str) {
                 listener.set_config(Config::builder().timeouts(None).build().unwrap());
                 let mut connection = listener.accept().await.unwrap();
                 let mut messages = 0u64;
+                let mut outcomes = Vec::new();
                 while connection.is_open() {
-                    let outcome = connection
-                        .serve_one(|_transfer| Ok::<(), String>(()))
+                    outcomes.clear();
+                    connection
+                        .serve_batch(|_transfer| Ok::<(), String>(()), &mut outcomes)
                         .await
                         .unwrap();
-                    messages += u64::from(matches!(
-                        outcome,
-                        sealpass_receiver::Outcome::Accepted { .. }
-                    ));
+                    messages += outcomes
+                        .iter()
+                        .filter(|o| matches!(o, sealpass_receiver::Outcome::Accepted { .. }))
+                        .count() as u64;
                 }
                 println!("messages={messages}");
             });
