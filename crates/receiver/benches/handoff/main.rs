@@ -762,6 +762,7 @@ fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
     use sealpass_proto::fdpass;
     use sealpass_sender::{SealedSegment, Seals};
 
+    const BATCH: usize = fdpass::MAX_BATCH;
     pin_to_cpu(Some(first_allowed_cpu()));
     let segment = SealedSegment::filled("checks", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
     let fd = segment.fd();
@@ -771,45 +772,83 @@ fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
     let payload = [0u8; 64];
     let mut link = Vec::new();
     let mut rows: Vec<(&str, Vec<f64>)> = Vec::new();
-    let mut measure = |what: &'static str, step: &mut dyn FnMut()| {
+    // `step` handles `per_step` messages; each sample is per message.
+    let mut measure_per = |what: &'static str, per_step: usize, step: &mut dyn FnMut()| {
         let mut samples = Vec::new();
         for _ in 0..runs {
-            samples.push(measure::per_op(iterations, &mut *step));
+            let per_call = measure::per_op(iterations.div_ceil(per_step), &mut *step);
+            samples.push(per_call / per_step as f64);
         }
         rows.push((what, samples));
     };
-    measure(
+    measure_per(
         "sendmsg + recvmsg of 64 bytes and 1 fd, and close it",
+        1,
         &mut || {
             fdpass::send(a.as_fd(), &payload, &[fd]).unwrap();
             let got = fdpass::receive(b.as_fd(), &mut buffer, &mut control).unwrap();
             assert_eq!(got.fds.len(), 1);
         },
     );
-    measure(
+    measure_per(
         "sendmsg + recvmsg of 64 bytes, no fd (the answer)",
+        1,
         &mut || {
             fdpass::send(a.as_fd(), &payload, &[]).unwrap();
             fdpass::receive(b.as_fd(), &mut buffer, &mut control).unwrap();
         },
     );
-    measure("fstat (regular file? size, blocks)", &mut || {
+    // The same two messages, 32 at a time through recvmmsg/sendmmsg as
+    // `serve_batch` moves them: the time per message.
+    let mut batch = fdpass::ReceiveBatch::new(BATCH, 256);
+    let answers = [payload; BATCH];
+    measure_per(
+        "the same, 32 queued, one recvmmsg (per message), 1 fd each",
+        BATCH,
+        &mut || {
+            for _ in 0..BATCH {
+                fdpass::send(a.as_fd(), &payload, &[fd]).unwrap();
+            }
+            assert_eq!(fdpass::receive_batch(b.as_fd(), &mut batch).unwrap(), BATCH);
+        },
+    );
+    measure_per(
+        "the same, 32 answers per sendmmsg + recvmmsg (per message), no fd",
+        BATCH,
+        &mut || {
+            fdpass::send_batch(a.as_fd(), &answers).unwrap();
+            assert_eq!(fdpass::receive_batch(b.as_fd(), &mut batch).unwrap(), BATCH);
+        },
+    );
+    measure_per("fstat (regular file? size, blocks)", 1, &mut || {
         nix::sys::stat::fstat(fd).unwrap();
     });
-    measure("fcntl(F_GET_SEALS)", &mut || {
+    measure_per("fcntl(F_GET_SEALS)", 1, &mut || {
         fcntl(fd, FcntlArg::F_GET_SEALS).unwrap();
     });
-    measure("every check together (inspect::facts_reusing)", &mut || {
-        let facts =
-            sealpass_receiver::inspect::facts_reusing(fd, std::mem::take(&mut link)).unwrap();
-        link = facts.link;
-    });
-    measure("mmap read-only + munmap, 4 KiB", &mut || {
+    measure_per(
+        "every check together (inspect::facts_reusing)",
+        1,
+        &mut || {
+            let facts =
+                sealpass_receiver::inspect::facts_reusing(fd, std::mem::take(&mut link)).unwrap();
+            link = facts.link;
+        },
+    );
+    measure_per("mmap read-only + munmap, 4 KiB", 1, &mut || {
         // SAFETY: the memfd is sealed against writes and shrinking.
         let mapping = unsafe { memmap2::MmapOptions::new().len(4096).map(fd.as_raw_fd()) }.unwrap();
         drop(mapping);
     });
-    measure("dup + close of the fd", &mut || {
+    let mut copy = vec![0u8; 4096];
+    measure_per(
+        "pread of the 4 KiB into a buffer (a copy, instead of a mapping)",
+        1,
+        &mut || {
+            assert_eq!(nix::sys::uio::pread(fd, &mut copy, 0).unwrap(), 4096);
+        },
+    );
+    measure_per("dup + close of the fd", 1, &mut || {
         drop(fd.try_clone_to_owned().unwrap());
     });
     pin_to_cpu(None);
