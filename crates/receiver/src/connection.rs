@@ -578,17 +578,34 @@ impl Core {
     ) -> Result<usize, ServeError> {
         let hold = AnswerHold::new(&self.link);
         let before = outcomes.len();
-        while let Some(event) = self.judge_next_in_batch() {
+        // The last transfer's mappings, dropped before the next message is
+        // judged (so it is judged against a budget that no longer counts
+        // them) or, for the batch's last, after the answers went out: as
+        // with `serve_one`, unmapping is not on the sender's path.
+        let mut handled_last: Vec<VerifiedSegment> = Vec::new();
+        while self.has_untaken() {
+            handled_last.clear();
+            let Some(event) = self.judge_next_in_batch() else {
+                break;
+            };
             outcomes.push(match event? {
                 Event::Transfer(transfer) => {
                     let handled = handler(&transfer);
-                    answer_by(transfer, handled)?
+                    let (id, segments, bytes) = (
+                        transfer.id(),
+                        transfer.segments().len(),
+                        transfer.total_bytes(),
+                    );
+                    let (mappings, responder) = transfer.into_parts();
+                    handled_last = mappings;
+                    answer(id, segments, bytes, responder, handled)?
                 }
                 Event::Refused(reject) => Outcome::refused(reject),
                 Event::Closed => Outcome::Closed,
             });
         }
         hold.release()?;
+        drop(handled_last);
         Ok(outcomes.len() - before)
     }
 
@@ -850,12 +867,13 @@ impl Connection {
     /// [`fdpass::batch_slots`]). Each is judged on its own, in order, and a
     /// valid one is handed to `handler` and its mappings dropped before the
     /// next is judged, so each is judged against a budget that no longer
-    /// counts the last. The answers wait until the batch is done and then
-    /// leave in order in one `sendmmsg`, waking the sender once rather than
-    /// once per message; every answer is sent before it returns, so none
-    /// waits on a later call. A handler that takes long delays the answers
-    /// of the messages before it in the batch: such an application serves
-    /// one at a time.
+    /// counts the last (the batch's last transfer is unmapped after the
+    /// answers are sent, off the sender's path). The answers wait until the
+    /// batch is done and then leave in order in one `sendmmsg`, waking the
+    /// sender once rather than once per message; every answer is sent
+    /// before it returns, so none waits on a later call. A handler that
+    /// takes long delays the answers of the messages before it in the
+    /// batch: such an application serves one at a time.
     ///
     /// Appends each message's outcome to `outcomes`, in order
     /// ([`Outcome::Closed`] at the end), and returns how many it appended: a
