@@ -26,7 +26,8 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 mapping, pwrite) at each size
   --checks      only the receiver's cost per 4 KiB segment, system call by
                 system call (each check, the mapping, the close, the two
-                messages), on one CPU
+                messages one at a time and 32 per recvmmsg/sendmmsg, and a
+                pread beside the mapping), on one CPU
   --e2e         only end to end (create, fill, seal, send, verify, map,
                 read every byte) against a unix stream copy at each size,
                 sender and receiver pinned to two CPUs, and their ratio
