@@ -565,9 +565,9 @@ pub const MAX_BATCH: usize = 32;
 /// closed, by the next receive or with the batch.
 #[derive(Debug)]
 pub struct ReceiveBatch {
+    slots: usize,
     payload_len: usize,
-    payloads: Vec<u8>,
-    controls: Vec<ControlBuffer>,
+    buffers: Buffers,
     received: Vec<Option<Received>>,
     /// The index of the next message to take.
     next: usize,
@@ -575,22 +575,65 @@ pub struct ReceiveBatch {
     spare_fds: Vec<Vec<OwnedFd>>,
 }
 
+// A batch's control buffers follow one another in its mapping: each must
+// start 8-aligned for `cmsghdr`.
+const _: () = assert!(CONTROL_LEN % 8 == 0);
+
+/// Where a batch's buffers live.
+#[derive(Debug)]
+enum Buffers {
+    /// One anonymous mapping: every slot's payload buffer, then every slot's
+    /// control buffer at `controls`. Its pages are allocated only where the
+    /// kernel writes, and never zeroed up front, so a batch costs an idle
+    /// connection almost nothing.
+    Mapped {
+        mapping: memmap2::MmapMut,
+        controls: usize,
+    },
+    /// One slot on the heap.
+    Heap {
+        payload: Vec<u8>,
+        control: Box<ControlBuffer>,
+    },
+}
+
 impl ReceiveBatch {
     /// Room for `slots` messages (1 to [`MAX_BATCH`]; clamped) of at most
-    /// `payload_len` bytes each. The payload buffers are zeroed memory that
-    /// the allocator maps lazily: a slot's pages are touched only by the
-    /// messages that land in it.
+    /// `payload_len` bytes each, in an anonymous mapping: a slot's pages
+    /// are allocated only by the messages that land in it. Where the
+    /// mapping cannot be had (`RLIMIT_AS`, no memory), one slot on the heap
+    /// stands in, and the batch takes one message at a time.
     pub fn new(slots: usize, payload_len: usize) -> ReceiveBatch {
-        let slots = slots.clamp(1, MAX_BATCH);
         let payload_len = payload_len.max(1);
+        let slots = slots.clamp(1, MAX_BATCH);
+        // Control buffers start 8-aligned (cmsghdr) in a page-aligned
+        // mapping; CONTROL_LEN is a multiple of 8, so every one is.
+        let controls = (slots * payload_len).next_multiple_of(8);
+        match memmap2::MmapMut::map_anon(controls + slots * CONTROL_LEN) {
+            Ok(mapping) => {
+                ReceiveBatch::with(slots, payload_len, Buffers::Mapped { mapping, controls })
+            }
+            Err(_) => ReceiveBatch::single(payload_len),
+        }
+    }
+
+    /// One slot on the heap: for a reader that expects one message at a
+    /// time (it costs what a plain buffer does), and the stand-in when no
+    /// mapping can be had.
+    pub fn single(payload_len: usize) -> ReceiveBatch {
+        let payload_len = payload_len.max(1);
+        let buffers = Buffers::Heap {
+            payload: vec![0; payload_len],
+            control: ControlBuffer::new(),
+        };
+        ReceiveBatch::with(1, payload_len, buffers)
+    }
+
+    fn with(slots: usize, payload_len: usize, buffers: Buffers) -> ReceiveBatch {
         ReceiveBatch {
+            slots,
             payload_len,
-            payloads: vec![0; slots * payload_len],
-            controls: (0..slots)
-                .map(|_| ControlBuffer {
-                    bytes: [0; CONTROL_LEN],
-                })
-                .collect(),
+            buffers,
             received: Vec::with_capacity(slots),
             next: 0,
             spare_fds: Vec::new(),
@@ -599,7 +642,7 @@ impl ReceiveBatch {
 
     /// How many messages one receive may take.
     pub fn slots(&self) -> usize {
-        self.controls.len()
+        self.slots
     }
 
     /// How many messages of the last receive are still to be taken.
@@ -615,8 +658,11 @@ impl ReceiveBatch {
         let received = self.received.get_mut(index)?.take()?;
         self.next += 1;
         let start = index * self.payload_len;
-        let bytes = self
-            .payloads
+        let payloads: &[u8] = match &self.buffers {
+            Buffers::Mapped { mapping, .. } => mapping,
+            Buffers::Heap { payload, .. } => payload,
+        };
+        let bytes = payloads
             .get(start..start + received.len.min(self.payload_len))
             .unwrap_or_default();
         Some((received, bytes))
@@ -626,7 +672,7 @@ impl ReceiveBatch {
     /// later message to reuse.
     pub fn recycle(&mut self, mut fds: Vec<OwnedFd>) {
         fds.clear();
-        if self.spare_fds.len() < self.slots() {
+        if self.spare_fds.len() < self.slots {
             self.spare_fds.push(fds);
         }
     }
@@ -636,6 +682,20 @@ impl ReceiveBatch {
         let untaken: Vec<_> = self.received.drain(..).flatten().collect();
         for received in untaken {
             self.recycle(received.fds);
+        }
+    }
+
+    /// Where slot 0's payload and control buffers start; slot `i`'s are
+    /// `i * payload_len` and `i * CONTROL_LEN` further.
+    fn bases(&mut self) -> (*mut u8, *mut u8) {
+        match &mut self.buffers {
+            Buffers::Mapped { mapping, controls } => {
+                let base = mapping.as_mut_ptr();
+                (base, base.wrapping_add(*controls))
+            }
+            Buffers::Heap { payload, control } => {
+                (payload.as_mut_ptr(), control.bytes.as_mut_ptr())
+            }
         }
     }
 }
@@ -697,24 +757,30 @@ fn receive_batch_with_flags(
     let mut iovecs: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
     // SAFETY: as above.
     let mut headers: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
-    for (((iov, header), payload), control) in iovecs
+    let payload_len = batch.payload_len;
+    let (payloads, controls) = batch.bases();
+    for (index, (iov, header)) in iovecs
         .iter_mut()
         .zip(headers.iter_mut())
-        .zip(batch.payloads.chunks_exact_mut(batch.payload_len.max(1)))
-        .zip(batch.controls.iter_mut())
+        .take(slots)
+        .enumerate()
     {
-        iov.iov_base = payload.as_mut_ptr().cast();
-        iov.iov_len = batch.payload_len;
+        // Pointers only: the buffers are written by the kernel alone, within
+        // the lengths given here, which `ReceiveBatch` sized for `slots`.
+        iov.iov_base = payloads.wrapping_add(index * payload_len).cast();
+        iov.iov_len = payload_len;
         header.msg_hdr.msg_iov = iov;
         header.msg_hdr.msg_iovlen = 1;
-        header.msg_hdr.msg_control = control.bytes.as_mut_ptr().cast();
+        header.msg_hdr.msg_control = controls.wrapping_add(index * CONTROL_LEN).cast();
         header.msg_hdr.msg_controllen = CONTROL_LEN;
     }
     let count = loop {
-        // SAFETY: the first `slots` headers point at their own iovec (over
-        // a distinct `payload_len` chunk of `batch.payloads`) and control
-        // buffer, all writable and alive for the call, with their true
-        // lengths; no timeout pointer is passed.
+        // SAFETY: the first `slots` headers point at their own iovec, over
+        // slot `i`'s payload buffer (`payload_len` bytes), and at slot `i`'s
+        // control buffer (CONTROL_LEN bytes, 8-aligned for cmsghdr). Both are
+        // inside `batch`'s buffers, sized for `slots` slots, writable, apart
+        // from every other slot's, and alive for the call; no timeout
+        // pointer is passed.
         let got = unsafe {
             libc::recvmmsg(
                 sock.as_raw_fd(),
@@ -1293,6 +1359,23 @@ mod tests {
             received += count;
         }
         assert_eq!(received, sent, "every message sent arrived, none twice");
+    }
+
+    #[test]
+    fn a_batch_without_a_mapping_takes_one_message_at_a_time() {
+        let (a, b) = pair().unwrap();
+        for payload in [&b"one"[..], b"two", b"three"] {
+            send(a.as_fd(), payload, &[]).unwrap();
+        }
+        let mut batch = ReceiveBatch::single(64);
+        assert_eq!(batch.slots(), 1);
+        for payload in [&b"one"[..], b"two", b"three"] {
+            assert_eq!(receive_batch(b.as_fd(), &mut batch).unwrap(), 1);
+            assert_eq!(
+                batch.take_next().map(|(_, bytes)| bytes.to_vec()),
+                Some(payload.to_vec())
+            );
+        }
     }
 
     #[test]

@@ -65,6 +65,20 @@ fn a_panicking_handler_costs_neither_an_answer_nor_a_slot() {
         Verdict::Accepted { id: 2 }
     );
     drop(first);
+    // The slot comes back once that connection's thread has seen the end;
+    // a leaked one never would.
+    let slot_released = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stats.active_connections.load(Ordering::Acquire) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "active connections stuck at {}",
+                stats.active_connections.load(Ordering::Acquire)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    slot_released();
 
     // A new connection gets the one slot and is served.
     let mut second = connect(&socket);
@@ -73,16 +87,7 @@ fn a_panicking_handler_costs_neither_an_answer_nor_a_slot() {
         Verdict::Accepted { id: 1 }
     );
     drop(second);
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stats.active_connections.load(Ordering::Acquire) != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "active connections stuck at {}",
-            stats.active_connections.load(Ordering::Acquire)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    slot_released();
     shutdown.shutdown();
     running.join().unwrap().unwrap();
     assert!(!socket.exists(), "the service removes its socket");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::fdpass::{self, ControlBuffer, Op, TransportError};
+use sealpass_proto::fdpass::{self, Op, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, Seals, codec, decode};
 
@@ -245,8 +245,11 @@ pub(crate) fn connect_error(path: &Path, source: TransportError) -> SendError {
 pub struct Sender {
     socket: OwnedFd,
     answer_timeout: Option<Duration>,
-    incoming: Vec<u8>,
-    control: Box<ControlBuffer>,
+    /// Answers read and not yet judged. Answers come in bursts (a receiver
+    /// answers a batch at once): once more than one transfer is in flight,
+    /// one `recvmmsg` takes what is queued, and each is judged when its turn
+    /// comes, as if read then.
+    answers: ReceiveBatch,
     pipeline: Pipeline,
 }
 
@@ -310,6 +313,11 @@ impl Pipeline {
     /// Whether any sent transfer awaits its answer on the wire.
     pub(crate) fn awaits_answers(&self) -> bool {
         !self.unanswered.is_empty()
+    }
+
+    /// How many sent transfers await their answer on the wire.
+    pub(crate) fn awaiting(&self) -> usize {
+        self.unanswered.len()
     }
 
     /// The sending of `id` failed with `error` and the receiver is gone or
@@ -391,6 +399,38 @@ impl Pipeline {
     }
 }
 
+/// The buffer a new sender reads its answers into: one at a time, as a
+/// sender with one transfer in flight gets them.
+pub(crate) fn answer_buffer() -> ReceiveBatch {
+    ReceiveBatch::single(MAX_MESSAGE_LEN)
+}
+
+/// Before reading answers: a sender with more than one transfer awaiting
+/// its answer may get them in a burst (a receiver answers a batch at once),
+/// so from then on it reads as many as one receiver's batch per call,
+/// within this process's fd limit (an answer may carry fds, which are
+/// closed). Called only when none read is left untaken.
+pub(crate) fn widen_for_bursts(answers: &mut ReceiveBatch, pipeline: &Pipeline) {
+    if answers.slots() == 1 && answers.untaken() == 0 && pipeline.awaiting() > 1 {
+        *answers = ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN);
+    }
+}
+
+/// Judges the next answer of `answers` for `pipeline`, as if it were read
+/// from the socket now: `None` if none is left. Any fds it carried are
+/// closed; the end of the stream is "delivery unknown".
+pub(crate) fn judge_next_answer(
+    answers: &mut ReceiveBatch,
+    pipeline: &mut Pipeline,
+) -> Option<Result<Verdict, SendError>> {
+    let (received, bytes) = answers.take_next()?;
+    if received.is_end_of_stream() {
+        return Some(Err(pipeline.delivery_unknown()));
+    }
+    // Answers carry no fds; any that came are closed with `received`.
+    Some(pipeline.on_answer(bytes))
+}
+
 impl Sender {
     /// Connects to the receiver listening at `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<Sender, SendError> {
@@ -426,8 +466,7 @@ impl Sender {
         Sender {
             socket,
             answer_timeout: None,
-            incoming: vec![0; MAX_MESSAGE_LEN],
-            control: ControlBuffer::new(),
+            answers: answer_buffer(),
             pipeline: Pipeline::new(),
         }
     }
@@ -531,6 +570,9 @@ impl Sender {
         if let Some(error) = self.pipeline.nothing_in_flight() {
             return Err(error);
         }
+        if self.answers.untaken() > 0 {
+            return self.read_answer().map(Some);
+        }
         let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
@@ -551,6 +593,13 @@ impl Sender {
     /// Waits until the socket takes another message or an answer arrives;
     /// reads the answer if one did.
     fn wait_for_room_or_answer(&mut self) -> Result<(), SendError> {
+        if self.answers.untaken() > 0 {
+            // Answers already read come first; the socket is polled once
+            // they are taken.
+            let verdict = self.read_answer()?;
+            self.pipeline.keep_answered(verdict);
+            return Ok(());
+        }
         let timeout = match self.answer_timeout {
             None => PollTimeout::NONE,
             Some(timeout) => PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX),
@@ -582,36 +631,37 @@ impl Sender {
         Ok(())
     }
 
-    /// Reads one answer, the oldest unanswered transfer's.
+    /// Reads one answer, the oldest unanswered transfer's: the next of the
+    /// last batch, or else what one `recvmmsg` brings (waiting for the
+    /// first, at most the answer timeout).
     fn read_answer(&mut self) -> Result<Verdict, SendError> {
         let id = self.pipeline.oldest();
-        // ECONNRESET says the receiver closed with our messages unread; the
-        // kernel reports it once, and what the receiver sent before closing
-        // is still queued behind it, so read again.
-        let mut resets = 0;
-        let received = loop {
-            match fdpass::receive(self.socket.as_fd(), &mut self.incoming, &mut self.control) {
-                Ok(received) => break received,
-                Err(TransportError::TimedOut { .. }) => {
-                    return Err(SendError::AnswerTimedOut {
-                        id,
-                        timeout: self.answer_timeout.unwrap_or_default(),
-                    });
+        if self.answers.untaken() == 0 {
+            widen_for_bursts(&mut self.answers, &self.pipeline);
+            // ECONNRESET says the receiver closed with our messages unread;
+            // the kernel reports it once, and what the receiver sent before
+            // closing is still queued behind it, so read again.
+            let mut resets = 0;
+            loop {
+                match fdpass::receive_batch(self.socket.as_fd(), &mut self.answers) {
+                    Ok(_) => break,
+                    Err(TransportError::TimedOut { .. }) => {
+                        return Err(SendError::AnswerTimedOut {
+                            id,
+                            timeout: self.answer_timeout.unwrap_or_default(),
+                        });
+                    }
+                    Err(error) if error.errno() == Some(Errno::ECONNRESET) && resets == 0 => {
+                        resets += 1;
+                    }
+                    Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
+                        return Err(self.pipeline.delivery_unknown());
+                    }
+                    Err(source) => return Err(SendError::Receive { id, source }),
                 }
-                Err(error) if error.errno() == Some(Errno::ECONNRESET) && resets == 0 => {
-                    resets += 1;
-                }
-                Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
-                    return Err(self.pipeline.delivery_unknown());
-                }
-                Err(source) => return Err(SendError::Receive { id, source }),
             }
-        };
-        if received.is_end_of_stream() {
-            return Err(self.pipeline.delivery_unknown());
         }
-        // Answers carry no fds; any that came are closed with `received`.
-        let bytes = self.incoming.get(..received.len).unwrap_or_default();
-        self.pipeline.on_answer(bytes)
+        judge_next_answer(&mut self.answers, &mut self.pipeline)
+            .unwrap_or_else(|| Err(self.pipeline.delivery_unknown()))
     }
 }

@@ -18,13 +18,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
-use sealpass_proto::limits::MAX_MESSAGE_LEN;
+use sealpass_proto::fdpass::{self, ReceiveBatch, TransportError};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::client::{
-    CONNECT_RETRY, Pipeline, SendError, Verdict, closed_by_peer, connect_error, receiver_starting,
+    CONNECT_RETRY, Pipeline, SendError, Verdict, answer_buffer, closed_by_peer, connect_error,
+    judge_next_answer, receiver_starting, widen_for_bursts,
 };
 use crate::memfd::SealedSegment;
 
@@ -63,8 +63,9 @@ use crate::memfd::SealedSegment;
 pub struct Sender {
     socket: AsyncFd<OwnedFd>,
     answer_timeout: Option<Duration>,
-    incoming: Vec<u8>,
-    control: Box<ControlBuffer>,
+    /// Answers read by one `recvmmsg`, each judged when its turn comes, as
+    /// the blocking sender does.
+    answers: ReceiveBatch,
     pipeline: Pipeline,
 }
 
@@ -115,8 +116,7 @@ impl Sender {
         Ok(Sender {
             socket,
             answer_timeout: None,
-            incoming: vec![0; MAX_MESSAGE_LEN],
-            control: ControlBuffer::new(),
+            answers: answer_buffer(),
             pipeline: Pipeline::new(),
         })
     }
@@ -193,8 +193,7 @@ impl Sender {
     async fn send_encoded(&mut self, segments: &[SealedSegment]) -> Result<(), SendError> {
         let Sender {
             socket,
-            incoming,
-            control,
+            answers,
             pipeline,
             ..
         } = self;
@@ -219,7 +218,7 @@ impl Sender {
                 }
             }
             if reading && ready.ready().is_readable() {
-                match try_read_answer(socket, incoming, control, pipeline)? {
+                match try_read_answer(socket, answers, pipeline)? {
                     Read::Verdict(verdict) => pipeline.keep_answered(verdict),
                     Read::Nothing => ready.clear_ready_matching(::tokio::io::Ready::READABLE),
                 }
@@ -241,11 +240,14 @@ impl Sender {
     async fn read_answer(&mut self) -> Result<Verdict, SendError> {
         let Sender {
             socket,
-            incoming,
-            control,
+            answers,
             pipeline,
             ..
         } = self;
+        // Answers already read come first: no readiness would announce them.
+        if let Some(verdict) = judge_next_answer(answers, pipeline) {
+            return verdict;
+        }
         loop {
             let mut ready = socket
                 .readable()
@@ -254,7 +256,7 @@ impl Sender {
                     id: pipeline.oldest(),
                     source: io_to_transport(&error, fdpass::Op::Poll),
                 })?;
-            match try_read_answer(socket, incoming, control, pipeline)? {
+            match try_read_answer(socket, answers, pipeline)? {
                 Read::Verdict(verdict) => return Ok(verdict),
                 // Cleared only once a read found nothing: answers queued
                 // behind this one raise no new readiness edge.
@@ -264,39 +266,41 @@ impl Sender {
     }
 }
 
-/// Reads one answer if one is queued, without waiting. Follows the rules
-/// the blocking sender follows: after `ECONNRESET` read again; the end of the
+/// Reads one answer if one is queued, without waiting: the next of the
+/// last batch, or else what one `recvmmsg` brings. Follows the rules the
+/// blocking sender follows: after `ECONNRESET` read again; the end of the
 /// stream is "delivery unknown".
 fn try_read_answer(
     socket: &AsyncFd<OwnedFd>,
-    incoming: &mut [u8],
-    control: &mut ControlBuffer,
+    answers: &mut ReceiveBatch,
     pipeline: &mut Pipeline,
 ) -> Result<Read, SendError> {
-    let mut resets = 0;
-    let received = loop {
-        match fdpass::try_receive_reusing(socket.get_ref().as_fd(), incoming, control, Vec::new()) {
-            Ok(Some(received)) => break received,
-            Ok(None) => return Ok(Read::Nothing),
-            Err(error) if error.errno() == Some(Errno::ECONNRESET) && resets == 0 => {
-                resets += 1;
-            }
-            Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
-                return Err(pipeline.delivery_unknown());
-            }
-            Err(source) => {
-                return Err(SendError::Receive {
-                    id: pipeline.oldest(),
-                    source,
-                });
+    if answers.untaken() == 0 {
+        widen_for_bursts(answers, pipeline);
+        let mut resets = 0;
+        loop {
+            match fdpass::try_receive_batch(socket.get_ref().as_fd(), answers) {
+                Ok(Some(_)) => break,
+                Ok(None) => return Ok(Read::Nothing),
+                Err(error) if error.errno() == Some(Errno::ECONNRESET) && resets == 0 => {
+                    resets += 1;
+                }
+                Err(error) if error.errno() == Some(Errno::ECONNRESET) => {
+                    return Err(pipeline.delivery_unknown());
+                }
+                Err(source) => {
+                    return Err(SendError::Receive {
+                        id: pipeline.oldest(),
+                        source,
+                    });
+                }
             }
         }
-    };
-    if received.is_end_of_stream() {
-        return Err(pipeline.delivery_unknown());
     }
-    let bytes = incoming.get(..received.len).unwrap_or_default();
-    pipeline.on_answer(bytes).map(Read::Verdict)
+    match judge_next_answer(answers, pipeline) {
+        Some(verdict) => verdict.map(Read::Verdict),
+        None => Ok(Read::Nothing),
+    }
 }
 
 impl AsFd for Sender {

@@ -194,3 +194,132 @@ fn an_answer_out_of_order_is_an_error_not_a_verdict() {
         other => panic!("expected UnexpectedAnswer for id 1 (got Ack 2), got {other:?}"),
     }
 }
+
+/// A raw receiver at `socket`: reads `transfers` messages, then sends
+/// `answers` in one `sendmmsg`, says so on `answered`, and closes once
+/// `close` says so.
+fn answering_in_one_burst(
+    socket: &Path,
+    transfers: usize,
+    answers: Vec<sealpass_proto::Message>,
+    answered: mpsc::Sender<()>,
+    close: mpsc::Receiver<()>,
+) -> JoinHandle<()> {
+    use std::os::fd::AsFd;
+    let listener = sealpass_proto::fdpass::listen(socket, 1).unwrap();
+    std::thread::spawn(move || {
+        let connection = sealpass_proto::fdpass::accept(listener.as_fd()).unwrap();
+        let mut buffer = vec![0; 4096];
+        let mut control = sealpass_proto::fdpass::ControlBuffer::new();
+        for _ in 0..transfers {
+            sealpass_proto::fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+        }
+        let encoded: Vec<Vec<u8>> = answers
+            .iter()
+            .map(|answer| sealpass_proto::encode(answer).unwrap())
+            .collect();
+        sealpass_proto::fdpass::send_batch(connection.as_fd(), &encoded).unwrap();
+        answered.send(()).unwrap();
+        let _ = close.recv_timeout(Duration::from_secs(30));
+    })
+}
+
+fn burst_of_answers() -> Vec<sealpass_proto::Message> {
+    use sealpass_proto::{Ack, Message, Reject};
+    vec![
+        Message::Ack(Ack::new(1)),
+        Message::Reject(Reject::new(2, RejectReason::MissingSeals, "no WRITE seal")),
+        Message::Ack(Ack::new(3)),
+    ]
+}
+
+fn is_burst(verdicts: &[Verdict]) -> bool {
+    matches!(
+        verdicts,
+        [
+            Verdict::Accepted { id: 1 },
+            Verdict::Rejected {
+                id: 2,
+                reason: RejectReason::MissingSeals,
+                ..
+            },
+            Verdict::Accepted { id: 3 },
+        ]
+    )
+}
+
+#[test]
+fn answers_that_arrive_together_are_taken_one_by_one_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (close, closing) = mpsc::channel();
+    let (answered, all_answered) = mpsc::channel();
+    let receiver = answering_in_one_burst(&socket, 4, burst_of_answers(), answered, closing);
+    let (verdicts, unknown) = within_deadline(move || {
+        let segment = SealedSegment::filled("ok", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+        let mut sender = Sender::connect(&socket).unwrap();
+        for _ in 0..4 {
+            sender.submit(std::slice::from_ref(&segment)).unwrap();
+        }
+        // Every answer is queued before the first is read.
+        all_answered.recv().unwrap();
+        let mut verdicts = vec![sender.next_verdict().unwrap()];
+        // The other two were read with the first: they are there at once,
+        // without waiting on the socket (nothing more is queued on it).
+        for _ in 0..2 {
+            verdicts.push(sender.next_verdict_within(Duration::ZERO).unwrap().unwrap());
+        }
+        assert_eq!(sender.next_verdict_within(Duration::ZERO).unwrap(), None);
+        close.send(()).unwrap();
+        (verdicts, sender.next_verdict())
+    });
+    receiver.join().unwrap();
+    assert!(is_burst(&verdicts), "{verdicts:?}");
+    assert!(
+        matches!(
+            unknown,
+            Err(SendError::DeliveryUnknown {
+                id: 4,
+                in_flight: 1
+            })
+        ),
+        "{unknown:?}"
+    );
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_sender_takes_answers_that_arrive_together_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (close, closing) = mpsc::channel();
+    let (answered, all_answered) = mpsc::channel();
+    let receiver = answering_in_one_burst(&socket, 4, burst_of_answers(), answered, closing);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (verdicts, unknown): (Vec<Verdict>, _) = runtime.block_on(async {
+        let segment = SealedSegment::filled("ok", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
+        let mut sender = sealpass_sender::tokio::Sender::connect(&socket)
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            sender.submit(std::slice::from_ref(&segment)).await.unwrap();
+        }
+        all_answered.recv().unwrap();
+        let mut verdicts = Vec::new();
+        for _ in 0..3 {
+            let verdict = tokio::time::timeout(Duration::from_secs(30), sender.next_verdict());
+            verdicts.push(verdict.await.expect("no hang").unwrap());
+        }
+        close.send(()).unwrap();
+        (verdicts, sender.next_verdict().await)
+    });
+    receiver.join().unwrap();
+    assert!(is_burst(&verdicts), "{verdicts:?}");
+    assert!(
+        matches!(unknown, Err(SendError::DeliveryUnknown { id: 4, .. })),
+        "{unknown:?}"
+    );
+}
