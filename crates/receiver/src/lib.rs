@@ -38,6 +38,10 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! [`Connection::serve_batch`] does the same for every message already
+//! queued, read in one `recvmmsg` and answered in one `sendmmsg`: what a
+//! pipelining sender's receiver wants. [`Service`] serves that way.
 
 pub mod compat;
 #[cfg(feature = "conformance")]
