@@ -556,6 +556,10 @@ unsafe fn collect_fds(header: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
 /// hands the kernel at a time.
 pub const MAX_BATCH: usize = 32;
 
+/// Most receives a [`ReceiveBatch`] makes one message wide after a run of
+/// full-width receives that brought one message each.
+pub const NARROW_AFTER_SINGLES: u32 = 7;
+
 /// Buffers for up to `slots` messages received by one `recvmmsg`
 /// ([`receive_batch`]): a payload buffer and a control buffer per slot, and
 /// the messages of the last call, taken in order with
@@ -566,6 +570,13 @@ pub const MAX_BATCH: usize = 32;
 #[derive(Debug)]
 pub struct ReceiveBatch {
     slots: usize,
+    /// Full-width receives in a row that brought one message, at most
+    /// [`NARROW_AFTER_SINGLES`]...
+    singles: u32,
+    /// ... and how many receives are still to ask for one message only. A
+    /// peer that waits for each answer never has a second message queued,
+    /// and asking for more costs `recvmmsg` a failed try per call.
+    narrow: u32,
     payload_len: usize,
     buffers: Buffers,
     received: Vec<Option<Received>>,
@@ -632,6 +643,8 @@ impl ReceiveBatch {
     fn with(slots: usize, payload_len: usize, buffers: Buffers) -> ReceiveBatch {
         ReceiveBatch {
             slots,
+            singles: 0,
+            narrow: 0,
             payload_len,
             buffers,
             received: Vec::with_capacity(slots),
@@ -643,6 +656,34 @@ impl ReceiveBatch {
     /// How many messages one receive may take.
     pub fn slots(&self) -> usize {
         self.slots
+    }
+
+    /// How many messages the next receive asks for: all its slots, except
+    /// after full-width receives that each brought one message. After `k`
+    /// of those in a row it asks for one, `k` times (at most
+    /// [`NARROW_AFTER_SINGLES`]), then for all again: a peer that waits for
+    /// each answer costs no failed try, and one that starts pipelining is
+    /// served in batches again within that many messages.
+    fn width(&mut self) -> usize {
+        if self.narrow > 0 {
+            self.narrow -= 1;
+            1
+        } else {
+            self.slots
+        }
+    }
+
+    /// What a receive of `width` brought.
+    fn brought(&mut self, width: usize, count: usize) {
+        if width < 2 {
+            return;
+        }
+        if count == 1 {
+            self.singles = (self.singles + 1).min(NARROW_AFTER_SINGLES);
+            self.narrow = self.singles;
+        } else {
+            self.singles = 0;
+        }
     }
 
     /// How many messages of the last receive are still to be taken.
@@ -722,7 +763,8 @@ pub fn batch_slots_for(soft: u64) -> usize {
 /// Receives up to `batch.slots()` messages in one `recvmmsg`, with
 /// `MSG_CMSG_CLOEXEC`: it waits for the first as [`receive`] does (the
 /// socket's receive timeout applies) and then takes only those already
-/// queued (`MSG_WAITFORONE`). Returns how many came, at least 1; each is in
+/// queued (`MSG_WAITFORONE`). After receives that each found one message,
+/// a few ask for one only (see [`NARROW_AFTER_SINGLES`]). Returns how many came, at least 1; each is in
 /// the batch, its fds owned, whatever else is wrong with it. An end of
 /// stream is a message of its own, as with [`receive`].
 pub fn receive_batch(
@@ -751,7 +793,7 @@ fn receive_batch_with_flags(
     flags: libc::c_int,
 ) -> Result<usize, TransportError> {
     batch.clear();
-    let slots = batch.slots();
+    let slots = batch.width();
     // SAFETY: iovec and mmsghdr are plain C structs for which all-zero bytes
     // are valid (null pointers, zero lengths).
     let mut iovecs: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
@@ -775,27 +817,51 @@ fn receive_batch_with_flags(
         header.msg_hdr.msg_controllen = CONTROL_LEN;
     }
     let count = loop {
-        // SAFETY: the first `slots` headers point at their own iovec, over
-        // slot `i`'s payload buffer (`payload_len` bytes), and at slot `i`'s
-        // control buffer (CONTROL_LEN bytes, 8-aligned for cmsghdr). Both are
-        // inside `batch`'s buffers, sized for `slots` slots, writable, apart
-        // from every other slot's, and alive for the call; no timeout
-        // pointer is passed.
-        let got = unsafe {
-            libc::recvmmsg(
-                sock.as_raw_fd(),
-                headers.as_mut_ptr(),
-                slots as libc::c_uint,
-                libc::MSG_CMSG_CLOEXEC | flags,
-                ptr::null_mut(),
-            )
+        let (got, op) = match headers.first_mut() {
+            // One message asked for: plain recvmsg, which costs less.
+            Some(first) if slots == 1 => {
+                // SAFETY: as below, for the first header alone.
+                let got = unsafe {
+                    libc::recvmsg(
+                        sock.as_raw_fd(),
+                        &mut first.msg_hdr,
+                        libc::MSG_CMSG_CLOEXEC | (flags & !libc::MSG_WAITFORONE),
+                    )
+                };
+                if let Ok(len) = u32::try_from(got) {
+                    first.msg_len = len;
+                }
+                // One message came (an empty one is the end of the stream),
+                // or none and -1 says why.
+                (if got < 0 { -1 } else { 1 }, Op::Receive)
+            }
+            _ => {
+                // SAFETY: the first `slots` headers point at their own iovec,
+                // over slot `i`'s payload buffer (`payload_len` bytes), and at
+                // slot `i`'s control buffer (CONTROL_LEN bytes, 8-aligned for
+                // cmsghdr). Both are inside `batch`'s buffers, sized for all
+                // its slots (`slots` is at most that many), writable, apart
+                // from every other slot's, and alive for the call; no timeout
+                // pointer is passed.
+                let got = unsafe {
+                    libc::recvmmsg(
+                        sock.as_raw_fd(),
+                        headers.as_mut_ptr(),
+                        slots as libc::c_uint,
+                        libc::MSG_CMSG_CLOEXEC | flags,
+                        ptr::null_mut(),
+                    )
+                };
+                (got, Op::ReceiveMany)
+            }
         };
         match Errno::result(got) {
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(TransportError::sys(Op::ReceiveMany, e)),
+            Err(e) => return Err(TransportError::sys(op, e)),
             Ok(n) => break usize::try_from(n).unwrap_or(0).min(slots),
         }
     };
+    batch.brought(slots, count);
     for header in headers.iter().take(count) {
         let mut fds = batch.spare_fds.pop().unwrap_or_default();
         // SAFETY: recvmmsg filled this entry; its control buffer is in
@@ -1223,14 +1289,15 @@ mod tests {
                     next += 1;
                 }
             }
-            // Nothing left: the wait for the first runs into the timeout.
+            // Nothing left: the wait for the first runs into the timeout
+            // (recvmsg's or recvmmsg's: see `after_single_messages_...`).
             set_timeouts(b.as_fd(), Some(Duration::from_millis(10)), None).unwrap();
-            assert_eq!(
+            assert!(matches!(
                 receive_batch(b.as_fd(), &mut batch),
                 Err(TransportError::TimedOut {
-                    op: Op::ReceiveMany
+                    op: Op::ReceiveMany | Op::Receive
                 })
-            );
+            ));
         };
         check(1, 8, &[1]);
         check(5, 2, &[2, 2, 1]);
@@ -1376,6 +1443,49 @@ mod tests {
                 Some(payload.to_vec())
             );
         }
+        drop(a);
+        assert_eq!(
+            receive_batch(b.as_fd(), &mut batch).unwrap(),
+            1,
+            "the end is one"
+        );
+        assert!(batch.take_next().unwrap().0.is_end_of_stream());
+    }
+
+    #[test]
+    fn after_single_messages_a_batch_asks_for_one_for_a_while() {
+        let (a, b) = pair().unwrap();
+        let mut batch = ReceiveBatch::new(8, 8);
+        // Each step: messages queued, then what each receive brings.
+        let check = |batch: &mut ReceiveBatch, queued: usize, expected: &[usize]| {
+            for _ in 0..queued {
+                send(a.as_fd(), b"m", &[]).unwrap();
+            }
+            for &count in expected {
+                assert_eq!(receive_batch(b.as_fd(), batch).unwrap(), count);
+            }
+        };
+        check(&mut batch, 3, &[3]);
+        // One found alone: the next receive asks for one.
+        check(&mut batch, 1, &[1]);
+        check(&mut batch, 3, &[1, 2]);
+        // Two full-width singles in a row: two narrow receives follow.
+        check(&mut batch, 1, &[1]);
+        check(&mut batch, 1, &[1]);
+        check(&mut batch, 1, &[1]);
+        check(&mut batch, 4, &[1, 1, 2]);
+        // However long the run, at most NARROW_AFTER_SINGLES narrow ones:
+        // from a full-width single after a long run of them, exactly that.
+        for _ in 0..100 {
+            check(&mut batch, 1, &[1]);
+        }
+        while batch.narrow != NARROW_AFTER_SINGLES {
+            check(&mut batch, 1, &[1]);
+        }
+        let narrow = NARROW_AFTER_SINGLES as usize;
+        let mut expected = vec![1; narrow];
+        expected.push(3);
+        check(&mut batch, narrow + 3, &expected);
     }
 
     #[test]

@@ -864,7 +864,8 @@ impl Connection {
     /// It waits for the first message as `serve_one` does, then takes those
     /// already queued behind it in the same `recvmmsg` (up to
     /// [`fdpass::MAX_BATCH`], fewer where `RLIMIT_NOFILE` is low: see
-    /// [`fdpass::batch_slots`]). Each is judged on its own, in order, and a
+    /// [`fdpass::batch_slots`]; after batches of one message, a few receives
+    /// ask for one only: see [`fdpass::NARROW_AFTER_SINGLES`]). Each is judged on its own, in order, and a
     /// valid one is handed to `handler` and its mappings dropped before the
     /// next is judged, so each is judged against a budget that no longer
     /// counts the last (the batch's last transfer is unmapped after the
