@@ -720,9 +720,12 @@ impl ReceiveBatch {
 
     fn clear(&mut self) {
         self.next = 0;
-        let untaken: Vec<_> = self.received.drain(..).flatten().collect();
-        for received in untaken {
-            self.recycle(received.fds);
+        for received in self.received.drain(..).flatten() {
+            let mut fds = received.fds;
+            fds.clear();
+            if self.spare_fds.len() < self.slots {
+                self.spare_fds.push(fds);
+            }
         }
     }
 
@@ -794,11 +797,29 @@ fn receive_batch_with_flags(
 ) -> Result<usize, TransportError> {
     batch.clear();
     let slots = batch.width();
+    // Headers for as many slots as are asked for: a one-message receive
+    // (a waiting peer's, a sender's) sets up one, not MAX_BATCH.
+    let count = if slots == 1 {
+        receive_slots::<1>(sock, batch, 1, flags)?
+    } else {
+        receive_slots::<MAX_BATCH>(sock, batch, slots, flags)?
+    };
+    batch.brought(slots, count);
+    Ok(count)
+}
+
+/// [`receive_batch`]'s call, for `slots` (at most `N`) messages.
+fn receive_slots<const N: usize>(
+    sock: BorrowedFd<'_>,
+    batch: &mut ReceiveBatch,
+    slots: usize,
+    flags: libc::c_int,
+) -> Result<usize, TransportError> {
     // SAFETY: iovec and mmsghdr are plain C structs for which all-zero bytes
     // are valid (null pointers, zero lengths).
-    let mut iovecs: [libc::iovec; MAX_BATCH] = unsafe { mem::zeroed() };
+    let mut iovecs: [libc::iovec; N] = unsafe { mem::zeroed() };
     // SAFETY: as above.
-    let mut headers: [libc::mmsghdr; MAX_BATCH] = unsafe { mem::zeroed() };
+    let mut headers: [libc::mmsghdr; N] = unsafe { mem::zeroed() };
     let payload_len = batch.payload_len;
     let (payloads, controls) = batch.bases();
     for (index, (iov, header)) in iovecs
@@ -861,11 +882,10 @@ fn receive_batch_with_flags(
             Ok(n) => break usize::try_from(n).unwrap_or(0).min(slots),
         }
     };
-    batch.brought(slots, count);
     for header in headers.iter().take(count) {
         let mut fds = batch.spare_fds.pop().unwrap_or_default();
-        // SAFETY: recvmmsg filled this entry; its control buffer is in
-        // `batch`, alive and untouched since.
+        // SAFETY: recvmsg or recvmmsg filled this entry; its control buffer
+        // is in `batch`, alive and untouched since.
         unsafe { collect_fds(&header.msg_hdr, &mut fds) };
         batch.received.push(Some(Received {
             len: header.msg_len as usize,
@@ -878,7 +898,8 @@ fn receive_batch_with_flags(
 }
 
 /// Sends each of `payloads` as one message with no fds, with
-/// `MSG_NOSIGNAL`, handing the kernel up to [`MAX_BATCH`] per `sendmmsg`.
+/// `MSG_NOSIGNAL`, handing the kernel up to [`MAX_BATCH`] per `sendmmsg`
+/// (a single message goes through `sendmsg`).
 /// Blocks while the peer's queue is full (the socket's send timeout
 /// applies). On an error, the messages before the failed one were sent and
 /// the rest were not.
@@ -904,6 +925,10 @@ fn send_batch_with_flags<P: AsRef<[u8]>>(
     payloads: &[P],
     flags: libc::c_int,
 ) -> Result<usize, TransportError> {
+    if let [only] = payloads {
+        // One message: plain sendmsg, which costs less.
+        return send_with_flags(sock, only.as_ref(), std::iter::empty(), flags).map(usize::from);
+    }
     let mut total = 0;
     for chunk in payloads.chunks(MAX_BATCH) {
         // SAFETY: as in `receive_batch`, all-zero is valid for these.
@@ -1373,6 +1398,9 @@ mod tests {
         let error = send_batch(a.as_fd(), &[b"x"; 3]).unwrap_err();
         assert_eq!(error.errno(), Some(Errno::EPIPE), "{error}");
         assert_eq!(error.to_string(), "sendmmsg failed: EPIPE: Broken pipe");
+        // One message goes through sendmsg, and says so.
+        let error = send_batch(a.as_fd(), &[b"x"]).unwrap_err();
+        assert_eq!(error.to_string(), "sendmsg failed: EPIPE: Broken pipe");
     }
 
     #[test]
