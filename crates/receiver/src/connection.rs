@@ -591,14 +591,9 @@ impl Core {
             outcomes.push(match event? {
                 Event::Transfer(transfer) => {
                     let handled = handler(&transfer);
-                    let (id, segments, bytes) = (
-                        transfer.id(),
-                        transfer.segments().len(),
-                        transfer.total_bytes(),
-                    );
-                    let (mappings, responder) = transfer.into_parts();
+                    let (outcome, mappings) = answer_keeping_mappings(transfer, handled);
                     handled_last = mappings;
-                    answer(id, segments, bytes, responder, handled)?
+                    outcome?
                 }
                 Event::Refused(reject) => Outcome::refused(reject),
                 Event::Closed => Outcome::Closed,
@@ -633,15 +628,24 @@ pub(crate) fn answer_by<E: Display>(
     transfer: IncomingTransfer,
     handled: Result<(), E>,
 ) -> Result<Outcome, ServeError> {
+    let (outcome, mappings) = answer_keeping_mappings(transfer, handled);
+    drop(mappings);
+    outcome
+}
+
+/// [`answer_by`], handing back the transfer's mappings for the caller to
+/// drop when it is time.
+fn answer_keeping_mappings<E: Display>(
+    transfer: IncomingTransfer,
+    handled: Result<(), E>,
+) -> (Result<Outcome, ServeError>, Vec<VerifiedSegment>) {
     let (id, segments, bytes) = (
         transfer.id(),
         transfer.segments().len(),
         transfer.total_bytes(),
     );
     let (mappings, responder) = transfer.into_parts();
-    let outcome = answer(id, segments, bytes, responder, handled);
-    drop(mappings);
-    outcome
+    (answer(id, segments, bytes, responder, handled), mappings)
 }
 
 fn answer<E: Display>(

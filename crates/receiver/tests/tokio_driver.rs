@@ -158,10 +158,7 @@ fn the_whole_hostile_suite_against_the_async_service() {
 #[test]
 fn blocking_and_async_peers_mix_both_ways() {
     let _serial = serial();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let dir = tempfile::tempdir().unwrap();
 
     // A blocking sender to an async receiver.
@@ -222,6 +219,13 @@ fn blocking_and_async_peers_mix_both_ways() {
     assert_eq!(receiver.join().unwrap(), 10);
 }
 
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A raw blocking peer connected to an async listener at `socket`, and the
 /// async side of that connection.
 async fn raw_peer_and_connection(socket: &Path) -> (OwnedFd, sealpass_receiver::tokio::Connection) {
@@ -240,10 +244,7 @@ async fn raw_peer_and_connection(socket: &Path) -> (OwnedFd, sealpass_receiver::
 fn cancelled_futures_leak_nothing_and_leave_the_connection_usable() {
     let _serial = serial();
     let fds_before = open_fds();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cancel.sock");
     runtime.block_on(async {
@@ -475,10 +476,7 @@ fn one_current_thread_runtime_serves_1000_connections() {
 #[test]
 fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
     let _serial = serial();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("async-batch.sock");
     const MESSAGES: u64 = 64;

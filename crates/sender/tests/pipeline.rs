@@ -195,33 +195,46 @@ fn an_answer_out_of_order_is_an_error_not_a_verdict() {
     }
 }
 
-/// A raw receiver at `socket`: reads `transfers` messages, then sends
-/// `answers` in one `sendmmsg`, says so on `answered`, and closes once
-/// `close` says so.
-fn answering_in_one_burst(
-    socket: &Path,
-    transfers: usize,
-    answers: Vec<sealpass_proto::Message>,
-    answered: mpsc::Sender<()>,
-    close: mpsc::Receiver<()>,
-) -> JoinHandle<()> {
-    use std::os::fd::AsFd;
-    let listener = sealpass_proto::fdpass::listen(socket, 1).unwrap();
-    std::thread::spawn(move || {
-        let connection = sealpass_proto::fdpass::accept(listener.as_fd()).unwrap();
-        let mut buffer = vec![0; 4096];
-        let mut control = sealpass_proto::fdpass::ControlBuffer::new();
-        for _ in 0..transfers {
-            sealpass_proto::fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+/// A raw receiver at `socket` that reads `BURST_AFTER` transfers, then
+/// sends [`burst_of_answers`] in one `sendmmsg`.
+struct BurstingReceiver {
+    thread: JoinHandle<()>,
+    /// Says once every answer is queued for the sender.
+    answered: mpsc::Receiver<()>,
+    /// Tells the receiver to close its end.
+    close: mpsc::Sender<()>,
+}
+
+const BURST_AFTER: usize = 4;
+
+impl BurstingReceiver {
+    fn start(socket: &Path) -> BurstingReceiver {
+        use std::os::fd::AsFd;
+        let listener = sealpass_proto::fdpass::listen(socket, 1).unwrap();
+        let (answered_tx, answered) = mpsc::channel();
+        let (close, closing) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let connection = sealpass_proto::fdpass::accept(listener.as_fd()).unwrap();
+            let mut buffer = vec![0; 4096];
+            let mut control = sealpass_proto::fdpass::ControlBuffer::new();
+            for _ in 0..BURST_AFTER {
+                sealpass_proto::fdpass::receive(connection.as_fd(), &mut buffer, &mut control)
+                    .unwrap();
+            }
+            let encoded: Vec<Vec<u8>> = burst_of_answers()
+                .iter()
+                .map(|answer| sealpass_proto::encode(answer).unwrap())
+                .collect();
+            sealpass_proto::fdpass::send_batch(connection.as_fd(), &encoded).unwrap();
+            answered_tx.send(()).unwrap();
+            let _ = closing.recv_timeout(Duration::from_secs(30));
+        });
+        BurstingReceiver {
+            thread,
+            answered,
+            close,
         }
-        let encoded: Vec<Vec<u8>> = answers
-            .iter()
-            .map(|answer| sealpass_proto::encode(answer).unwrap())
-            .collect();
-        sealpass_proto::fdpass::send_batch(connection.as_fd(), &encoded).unwrap();
-        answered.send(()).unwrap();
-        let _ = close.recv_timeout(Duration::from_secs(30));
-    })
+    }
 }
 
 fn burst_of_answers() -> Vec<sealpass_proto::Message> {
@@ -252,17 +265,19 @@ fn is_burst(verdicts: &[Verdict]) -> bool {
 fn answers_that_arrive_together_are_taken_one_by_one_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let (close, closing) = mpsc::channel();
-    let (answered, all_answered) = mpsc::channel();
-    let receiver = answering_in_one_burst(&socket, 4, burst_of_answers(), answered, closing);
+    let BurstingReceiver {
+        thread,
+        answered,
+        close,
+    } = BurstingReceiver::start(&socket);
     let (verdicts, unknown) = within_deadline(move || {
         let segment = SealedSegment::filled("ok", b'x', 4096, Seals::SENDER_DEFAULT).unwrap();
         let mut sender = Sender::connect(&socket).unwrap();
-        for _ in 0..4 {
+        for _ in 0..BURST_AFTER {
             sender.submit(std::slice::from_ref(&segment)).unwrap();
         }
         // Every answer is queued before the first is read.
-        all_answered.recv().unwrap();
+        answered.recv().unwrap();
         let mut verdicts = vec![sender.next_verdict().unwrap()];
         // The other two were read with the first: they are there at once,
         // without waiting on the socket (nothing more is queued on it).
@@ -273,7 +288,7 @@ fn answers_that_arrive_together_are_taken_one_by_one_and_in_order() {
         close.send(()).unwrap();
         (verdicts, sender.next_verdict())
     });
-    receiver.join().unwrap();
+    thread.join().unwrap();
     assert!(is_burst(&verdicts), "{verdicts:?}");
     assert!(
         matches!(
@@ -292,9 +307,7 @@ fn answers_that_arrive_together_are_taken_one_by_one_and_in_order() {
 fn the_async_sender_takes_answers_that_arrive_together_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
-    let (close, closing) = mpsc::channel();
-    let (answered, all_answered) = mpsc::channel();
-    let receiver = answering_in_one_burst(&socket, 4, burst_of_answers(), answered, closing);
+    let receiver = BurstingReceiver::start(&socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -304,19 +317,19 @@ fn the_async_sender_takes_answers_that_arrive_together_one_by_one() {
         let mut sender = sealpass_sender::tokio::Sender::connect(&socket)
             .await
             .unwrap();
-        for _ in 0..4 {
+        for _ in 0..BURST_AFTER {
             sender.submit(std::slice::from_ref(&segment)).await.unwrap();
         }
-        all_answered.recv().unwrap();
+        receiver.answered.recv().unwrap();
         let mut verdicts = Vec::new();
         for _ in 0..3 {
             let verdict = tokio::time::timeout(Duration::from_secs(30), sender.next_verdict());
             verdicts.push(verdict.await.expect("no hang").unwrap());
         }
-        close.send(()).unwrap();
+        receiver.close.send(()).unwrap();
         (verdicts, sender.next_verdict().await)
     });
-    receiver.join().unwrap();
+    receiver.thread.join().unwrap();
     assert!(is_burst(&verdicts), "{verdicts:?}");
     assert!(
         matches!(unknown, Err(SendError::DeliveryUnknown { id: 4, .. })),
