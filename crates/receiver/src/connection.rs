@@ -159,6 +159,10 @@ pub(crate) struct LinkState {
     /// While set, due answers wait in the session: a batch is being served,
     /// and its answers leave together when it is done ([`AnswerHold`]).
     held: bool,
+    /// Messages taken through the session so far; a transfer remembers the
+    /// count at its delivery, so its answer can tell whether the connection
+    /// has judged anything since ([`Link::answer_then_release`]).
+    pub(crate) judged: u64,
 }
 
 impl LinkState {
@@ -234,6 +238,7 @@ impl Link {
                 kinds: Vec::new(),
                 unsent: 0..0,
                 held: false,
+                judged: 0,
             }),
             #[cfg(feature = "tokio")]
             flusher: None,
@@ -255,6 +260,35 @@ impl Link {
         let mut state = self.lock();
         state.session.answer(ticket, verdict, now);
         self.flush(&mut state)
+    }
+
+    /// Answers a transfer delivered when `judged` messages had been judged,
+    /// and drops its `segments`. When the connection has judged nothing
+    /// since (always so on the thread that reads it), the answer goes first
+    /// and the segments are dropped before the lock is let go: the sender
+    /// does not wait for the unmapping and the pages to be freed, and a
+    /// message the connection reads meanwhile is judged (under this lock)
+    /// only once they are gone, against budgets that no longer count them.
+    /// When it has read on, the segments are dropped first, so that nothing
+    /// it judges next waits for this lock, and then it answers.
+    pub(crate) fn answer_then_release(
+        &self,
+        ticket: Ticket,
+        verdict: Result<(), String>,
+        judged: u64,
+        segments: Vec<VerifiedSegment>,
+        now: Instant,
+    ) -> Result<(), AnswerError> {
+        let mut state = self.lock();
+        if state.judged == judged {
+            state.session.answer(ticket, verdict, now);
+            let sent = self.flush(&mut state);
+            drop(segments);
+            return sent;
+        }
+        drop(state);
+        drop(segments);
+        self.answer(ticket, verdict, now)
     }
 
     /// Sends every answer that is due, in order, unless answers are held
@@ -478,6 +512,8 @@ impl Core {
         };
         let link = Arc::clone(&self.link);
         let mut state = link.lock();
+        state.judged += 1;
+        let judged = state.judged;
         let unverified = match state.session.handle_datagram(now, &datagram) {
             Received::End => return Ok(Event::Closed),
             Received::Refused(reject) => {
@@ -531,7 +567,7 @@ impl Core {
             .collect();
         self.spare_mappings = mappings;
         self.spare_fds = fds;
-        let responder = Responder::new(delivered.ticket, link);
+        let responder = Responder::new(delivered.ticket, link, judged);
         Ok(Event::Transfer(IncomingTransfer::new(
             delivered.version,
             self.peer,

@@ -229,13 +229,17 @@ impl AsFd for VerifiedSegment {
 pub struct Responder {
     ticket: Option<Ticket>,
     link: Arc<Link>,
+    /// The connection's count of judged messages when this transfer was
+    /// delivered (`LinkState::judged`).
+    judged: u64,
 }
 
 impl Responder {
-    pub(crate) fn new(ticket: Ticket, link: Arc<Link>) -> Responder {
+    pub(crate) fn new(ticket: Ticket, link: Arc<Link>, judged: u64) -> Responder {
         Responder {
             ticket: Some(ticket),
             link,
+            judged,
         }
     }
 
@@ -258,6 +262,28 @@ impl Responder {
         match self.ticket.take() {
             Some(ticket) => self.link.answer(ticket, verdict, Instant::now()),
             None => Ok(()),
+        }
+    }
+
+    /// Answers and drops `segments`, in the order
+    /// [`IncomingTransfer::accept`] describes.
+    fn answer_releasing(
+        mut self,
+        verdict: Result<(), String>,
+        segments: Vec<VerifiedSegment>,
+    ) -> Result<(), AnswerError> {
+        match self.ticket.take() {
+            Some(ticket) => self.link.answer_then_release(
+                ticket,
+                verdict,
+                self.judged,
+                segments,
+                Instant::now(),
+            ),
+            None => {
+                drop(segments);
+                Ok(())
+            }
         }
     }
 }
@@ -379,19 +405,29 @@ impl IncomingTransfer {
         self.segments.iter().map(VerifiedSegment::size).sum()
     }
 
-    /// Drops the segments (unmapping them), then answers `Ack`.
+    /// Answers `Ack` and drops the segments (unmapping them).
+    ///
+    /// When the connection has judged no message since this one (always so
+    /// on the thread that reads it, as in a `receive` loop), the answer
+    /// goes first: the sender goes on while the pages are unmapped and
+    /// freed, which for a big segment can take nearly half as long as
+    /// filling it did. A message the connection reads meanwhile is judged
+    /// only after they are gone, so against budgets that no longer count
+    /// them. When it has read on (this runs on another thread), the segments
+    /// are dropped first, then it answers. Either way, nothing the
+    /// connection judges after this call counts these segments (except on
+    /// tokio, where a mapping of 4 MiB or more is released on the blocking
+    /// pool and stays counted until that is done).
     pub fn accept(self) -> Result<(), AnswerError> {
         let (segments, responder) = self.into_parts();
-        drop(segments);
-        responder.accept()
+        responder.answer_releasing(Ok(()), segments)
     }
 
-    /// Drops the segments, then answers `Reject(ApplicationRejected)` with
-    /// `why`.
+    /// Answers `Reject(ApplicationRejected)` with `why` and drops the
+    /// segments, in the order [`IncomingTransfer::accept`] describes.
     pub fn reject(self, why: impl Display) -> Result<(), AnswerError> {
         let (segments, responder) = self.into_parts();
-        drop(segments);
-        responder.reject(why)
+        responder.answer_releasing(Err(why.to_string()), segments)
     }
 
     /// The segments and the responder, apart: keep the bytes and answer now,

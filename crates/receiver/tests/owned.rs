@@ -139,6 +139,17 @@ fn peer_roles() {
                 println!("peer: {}", describe(&sender.next_verdict().unwrap()));
             }
         }
+        // One transfer at a time, each sent the moment the last is answered
+        // (made before that one went out, so nothing delays the send).
+        "one-at-a-time-sender" => {
+            let mut sender = Sender::connect(&socket).unwrap();
+            let mut next = page_marked(1);
+            for id in 1..=ONE_AT_A_TIME {
+                let segment = std::mem::replace(&mut next, page_marked(id + 1));
+                let verdict = sender.send(&[segment]).unwrap();
+                println!("peer: {}", describe(&verdict));
+            }
+        }
         "one-sender" => {
             let verdict = Sender::connect(&socket)
                 .unwrap()
@@ -214,17 +225,137 @@ fn transfers_move_to_a_worker_and_answers_keep_their_order() {
     assert_eq!(connection.mapped(), 0);
 }
 
+/// Transfers the "one-at-a-time-sender" sends.
+const ONE_AT_A_TIME: u64 = 16;
+
+/// Their size: big enough that unmapping one, every page read, takes
+/// longer than the sender needs to send the next once it has the answer.
+const PAGE_MARKED_SIZE: usize = 16 << 20;
+
+/// Transfer `id` of the "one-at-a-time-sender": every byte `id`.
+fn page_marked(id: u64) -> SealedSegment {
+    SealedSegment::filled(
+        &format!("t{id}"),
+        id as u8,
+        PAGE_MARKED_SIZE as u64,
+        Seals::SENDER_DEFAULT,
+    )
+    .unwrap()
+}
+
+/// Reads one byte of every page of transfer `id`: each must be `id`.
+fn check_pages(id: u64, bytes: &[u8]) {
+    assert_eq!(bytes.len(), PAGE_MARKED_SIZE);
+    assert!(
+        bytes.iter().step_by(4096).all(|&byte| byte == id as u8),
+        "transfer {id}: bytes differ"
+    );
+}
+
+/// Where the receiving side answers each transfer.
+#[derive(Debug, Clone, Copy)]
+enum AnsweredOn {
+    /// The thread that reads the connection, before it reads on: `accept`
+    /// answers first and unmaps after.
+    ReadingThread,
+    /// A worker, while the connection thread is already waiting for the
+    /// next message: `accept` answers first there too, so the next message
+    /// must be judged only once the worker has unmapped.
+    Worker,
+}
+
+/// A listener at `socket` whose connections may each map `bytes`.
+fn listener_with_budget(socket: &Path, bytes: usize) -> Listener {
+    let mut listener = Listener::bind(socket).unwrap();
+    listener.set_config(
+        Config::builder()
+            .max_mapped_per_connection(bytes as u64)
+            .build()
+            .unwrap(),
+    );
+    listener
+}
+
+/// A sender that waits for each answer never meets a budget of one
+/// transfer still holding the last, wherever `accept` ran.
+fn check_one_at_a_time_within_a_budget_of_one(answered_on: AnsweredOn) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("budget.sock");
+    let listener = listener_with_budget(&socket, PAGE_MARKED_SIZE);
+    let sender = peer("one-at-a-time-sender", &socket);
+    let mut connection = listener.accept().unwrap();
+    let (to_worker, inbox) = mpsc::channel::<sealpass_receiver::IncomingTransfer>();
+    let worker = std::thread::spawn(move || {
+        for transfer in inbox {
+            check_pages(transfer.id(), transfer.segments()[0].bytes());
+            transfer.accept().unwrap();
+        }
+    });
+    while let Some(transfer) = connection.receive().unwrap() {
+        match answered_on {
+            AnsweredOn::ReadingThread => {
+                check_pages(transfer.id(), transfer.segments()[0].bytes());
+                transfer.accept().unwrap();
+            }
+            AnsweredOn::Worker => to_worker.send(transfer).unwrap(),
+        }
+    }
+    drop(to_worker);
+    worker.join().unwrap();
+    let expected: Vec<String> = (1..=ONE_AT_A_TIME).map(|id| format!("{id} Ack")).collect();
+    assert_eq!(finish(sender), expected, "answered on the {answered_on:?}");
+    assert_eq!(connection.mapped(), 0);
+}
+
+#[test]
+fn answered_on_the_reading_thread_the_next_transfer_fits_a_budget_of_one() {
+    check_one_at_a_time_within_a_budget_of_one(AnsweredOn::ReadingThread);
+}
+
+#[test]
+fn answered_on_a_worker_the_next_transfer_fits_a_budget_of_one() {
+    check_one_at_a_time_within_a_budget_of_one(AnsweredOn::Worker);
+}
+
+/// A worker's `accept` answers before it unmaps, but the connection sees
+/// the segment gone as soon as the sender has its answer: the unmapping
+/// holds the link's lock, which the connection takes to judge (and to
+/// report what it holds).
+#[test]
+fn after_a_workers_answer_the_connection_no_longer_counts_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("worker.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let (answered, on_answer) = mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        let verdict = Sender::connect(&socket)
+            .unwrap()
+            .send(&[page_marked(1)])
+            .unwrap();
+        answered.send(describe(&verdict)).unwrap();
+    });
+    let mut connection = listener.accept().unwrap();
+    let transfer = connection.receive().unwrap().unwrap();
+    let worker = std::thread::spawn(move || {
+        // Every page mapped, so the unmapping takes a while.
+        check_pages(1, transfer.segments()[0].bytes());
+        transfer.accept().unwrap();
+    });
+    assert_eq!(on_answer.recv().unwrap(), "1 Ack");
+    assert_eq!(
+        connection.mapped(),
+        0,
+        "counted after the sender had its Ack"
+    );
+    worker.join().unwrap();
+    sender.join().unwrap();
+}
+
 #[test]
 fn bytes_outlive_the_answer_and_stay_counted_until_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("outlive.sock");
-    let mut listener = Listener::bind(&socket).unwrap();
-    listener.set_config(
-        Config::builder()
-            .max_mapped_per_connection(SIZE as u64)
-            .build()
-            .unwrap(),
-    );
+    let listener = listener_with_budget(&socket, SIZE);
     let sender = peer("one-sender", &socket);
     let mut connection = listener.accept().unwrap();
     let transfer = connection.receive().unwrap().unwrap();
