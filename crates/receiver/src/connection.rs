@@ -265,12 +265,14 @@ impl Link {
     /// Answers a transfer delivered when `judged` messages had been judged,
     /// and drops its `segments`. When the connection has judged nothing
     /// since (always so on the thread that reads it), the answer goes first
-    /// and the segments are dropped before the lock is let go: the sender
+    /// and the segments are unmapped before the lock is let go: the sender
     /// does not wait for the unmapping and the pages to be freed, and a
     /// message the connection reads meanwhile is judged (under this lock)
     /// only once they are gone, against budgets that no longer count them.
-    /// When it has read on, the segments are dropped first, so that nothing
-    /// it judges next waits for this lock, and then it answers.
+    /// Their fds are closed after the lock is let go: a last close frees
+    /// the pages, which no budget counts. When the connection has read on,
+    /// the segments are dropped first, so that nothing it judges next waits
+    /// for this lock, and then it answers.
     pub(crate) fn answer_then_release(
         &self,
         ticket: Ticket,
@@ -283,7 +285,9 @@ impl Link {
         if state.judged == judged {
             state.session.answer(ticket, verdict, now);
             let sent = self.flush(&mut state);
-            drop(segments);
+            let fds: Vec<OwnedFd> = segments.into_iter().map(VerifiedSegment::into_fd).collect();
+            drop(state);
+            drop(fds);
             return sent;
         }
         drop(state);
