@@ -413,8 +413,8 @@ impl IncomingTransfer {
     /// freed, which for a big segment can take nearly half as long as
     /// filling it did. A message the connection reads meanwhile is judged
     /// only after they are gone, so against budgets that no longer count
-    /// them. When it has read on (this runs on another thread), the segments
-    /// are dropped first, then it answers. Either way, nothing the
+    /// them. When it has read on (as it may while this runs on another
+    /// thread), the segments are dropped first, then it answers. Either way, nothing the
     /// connection judges after this call counts these segments (except on
     /// tokio, where a mapping of 4 MiB or more is released on the blocking
     /// pool and stays counted until that is done).
