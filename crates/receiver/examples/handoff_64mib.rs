@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed()
     );
     assert_eq!(sum, SIZE * u64::from(b'A'));
-    transfer.accept()?; // unmaps, then answers Ack
+    transfer.accept()?; // answers Ack, then unmaps
     let status = sender.wait()?;
     drop(listener);
     std::fs::remove_dir_all(&dir)?;

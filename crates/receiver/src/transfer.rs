@@ -324,7 +324,7 @@ impl Drop for Responder {
 ///         let transfer: sealpass_receiver::IncomingTransfer = transfer;
 ///         let checksum: u64 = transfer.segments()[0].bytes().iter().map(|&b| u64::from(b)).sum();
 ///         println!("transfer {}: checksum {checksum}", transfer.id());
-///         transfer.accept().ok(); // unmaps, then answers Ack
+///         transfer.accept().ok(); // answers Ack and unmaps, in the order `accept` gives
 ///     }
 /// });
 /// while let Some(transfer) = connection.receive()? {
