@@ -410,6 +410,9 @@ mod ice {
 
     impl Services {
         fn open(place: &Path) -> Services {
+            // Without this each node warns that no config file was loaded;
+            // the defaults are what this benchmark wants.
+            set_log_level(LogLevel::Error);
             let node = NodeBuilder::new().create::<ipc::Service>().unwrap();
             let event = |what| {
                 node.service_builder(&name(place, what))
