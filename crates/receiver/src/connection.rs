@@ -278,16 +278,18 @@ impl Link {
         ticket: Ticket,
         verdict: Result<(), String>,
         judged: u64,
-        segments: Vec<VerifiedSegment>,
+        mut segments: Vec<VerifiedSegment>,
         now: Instant,
     ) -> Result<(), AnswerError> {
         let mut state = self.lock();
         if state.judged == judged {
             state.session.answer(ticket, verdict, now);
             let sent = self.flush(&mut state);
-            let fds: Vec<OwnedFd> = segments.into_iter().map(VerifiedSegment::into_fd).collect();
+            segments
+                .iter_mut()
+                .for_each(VerifiedSegment::release_mapping);
             drop(state);
-            drop(fds);
+            drop(segments);
             return sent;
         }
         drop(state);

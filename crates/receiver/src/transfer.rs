@@ -89,6 +89,14 @@ pub(crate) const RELEASE_OFF_RUNTIME: u64 = 4 << 20;
 
 impl Drop for Pages {
     fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Pages {
+    /// Unmaps, then gives the bytes back to the budgets; a second call
+    /// finds nothing left to do.
+    fn release(&mut self) {
         #[cfg(feature = "tokio")]
         if let Some(handle) = self.release.take() {
             let big = self
@@ -169,6 +177,13 @@ impl VerifiedSegment {
     /// share of the memory budget.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
+    }
+
+    /// Unmaps it and gives its bytes back to the budgets, keeping the fd
+    /// open until the segment drops. Only for a segment nobody can read
+    /// any more: its bytes are gone.
+    pub(crate) fn release_mapping(&mut self) {
+        self.pages.release();
     }
 
     /// The bytes as a `bytes::Bytes`, without a copy: the `Bytes` owns this
