@@ -36,6 +36,17 @@ fn send(sender: &OwnedFd, payload: &[u8], fds: &[OwnedFd]) {
     fdpass::send(sender.as_fd(), payload, &fds).unwrap();
 }
 
+/// Queues a valid one-segment transfer (4 KiB, sealed) for each of `ids`.
+fn send_valid_transfers(sender: &OwnedFd, ids: std::ops::RangeInclusive<u64>) {
+    for id in ids {
+        send(
+            sender,
+            &transfer_bytes(id, vec![segment("s", 4096, SEALED)]).unwrap(),
+            &[memfd("s", 4096, SEALED).unwrap()],
+        );
+    }
+}
+
 /// The answers already waiting for the sender, without waiting for more.
 fn answers_waiting(sender: &OwnedFd) -> Vec<Message> {
     fdpass::set_timeouts(sender.as_fd(), Some(Duration::from_millis(50)), None).unwrap();
@@ -241,13 +252,7 @@ fn a_closing_reject_mid_batch_discards_the_rest_and_closes_their_fds() {
 fn a_handler_that_panics_mid_batch_loses_no_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (mut connection, sender) = connected(dir.path());
-    for id in 1..=4 {
-        send(
-            &sender,
-            &transfer_bytes(id, vec![segment("s", 4096, SEALED)]).unwrap(),
-            &[memfd("s", 4096, SEALED).unwrap()],
-        );
-    }
+    send_valid_transfers(&sender, 1..=4);
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_batch(&mut connection, |transfer| {
             if transfer.id() == 2 {
@@ -280,13 +285,7 @@ fn a_handler_that_panics_mid_batch_loses_no_answer() {
 fn serving_one_at_a_time_takes_what_a_panicked_batch_left_first() {
     let dir = tempfile::tempdir().unwrap();
     let (mut connection, sender) = connected(dir.path());
-    for id in 1..=3 {
-        send(
-            &sender,
-            &transfer_bytes(id, vec![segment("s", 4096, SEALED)]).unwrap(),
-            &[memfd("s", 4096, SEALED).unwrap()],
-        );
-    }
+    send_valid_transfers(&sender, 1..=3);
     let slots = fdpass::batch_slots();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         serve_batch(&mut connection, |_| -> Result<(), String> {
