@@ -61,11 +61,19 @@ fn main() {
         .iter()
         .find_map(|a| a.strip_prefix("--mechanisms="))
         .map_or_else(|| MECHANISMS.to_vec(), |list| list.split(',').collect());
-    let sizes: &[usize] = if quick {
+    let all_sizes: &[usize] = if quick {
         &[4 << 10, 1 << 20, 64 << 20]
     } else {
         &[4 << 10, 1 << 20, 64 << 20, 1 << 30]
     };
+    // `--sizes=4096,1048576`: only those rows, for profiling one size.
+    let sizes: Vec<usize> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--sizes="))
+        .map_or_else(
+            || all_sizes.to_vec(),
+            |list| list.split(',').map(|s| s.parse().unwrap()).collect(),
+        );
     let runs = if quick { 3 } else { 5 };
     let cpus = allowed_cpus();
     let (producer_cpu, consumer_cpu) = match cpus.as_slice() {
@@ -75,7 +83,7 @@ fn main() {
     if let Some(cpu) = producer_cpu {
         pin(cpu);
     }
-    for &size in sizes {
+    for &size in &sizes {
         let rounds = rounds_for(size, quick);
         for mechanism in &only {
             let mut per_round = Vec::new();

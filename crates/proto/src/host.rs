@@ -241,7 +241,8 @@ impl fmt::Display for Host {
                 .map_or_else(unknown, |(soft, hard)| format!("{soft} (hard {hard})")),
             "every connection and every segment in flight holds an fd; a receiver near the limit \
              refuses new connections (ResourceExhausted) and transfers (ControlTruncated); a \
-             receiver takes soft/506 queued messages per batch (at least 1; 32 from 16192)",
+             receiver takes soft/506 queued messages per batch (at least 1; 32 from 16192); \
+             sealpass-recv raises its soft limit to the hard one when it starts",
             "ulimit -n N (or LimitNOFILE= in a systemd unit)",
         )?;
         item(

@@ -219,14 +219,15 @@ fn sigterm_answers_what_was_sent_removes_the_socket_and_exits_0() {
     assert!(!receiver.socket().exists(), "its own socket is removed");
 }
 
-/// Starts `sealpass-recv` with RLIMIT_NOFILE lowered to `limit`.
+/// Starts `sealpass-recv` with RLIMIT_NOFILE lowered to `soft` (and `hard`).
 fn recv_with_nofile(
-    limit: u32,
+    soft: u32,
+    hard: u32,
     dir: &std::path::Path,
 ) -> (std::process::Child, std::path::PathBuf) {
     let socket = dir.join("nofile.sock");
     let child = Command::new("prlimit")
-        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(format!("--nofile={soft}:{hard}"))
         .arg(env!("CARGO_BIN_EXE_sealpass-recv"))
         .arg("--socket")
         .arg(&socket)
@@ -243,9 +244,25 @@ fn recv_with_nofile(
 }
 
 #[test]
+fn the_receiver_raises_its_soft_fd_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _socket) = recv_with_nofile(64, 4096, dir.path());
+    // prlimit execs the receiver: the child's pid is the receiver's.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let figures: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(figures, ["4096", "4096"], "{open_files}");
+}
+
+#[test]
 fn when_fds_run_short_new_work_is_refused_cleanly_and_service_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, socket) = recv_with_nofile(32, dir.path());
+    let (mut child, socket) = recv_with_nofile(32, 32, dir.path());
     // Hold connections until the receiver runs out of fds and says so. Each
     // connection sends a header without its fd: one being served answers
     // FdCountMismatch and stays open; one refused at accept gets the refusal.

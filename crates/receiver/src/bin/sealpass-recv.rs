@@ -583,6 +583,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             usage_error(message);
         }
     }
+    raise_fd_limit();
     if cli.compat {
         let mut listener = Listener::bind_compat(cli.socket())?;
         listener.set_config(cli.config(Seals::empty()));
@@ -629,6 +630,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one, as a server that never
+/// uses `select` may: every connection and every segment in flight holds an
+/// fd, and a batch takes at most half the soft limit in fds (so 2 messages
+/// at the common default of 1024, 32 from 16192). The hard limit, which the
+/// operator sets, is left alone; a refusal only leaves the soft one as it was.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!(
+            "raised the soft fd limit (RLIMIT_NOFILE) from {soft} to the hard limit, {hard}"
+        ),
+        Err(errno) => tracing::warn!(
+            "the soft fd limit (RLIMIT_NOFILE) stays {soft}: raising it to the hard limit, {hard}, failed: {errno}"
+        ),
+    }
 }
 
 fn main() -> ExitCode {
