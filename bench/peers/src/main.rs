@@ -25,7 +25,9 @@
 //!   second service and event.
 //!
 //! Output: one JSON line per mechanism and size (`median_us`, `min_us`,
-//! `max_us`), for xtask to tabulate.
+//! `max_us`), for xtask to tabulate. Run by hand, `--quick`,
+//! `--mechanisms=sealpass,unix-stream` and `--sizes=4096,67108864` (bytes)
+//! narrow it to the rows being profiled.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Read, Write};
