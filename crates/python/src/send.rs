@@ -83,8 +83,8 @@ impl Segment {
         Ok(Segment::new(segment))
     }
 
-    /// A segment holding the bytes of the file at `path`, copied in the
-    /// kernel (`copy_file_range`) without the GIL, then sealed. With
+    /// A segment holding the bytes of the file at `path`, copied without
+    /// the GIL as `SealedSegment::from_file` copies it, then sealed. With
     /// `hugetlb=True`, read into hugetlb pages where the machine can.
     #[staticmethod]
     #[pyo3(signature = (name, path, seals = None, *, hugetlb = false))]

@@ -82,8 +82,9 @@ class Segment:
     def from_file(
         name: str, path: str | PathLike[str], seals: _Seals | None = None, *, hugetlb: bool = False
     ) -> Segment:
-        """The bytes of the file at `path`, copied in the kernel, sealed. hugetlb=True as
-        for from_buffer."""
+        """The bytes of the file at `path`, copied without the heap (in the kernel, or into
+        a huge-page mapping where shmem THP is advise), sealed. hugetlb=True as for
+        from_buffer."""
     @staticmethod
     def from_sealed_fd(fd: int, required: _Seals | None = None) -> Segment:
         """A sealed memfd received elsewhere, to forward untouched (the fd is duplicated).
