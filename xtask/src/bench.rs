@@ -23,7 +23,10 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 for before/after comparisons of the hot path
   --pipelined   only pipelined throughput on one connection
   --fill        only the producer's fill paths (mapping, MAP_POPULATE
-                mapping, pwrite) at each size
+                mapping, pwrite, MADV_HUGEPAGE mapping) at each size, and
+                where huge pages can be had (2 MiB and more; with --thp
+                here), a cached file copied or read into a MADV_HUGEPAGE
+                mapping
   --checks      only the receiver's cost per 4 KiB segment, system call by
                 system call (each check, the mapping, the close, the two
                 messages one at a time and 32 per recvmmsg/sendmmsg, and a
@@ -41,7 +44,7 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 if the pool lacks room for two of the largest segment,
                 raise vm.nr_hugepages for the run, say so, and put the old
                 value back on every path, Ctrl-C included
-  --thp         with --e2e, --python or --peers, as root: switch shmem
+  --thp         with --e2e, --fill, --python or --peers, as root: switch shmem
                 transparent huge pages to `advise` for the run
                 (/sys/kernel/mm/transparent_hugepage/shmem_enabled), say so,
                 and put the old mode back on every path, Ctrl-C included.
@@ -94,8 +97,9 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     let thp = args.iter().any(|arg| arg == "--thp");
     let hugetlb = args.iter().any(|arg| arg == "--hugetlb");
     let e2e = args.iter().any(|arg| arg == "--e2e");
-    if thp && !e2e {
-        bail!("bench: --thp goes with --e2e or --python\n\n{HELP}");
+    let fill = args.iter().any(|arg| arg == "--fill");
+    if thp && !e2e && !fill {
+        bail!("bench: --thp goes with --e2e, --fill, --python or --peers\n\n{HELP}");
     }
     if hugetlb && (!e2e || thp) {
         bail!("bench: --hugetlb goes with --e2e, without --thp\n\n{HELP}");

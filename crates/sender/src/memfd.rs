@@ -548,11 +548,11 @@ impl SealedSegment {
     /// never through the heap whole: copied in the kernel
     /// (`copy_file_range`), or, for a regular file of 2 MiB or more where
     /// shmem huge pages are `advise`, read into a mapping that asks for
-    /// them (a write gets none in that mode). That took half the time at
-    /// 64 MiB here (15 against 32 ms), and the receiver's mapping then
-    /// faults once per 2 MiB. With `always` or `within_size` the memfd is
-    /// sized to the file before the copy. A file that grows or shrinks
-    /// meanwhile gives a segment of what was read.
+    /// them (a write gets none in that mode): 4.2 times faster at 64 MiB
+    /// and 4.7 times at 1 GiB here (`cargo xtask bench --fill --thp`), and
+    /// the receiver's mapping then faults once per 2 MiB. With `always` or
+    /// `within_size` the memfd is sized to the file before the copy. A file
+    /// that grows or shrinks meanwhile gives a segment of what was read.
     pub fn from_file(
         name: &str,
         path: impl AsRef<Path>,

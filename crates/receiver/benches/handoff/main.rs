@@ -513,29 +513,28 @@ fn main() {
     println!("wrote {}", plot.display());
 }
 
-/// The three ways to fill a fresh memfd, at each size: the rows behind the
+/// The ways to fill a fresh memfd, at each size: the rows behind the
 /// choices of `SealedSegment` (`from_bytes` and `filled` use pwrite;
-/// `with_mapping` keeps a plain mapping, `MAP_POPULATE` being no faster).
+/// `with_mapping` keeps a plain mapping, `MAP_POPULATE` being no faster;
+/// where shmem huge pages are `advise`, a segment of 2 MiB or more, a
+/// file's included, is filled through a `MADV_HUGEPAGE` mapping). Run with
+/// `--thp` for the huge page rows to differ from the plain ones.
 fn fill_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
+    let mode = sealpass_proto::host::ShmemHugePages::read();
     for &size in sizes {
         let source = vec![b'x'; size];
         let iterations = iterations_for(size, quick).min(200);
-        let mut medians = [0.0; 3];
-        for (slot, method) in medians.iter_mut().zip(measure::Fill::ALL) {
-            let samples: Vec<f64> = (0..runs)
-                .map(|_| measure::fill(&source, method, iterations))
-                .collect();
-            let stat = Stat::of(samples);
-            *slot = stat.median;
-            report.row(
-                Regime::TwoCpus,
-                method.describe(),
-                Some(size),
-                "µs",
-                stat,
-                None,
-            );
-        }
+        let medians: Vec<f64> = measure::Fill::ALL
+            .into_iter()
+            .map(|method| {
+                let stat = Stat::of(
+                    (0..runs)
+                        .map(|_| measure::fill(&source, method, iterations))
+                        .collect(),
+                );
+                fill_row(report, method.describe(), size, stat)
+            })
+            .collect();
         report.line(
             format!("fill through a mapping / pwrite at {}", human(size)),
             medians[0] / medians[2],
@@ -549,7 +548,46 @@ fn fill_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
             medians[1] / medians[0],
             None,
         );
+        if !mode.advise_for(size as u64) {
+            continue;
+        }
+        report.line(
+            format!(
+                "fill with pwrite / through a MADV_HUGEPAGE mapping at {} (shmem huge pages {mode:?})",
+                human(size)
+            ),
+            medians[2] / medians[3],
+            None,
+        );
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, &source).unwrap();
+        let file_medians: Vec<f64> = measure::FileFill::ALL
+            .into_iter()
+            .map(|method| {
+                let stat = Stat::of(
+                    (0..runs)
+                        .map(|_| measure::fill_from_file(file.path(), method, iterations))
+                        .collect(),
+                );
+                fill_row(report, method.describe(), size, stat)
+            })
+            .collect();
+        report.line(
+            format!(
+                "copy a file / read it into a MADV_HUGEPAGE mapping at {} (shmem huge pages {mode:?})",
+                human(size)
+            ),
+            file_medians[0] / file_medians[1],
+            None,
+        );
     }
+}
+
+/// Reports one fill row; returns its median.
+fn fill_row(report: &mut Report, method: &str, size: usize, stat: Stat) -> f64 {
+    let median = stat.median;
+    report.row(Regime::TwoCpus, method, Some(size), "µs", stat, None);
+    median
 }
 
 /// The async round trip and pipelined rate (tokio at both ends) beside the

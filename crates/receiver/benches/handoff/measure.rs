@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -358,18 +358,94 @@ pub(crate) enum Fill {
     MappingPopulated,
     /// `pwrite` from a buffer: the kernel allocates pages as it copies.
     Pwrite,
+    /// Through a writable mapping with `MADV_HUGEPAGE`: where shmem huge
+    /// pages are `advise`, a fault and a zeroed page per 2 MiB.
+    MappingHuge,
 }
 
 impl Fill {
-    pub(crate) const ALL: [Fill; 3] = [Fill::Mapping, Fill::MappingPopulated, Fill::Pwrite];
+    pub(crate) const ALL: [Fill; 4] = [
+        Fill::Mapping,
+        Fill::MappingPopulated,
+        Fill::Pwrite,
+        Fill::MappingHuge,
+    ];
 
     pub(crate) fn describe(self) -> &'static str {
         match self {
             Fill::Mapping => "fill a fresh memfd through a writable mapping",
             Fill::MappingPopulated => "fill a fresh memfd through a MAP_POPULATE mapping",
             Fill::Pwrite => "fill a fresh memfd with pwrite",
+            Fill::MappingHuge => "fill a fresh memfd through a MADV_HUGEPAGE mapping",
         }
     }
+}
+
+/// How a fresh memfd gets a file's bytes, for the file rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FileFill {
+    /// `std::io::copy` from the file: `copy_file_range`, or `sendfile`
+    /// across file systems.
+    Copy,
+    /// `read` into a writable mapping with `MADV_HUGEPAGE`.
+    IntoHugeMapping,
+}
+
+impl FileFill {
+    pub(crate) const ALL: [FileFill; 2] = [FileFill::Copy, FileFill::IntoHugeMapping];
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            FileFill::Copy => "copy a cached file into a fresh memfd (copy_file_range)",
+            FileFill::IntoHugeMapping => "read a cached file into a MADV_HUGEPAGE mapping",
+        }
+    }
+}
+
+/// A fresh memfd of `size` bytes mapped for writing, asking for huge pages
+/// with `huge`.
+fn fresh_mapping(size: usize, populate: bool, huge: bool) -> (OwnedFd, memmap2::MmapMut) {
+    let fd = fresh_memfd();
+    nix::unistd::ftruncate(&fd, size as i64).unwrap();
+    let mut options = memmap2::MmapOptions::new();
+    options.len(size);
+    if populate {
+        options.populate();
+    }
+    // SAFETY: the memfd was just created here and nothing else maps or
+    // truncates it while this mapping lives.
+    let mapping = unsafe { options.map_mut(&fd) }.unwrap();
+    if huge {
+        mapping.advise(memmap2::Advice::HugePage).unwrap();
+    }
+    (fd, mapping)
+}
+
+fn fresh_memfd() -> OwnedFd {
+    nix::sys::memfd::memfd_create(
+        "fill",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .unwrap()
+}
+
+/// µs to create a memfd and put the bytes of the file at `path` (in the
+/// page cache already) in it by `method`, closing it after.
+pub(crate) fn fill_from_file(path: &std::path::Path, method: FileFill, iterations: usize) -> f64 {
+    let size = std::fs::metadata(path).unwrap().len() as usize;
+    per_op(iterations, || {
+        let mut source = File::open(path).unwrap();
+        match method {
+            FileFill::Copy => {
+                let mut memfd = File::from(fresh_memfd());
+                std::io::copy(&mut source, &mut memfd).unwrap();
+            }
+            FileFill::IntoHugeMapping => {
+                let (_fd, mut mapping) = fresh_mapping(size, false, true);
+                source.read_exact(&mut mapping).unwrap();
+            }
+        }
+    })
 }
 
 /// µs to create a memfd and put `source` in it by `method`, closing it
@@ -377,26 +453,13 @@ impl Fill {
 pub(crate) fn fill(source: &[u8], method: Fill, iterations: usize) -> f64 {
     use std::os::unix::fs::FileExt;
     let size = source.len();
-    per_op(iterations, || {
-        let fd = nix::sys::memfd::memfd_create(
-            "fill",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
-        )
-        .unwrap();
-        match method {
-            Fill::Pwrite => File::from(fd).write_all_at(source, 0).unwrap(),
-            Fill::Mapping | Fill::MappingPopulated => {
-                nix::unistd::ftruncate(&fd, size as i64).unwrap();
-                let mut options = memmap2::MmapOptions::new();
-                options.len(size);
-                if let Fill::MappingPopulated = method {
-                    options.populate();
-                }
-                // SAFETY: the memfd was just created here and nothing else
-                // maps or truncates it while this mapping lives.
-                let mut mapping = unsafe { options.map_mut(&fd) }.unwrap();
-                mapping.copy_from_slice(source);
-            }
+    per_op(iterations, || match method {
+        Fill::Pwrite => File::from(fresh_memfd()).write_all_at(source, 0).unwrap(),
+        Fill::Mapping | Fill::MappingPopulated | Fill::MappingHuge => {
+            let populate = matches!(method, Fill::MappingPopulated);
+            let huge = matches!(method, Fill::MappingHuge);
+            let (_fd, mut mapping) = fresh_mapping(size, populate, huge);
+            mapping.copy_from_slice(source);
         }
     })
 }
