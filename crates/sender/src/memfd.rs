@@ -301,6 +301,14 @@ fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWriter>, Segmen
     Ok(SegmentWriter::mapping(name, size, fd, false).ok())
 }
 
+/// The file at `path`, opened to be copied into a segment.
+fn open_source(path: &Path) -> Result<File, SegmentError> {
+    File::open(path).map_err(|source| SegmentError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Reads from `reader` until `buffer` is full or the reader ends; returns
 /// how many bytes it read.
 fn read_until_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<u64> {
@@ -568,10 +576,7 @@ impl SealedSegment {
         seals: Seals,
         huge: ShmemHugePages,
     ) -> Result<Self, SegmentError> {
-        let mut source = File::open(path).map_err(|source| SegmentError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut source = open_source(path)?;
         // A pipe or a device says nothing of its length: 0, streamed.
         let expected = source
             .metadata()
@@ -594,10 +599,7 @@ impl SealedSegment {
     ) -> Result<Self, SegmentError> {
         let path = path.as_ref();
         if pages == Pages::HugeTlb {
-            let mut source = File::open(path).map_err(|source| SegmentError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            let mut source = open_source(path)?;
             let length = source
                 .metadata()
                 .map_err(|source| SegmentError::Open {
