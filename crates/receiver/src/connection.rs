@@ -370,6 +370,11 @@ impl AnswerHold {
 
     fn release(mut self) -> Result<(), AnswerError> {
         self.released = true;
+        self.send_held()
+    }
+
+    /// Stops holding and sends what is due.
+    fn send_held(&self) -> Result<(), AnswerError> {
         let mut state = self.link.lock();
         state.held = false;
         self.link.flush(&mut state)
@@ -379,11 +384,9 @@ impl AnswerHold {
 impl Drop for AnswerHold {
     fn drop(&mut self) {
         if !self.released {
-            let mut state = self.link.lock();
-            state.held = false;
             // The path out is already an error or a panic; a failed send
             // ends the session, and the next call reports that.
-            let _ = self.link.flush(&mut state);
+            let _ = self.send_held();
         }
     }
 }
