@@ -366,7 +366,9 @@ enum Phase {
 pub struct Session {
     config: Arc<Config>,
     own: Arc<MappedBudget>,
-    total: Option<Arc<MappedBudget>>,
+    /// The budget shared by every connection of a listener; a session on
+    /// its own gets one of its own, so `max_mapped_total` always holds.
+    total: Arc<MappedBudget>,
     phase: Phase,
     peer_closed: bool,
     greeted: bool,
@@ -382,8 +384,10 @@ pub struct Session {
 impl Session {
     /// A session for a connection accepted at `now`, under `config`, its
     /// mappings also counted in `total` (shared with other connections) if
-    /// given.
+    /// given, and otherwise in a budget of `config.max_mapped_total()` of
+    /// its own.
     pub fn new(config: Arc<Config>, total: Option<Arc<MappedBudget>>, now: Instant) -> Session {
+        let total = total.unwrap_or_else(|| MappedBudget::new(config.max_mapped_total()));
         let deadline = config
             .first_message_deadline()
             .or(config.idle_timeout())
@@ -615,18 +619,16 @@ impl Session {
                 self.own.limit()
             ))
         })?;
-        if let Some(total) = &self.total {
-            if total.take(bytes).is_none() {
-                self.own.give_back(bytes);
-                return Err(memory_limit(format!(
-                    "transfer of {bytes} bytes does not fit: {} of {} bytes already mapped by all connections",
-                    total.in_use(),
-                    total.limit()
-                )));
-            }
+        if self.total.take(bytes).is_none() {
+            self.own.give_back(bytes);
+            return Err(memory_limit(format!(
+                "transfer of {bytes} bytes does not fit: {} of {} bytes already mapped by all connections",
+                self.total.in_use(),
+                self.total.limit()
+            )));
         }
         Ok(Reservation {
-            budgets: [Some(Arc::clone(&self.own)), self.total.clone()],
+            budgets: [Some(Arc::clone(&self.own)), Some(Arc::clone(&self.total))],
             bytes,
         })
     }

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use memmap2::Mmap;
 use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::session::{Datagram, Received, Ticket, unknown_fd_facts};
+use sealpass_proto::session::{Datagram, Received, Ticket, admit, unknown_fd_facts};
 use sealpass_proto::verify::FdFacts;
 use sealpass_proto::{Config, EncodeError, MappedBudget, Reject, RejectReason, Session, codec};
 
+use crate::listener::{Admission, AdmissionTicket, out_of_fds, refuse};
 use crate::transfer::{IncomingTransfer, Responder, VerifiedSegment};
 use crate::{inspect, mapping};
 
@@ -38,6 +39,31 @@ pub enum ServeError {
     /// Answering the peer failed.
     #[error(transparent)]
     Answer(#[from] AnswerError),
+    /// The configuration does not admit the peer (`NotAllowed`): it was
+    /// answered so, and its connection closed.
+    #[error("refused the connection: {0}")]
+    Refused(Reject),
+}
+
+/// Admits a connection served on its own ([`Connection::new`]) under
+/// `config`'s access rules: a peer they refuse is answered and closed.
+pub(crate) fn admit_alone(
+    socket: OwnedFd,
+    config: &Config,
+) -> Result<(OwnedFd, PeerCredentials), ServeError> {
+    let peer = fdpass::peer_credentials(socket.as_fd()).ok();
+    match (admit(config, peer.as_ref(), 0), peer) {
+        (Ok(()), Some(peer)) => Ok((socket, peer)),
+        (Err(reject), _) => {
+            refuse(socket, &reject);
+            Err(ServeError::Refused(reject))
+        }
+        (Ok(()), None) => {
+            let reject = out_of_fds();
+            refuse(socket, &reject);
+            Err(ServeError::Refused(reject))
+        }
+    }
 }
 
 /// Why an answer did not reach the peer.
@@ -140,6 +166,9 @@ impl Socket {
 pub(crate) struct Link {
     pub(crate) socket: Socket,
     state: Mutex<LinkState>,
+    /// The connection's place among its listener's `max_connections`,
+    /// held until the socket closes.
+    _admission: Option<AdmissionTicket>,
     /// Woken when an answer could not go out at once (a non-blocking socket
     /// whose peer's queue is full): the async driver's flusher waits for room.
     #[cfg(feature = "tokio")]
@@ -229,9 +258,14 @@ impl Drop for Link {
 }
 
 impl Link {
-    pub(crate) fn new(socket: Socket, session: Session) -> Link {
+    pub(crate) fn new(
+        socket: Socket,
+        session: Session,
+        admission: Option<AdmissionTicket>,
+    ) -> Link {
         Link {
             socket,
+            _admission: admission,
             state: Mutex::new(LinkState {
                 session,
                 encoded: Vec::new(),
@@ -741,11 +775,25 @@ pub struct Connection {
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
 
 impl Connection {
-    /// Serves a connected `SOCK_SEQPACKET` socket under `config` (its own
-    /// mapped-bytes budget; no shared one).
+    /// Serves a connected `SOCK_SEQPACKET` socket under `config`, with a
+    /// mapped-bytes budget of its own (`max_mapped_total` and
+    /// `max_mapped_per_connection` both bound it). A peer that `config`'s
+    /// access rules do not admit is answered `NotAllowed` and closed:
+    /// [`ServeError::Refused`].
     pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, Arc::new(config), None, peer)
+        let peer = admit_alone(socket, &config)?;
+        Connection::serving(peer.0, Arc::new(config), None, Some(peer.1), None)
+    }
+
+    /// Serves a connection its listener admitted.
+    pub(crate) fn admitted(admission: Admission) -> Result<Connection, ServeError> {
+        Connection::serving(
+            admission.socket,
+            admission.config,
+            Some(admission.budget),
+            Some(admission.peer),
+            Some(admission.ticket),
+        )
     }
 
     pub(crate) fn serving(
@@ -753,13 +801,14 @@ impl Connection {
         config: Arc<Config>,
         total: Option<Arc<MappedBudget>>,
         peer: Option<PeerCredentials>,
+        admission: Option<AdmissionTicket>,
     ) -> Result<Connection, ServeError> {
         inspect::open_proc_fd_dir();
         // The idle timeout also bounds how long an answer waits for room.
         fdpass::set_timeouts(socket.as_fd(), None, config.idle_timeout())
             .map_err(ServeError::SetTimeout)?;
         let session = Session::new(Arc::clone(&config), total, Instant::now());
-        let link = Arc::new(Link::new(Socket::Blocking(socket), session));
+        let link = Arc::new(Link::new(Socket::Blocking(socket), session, admission));
         Ok(Connection {
             core: Core::new(link, config, peer, true),
             receive_timeout: None,

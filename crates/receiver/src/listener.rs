@@ -7,13 +7,15 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::Config;
-use sealpass_proto::fdpass::{self, Op, TransportError};
+use sealpass_proto::fdpass::{self, Op, PeerCredentials, TransportError};
+use sealpass_proto::session::admit;
+use sealpass_proto::{Config, MappedBudget, Message, Reject, RejectReason, encode};
 
 use crate::connection::{Connection, ServeError};
 use crate::inspect;
@@ -84,11 +86,17 @@ pub struct Listener {
     path: PathBuf,
     inode: Option<(u64, u64)>,
     config: Arc<Config>,
-    /// An fd held in reserve, opened before the socket: when fds run out, a
-    /// service frees it to accept and refuse a peer rather than leave it
-    /// hanging in the backlog. Opening it first keeps the fds a receiver
-    /// holds while listening fixed from the moment the socket exists.
-    reserve: Option<fs::File>,
+    /// The mapped bytes of every connection accepted under `config`,
+    /// against its `max_mapped_total`.
+    budget: Arc<MappedBudget>,
+    /// Connections accepted and not yet closed, against `max_connections`.
+    active: Arc<AtomicUsize>,
+    /// An fd held in reserve, opened before the socket: when fds run out, it
+    /// is freed to accept and refuse a peer rather than leave it hanging in
+    /// the backlog. Opening it first keeps the fds a receiver holds while
+    /// listening fixed from the moment the socket exists. Lost when fds ran
+    /// out as it was reopened, it is opened again at the next accept.
+    reserve: Mutex<Option<fs::File>>,
     /// The wake-up pair a [`Service`](crate::Service) stops on, made before
     /// the socket for the same reason; taken by the service.
     wake: Option<(UnixStream, UnixStream)>,
@@ -153,12 +161,15 @@ impl Listener {
             path: path.to_owned(),
             source,
         })?;
+        let config = Config::default();
         Ok(Listener {
             socket,
             path: path.to_owned(),
             inode: inode_of(path),
-            config: Arc::new(Config::default()),
-            reserve,
+            budget: MappedBudget::new(config.max_mapped_total()),
+            config: Arc::new(config),
+            active: Arc::default(),
+            reserve: Mutex::new(reserve),
             wake,
         })
     }
@@ -171,20 +182,109 @@ impl Listener {
         }
     }
 
-    /// Runs `accept_and_refuse` with the reserve fd freed, then takes a new
-    /// one: how a service answers a peer when the process is out of fds.
-    pub(crate) fn with_reserve_freed<T>(
-        &mut self,
-        accept_and_refuse: impl FnOnce(&Self) -> T,
-    ) -> T {
-        self.reserve = None;
-        let result = accept_and_refuse(self);
-        self.reserve = fs::File::open("/dev/null").ok();
-        result
+    /// Refuses one waiting peer with `ResourceExhausted` when the process
+    /// is out of fds, through the reserve fd: freed, the peer accepted and
+    /// answered, the reserve opened again. `Ok(true)` when a peer was refused.
+    pub(crate) fn refuse_for_want_of_fds(&self) -> bool {
+        let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        *reserve = None;
+        let refused = match fdpass::try_accept(self.socket.as_fd()) {
+            Ok(Some(socket)) => {
+                tracing::warn!("out of file descriptors: refusing a connection");
+                refuse(socket, &out_of_fds());
+                true
+            }
+            _ => false,
+        };
+        *reserve = fs::File::open("/dev/null").ok();
+        refused
     }
 
-    /// The policy, limits and access every accepted connection gets.
+    /// Opens the reserve fd again if an earlier burst left it closed.
+    fn restore_reserve(&self) {
+        let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
+        if reserve.is_none() {
+            *reserve = fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// Whether the reserve fd is held (for tests of fd exhaustion).
+    #[doc(hidden)]
+    pub fn holds_reserve_fd(&self) -> bool {
+        self.reserve
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Admits `socket` under this listener's configuration: a peer whose
+    /// credentials it allows, within `max_connections`. A refused peer is
+    /// answered (`NotAllowed`, `TooManyConnections`) and closed here, and
+    /// the refusal returned.
+    pub(crate) fn admit(&self, socket: OwnedFd) -> Result<Admitted, Reject> {
+        let peer = fdpass::peer_credentials(socket.as_fd())
+            .inspect_err(|error| tracing::warn!("peer credentials unavailable: {error}"))
+            .ok();
+        // The count is checked and taken in one step: `accept` takes `&self`,
+        // so two threads may admit at once.
+        let admitted = self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+                admit(&self.config, peer.as_ref(), active)
+                    .is_ok()
+                    .then_some(active + 1)
+            });
+        match (admitted, peer) {
+            (Ok(_), Some(peer)) => Ok(Admitted {
+                socket,
+                peer,
+                ticket: AdmissionTicket(Arc::clone(&self.active)),
+            }),
+            (Err(active), peer) => {
+                let reject = match admit(&self.config, peer.as_ref(), active) {
+                    Err(reject) => reject,
+                    // Another connection closed meanwhile: refuse as full,
+                    // which is what was seen.
+                    Ok(()) => Reject::new(
+                        0,
+                        RejectReason::TooManyConnections,
+                        "the receiver serves its limit of connections; try again later",
+                    ),
+                };
+                let who =
+                    peer.map_or_else(|| "an unknown peer".to_owned(), |peer| peer.to_string());
+                tracing::info!(peer = %who, verdict = %reject.reason, "refused connection: {}", reject.message);
+                refuse(socket, &reject);
+                Err(reject)
+            }
+            // `admit` refuses a peer without credentials.
+            (Ok(_), None) => {
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                let reject = out_of_fds();
+                refuse(socket, &reject);
+                Err(reject)
+            }
+        }
+    }
+
+    /// The configuration, budget and admission of a connection admitted here.
+    pub(crate) fn admission(&self, admitted: Admitted) -> Admission {
+        Admission {
+            socket: admitted.socket,
+            peer: admitted.peer,
+            ticket: admitted.ticket,
+            config: Arc::clone(&self.config),
+            budget: Arc::clone(&self.budget),
+        }
+    }
+
+    /// The policy, limits and access every connection accepted from now on
+    /// gets: whoever `config` does not admit, or one connection past
+    /// `max_connections`, is refused at accept, and the mapped bytes of
+    /// the connections accepted under it together stay within
+    /// `max_mapped_total`.
     pub fn set_config(&mut self, config: Config) {
+        self.budget = MappedBudget::new(config.max_mapped_total());
         self.config = Arc::new(config);
     }
 
@@ -193,8 +293,10 @@ impl Listener {
         &self.config
     }
 
-    pub(crate) fn shared_config(&self) -> Arc<Config> {
-        Arc::clone(&self.config)
+    /// The mapped bytes of the connections accepted under the
+    /// configuration, shared by all of them.
+    pub(crate) fn shared_budget(&self) -> Arc<MappedBudget> {
+        Arc::clone(&self.budget)
     }
 
     /// The socket's path.
@@ -202,24 +304,31 @@ impl Listener {
         &self.path
     }
 
-    /// Waits for the next connection and returns its bare socket.
+    /// Waits for the next connection and returns its bare socket, as it
+    /// is: no access rule or limit is applied to it.
     pub fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
+        self.restore_reserve();
         fdpass::accept(self.socket.as_fd())
     }
 
-    /// Waits for the next connection, and serves it under this listener's
-    /// configuration. Access control and the connection limit are the
-    /// [`Service`](crate::Service)'s: a single connection is served whoever
-    /// it is.
+    /// Waits for the next connection that this listener's configuration
+    /// admits, and serves it under that configuration. Peers it does not
+    /// allow, and peers past `max_connections`, are answered
+    /// (`NotAllowed`, `TooManyConnections`) and closed meanwhile; when the
+    /// process is out of fds, a waiting peer is answered
+    /// `ResourceExhausted`.
     pub fn accept(&self) -> Result<Connection, ServeError> {
-        let socket = self.accept_socket().map_err(ServeError::Accept)?;
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, self.shared_config(), None, peer)
+        loop {
+            if let Some(connection) = self.accept_within(Duration::MAX)? {
+                return Ok(connection);
+            }
+        }
     }
 
     /// [`Listener::accept`], waiting at most `limit` for a peer: `Ok(None)`
-    /// when none came (or a signal interrupted the wait). A caller that must
-    /// stay responsive waits in slices.
+    /// when none came, when the one that came was refused, or when a signal
+    /// interrupted the wait. A caller that must stay responsive waits in
+    /// slices.
     pub fn accept_within(&self, limit: Duration) -> Result<Option<Connection>, ServeError> {
         let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
@@ -233,18 +342,86 @@ impl Listener {
             }
             Ok(_) => {}
         }
+        self.restore_reserve();
         // A peer that gave up between the poll and here leaves nothing to
         // accept: wait again rather than block.
-        let Some(socket) = fdpass::try_accept(self.socket.as_fd()).map_err(ServeError::Accept)?
-        else {
+        let socket = match fdpass::try_accept(self.socket.as_fd()) {
+            Ok(Some(socket)) => socket,
+            Ok(None) => return Ok(None),
+            Err(error) if is_out_of_fds(&error) => {
+                self.refuse_for_want_of_fds();
+                return Ok(None);
+            }
+            Err(error) => return Err(ServeError::Accept(error)),
+        };
+        let Ok(admitted) = self.admit(socket) else {
             return Ok(None);
         };
         // Served by blocking calls, as `accept` gives it.
-        fdpass::set_blocking(socket.as_fd()).map_err(ServeError::Accept)?;
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, self.shared_config(), None, peer).map(Some)
+        fdpass::set_blocking(admitted.socket.as_fd()).map_err(ServeError::Accept)?;
+        Connection::admitted(self.admission(admitted)).map(Some)
     }
 }
+
+/// Whether accepting failed for want of fds (`EMFILE`, `ENFILE`).
+pub(crate) fn is_out_of_fds(error: &TransportError) -> bool {
+    matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE))
+}
+
+/// A peer the listener's configuration admits, counted against
+/// `max_connections` while its ticket lives.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub(crate) socket: OwnedFd,
+    pub(crate) peer: PeerCredentials,
+    pub(crate) ticket: AdmissionTicket,
+}
+
+/// Everything a connection is served with: its socket and peer, the
+/// configuration and shared budget it was admitted under, and its place
+/// among the listener's connections.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    pub(crate) socket: OwnedFd,
+    pub(crate) peer: PeerCredentials,
+    pub(crate) ticket: AdmissionTicket,
+    pub(crate) config: Arc<Config>,
+    pub(crate) budget: Arc<MappedBudget>,
+}
+
+/// One connection's place among its listener's `max_connections`, given
+/// back when dropped: the connection's link holds it until its socket closes.
+#[derive(Debug)]
+pub(crate) struct AdmissionTicket(Arc<AtomicUsize>);
+
+impl Drop for AdmissionTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers a connection that will not be served, then closes it so that
+/// the peer reads the `Reject` before the end of the connection.
+pub(crate) fn refuse(socket: OwnedFd, reject: &Reject) {
+    let _ = fdpass::set_timeouts(socket.as_fd(), None, Some(Duration::from_secs(1)));
+    if let Ok(bytes) = encode(&Message::Reject(reject.clone())) {
+        let _ = fdpass::send(socket.as_fd(), &bytes, &[]);
+    }
+    fdpass::close_after_answer(socket.as_fd(), REFUSED_DISCARD);
+}
+
+/// The refusal of a connection the receiver has no fd to spare for.
+pub(crate) fn out_of_fds() -> Reject {
+    Reject::new(
+        0,
+        RejectReason::ResourceExhausted,
+        "the receiver is out of file descriptors; try again later",
+    )
+}
+
+/// Most messages a refused peer already queued that are discarded before
+/// its connection closes (see [`fdpass::close_after_answer`]).
+const REFUSED_DISCARD: usize = 16;
 
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -20,12 +20,11 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use sealpass_proto::MappedBudget;
 use sealpass_proto::fdpass::{self, PeerCredentials};
-use sealpass_proto::session::admit;
-use sealpass_proto::{Config, MappedBudget, Message, Reject, RejectReason, encode};
 
 use crate::connection::{Connection, Outcome, ServeError};
-use crate::listener::Listener;
+use crate::listener::{Admission, Listener, is_out_of_fds, out_of_fds, refuse};
 use crate::transfer::IncomingTransfer;
 
 /// A verified transfer and who sent it.
@@ -77,8 +76,6 @@ pub struct ServiceStats {
 
 /// The state shared by the accept loop and the connection threads.
 struct Shared<H> {
-    config: Arc<Config>,
-    budget: Arc<MappedBudget>,
     handler: H,
     stats: Arc<ServiceStats>,
     /// A duplicate of each open connection's socket, to stop reading on shutdown.
@@ -164,30 +161,6 @@ pub struct Service {
     shutdown: ShutdownHandle,
 }
 
-/// Answers a connection the service will not serve, then closes it so that
-/// the peer reads the `Reject` before the end of the connection.
-pub(crate) fn refuse(socket: OwnedFd, reject: Reject, stats: &ServiceStats) {
-    stats.rejected.fetch_add(1, Ordering::Relaxed);
-    let _ = fdpass::set_timeouts(socket.as_fd(), None, Some(Duration::from_secs(1)));
-    if let Ok(bytes) = encode(&Message::Reject(reject)) {
-        let _ = fdpass::send(socket.as_fd(), &bytes, &[]);
-    }
-    fdpass::close_after_answer(socket.as_fd(), REFUSED_DISCARD);
-}
-
-/// The refusal of a connection the service has no fd to spare for.
-pub(crate) fn out_of_fds() -> Reject {
-    Reject::new(
-        0,
-        RejectReason::ResourceExhausted,
-        "the receiver is out of file descriptors; try again later",
-    )
-}
-
-/// Most messages a refused peer already queued that are discarded before
-/// its connection closes (see [`fdpass::close_after_answer`]).
-const REFUSED_DISCARD: usize = 16;
-
 impl Service {
     /// A service on `listener`, whose [`Config`] supplies the policy, the
     /// limits and who may connect.
@@ -197,7 +170,7 @@ impl Service {
         let (wake_reader, writer) = listener.take_wake_pair()?;
         writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
-        let budget = MappedBudget::new(listener.config().max_mapped_total());
+        let budget = listener.shared_budget();
         Ok(Service {
             listener,
             budget,
@@ -234,8 +207,6 @@ impl Service {
         E: Display,
     {
         let shared = Arc::new(Shared {
-            config: self.listener.shared_config(),
-            budget: Arc::clone(&self.budget),
             handler,
             stats: Arc::clone(&self.stats),
             open: Mutex::new(HashMap::new()),
@@ -290,14 +261,10 @@ impl Service {
     fn accept(&mut self) -> Option<OwnedFd> {
         match self.listener.accept_socket() {
             Ok(socket) => Some(socket),
-            Err(error) if matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE)) => {
-                let stats = &self.stats;
-                self.listener.with_reserve_freed(|listener| {
-                    if let Ok(socket) = listener.accept_socket() {
-                        tracing::warn!("out of file descriptors: refusing a connection");
-                        refuse(socket, out_of_fds(), stats);
-                    }
-                });
+            Err(error) if is_out_of_fds(&error) => {
+                if self.listener.refuse_for_want_of_fds() {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
                 // Let connections finish and free fds before trying again.
                 std::thread::sleep(Duration::from_millis(10));
                 None
@@ -319,26 +286,21 @@ impl Service {
         H: Fn(&Delivery<'_>) -> Result<(), E> + Send + Sync + 'static,
         E: Display,
     {
-        let peer = fdpass::peer_credentials(socket.as_fd())
-            .inspect_err(|error| tracing::warn!("peer credentials unavailable: {error}"))
-            .ok();
-        let active = shared.stats.active_connections.load(Ordering::Acquire);
-        if let Err(reject) = admit(&shared.config, peer.as_ref(), active) {
-            let who = peer.map_or_else(|| "an unknown peer".to_owned(), |peer| peer.to_string());
-            tracing::info!(peer = %who, verdict = %reject.reason, "refused connection: {}", reject.message);
-            return refuse(socket, reject, &self.stats);
-        }
-        let Some(peer) = peer else {
-            return refuse(socket, out_of_fds(), &self.stats);
+        let Ok(admitted) = self.listener.admit(socket) else {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return;
         };
-        let Ok(duplicate) = socket.try_clone() else {
-            return refuse(socket, out_of_fds(), &self.stats);
+        let Ok(duplicate) = admitted.socket.try_clone() else {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return refuse(admitted.socket, &out_of_fds());
         };
+        let admission = self.listener.admission(admitted);
+        let peer = admission.peer;
         let slot = Slot::take(shared, number, duplicate);
         let spawned = std::thread::Builder::new()
             .name(format!("sealpass-conn-{number}"))
             .spawn(move || {
-                serve_connection(&slot.shared, socket, peer, number);
+                serve_connection(&slot.shared, admission, number);
                 drop(slot);
             });
         match spawned {
@@ -374,17 +336,13 @@ where
     }
 }
 
-fn serve_connection<H, E>(shared: &Shared<H>, socket: OwnedFd, peer: PeerCredentials, number: u64)
+fn serve_connection<H, E>(shared: &Shared<H>, admission: Admission, number: u64)
 where
     H: Fn(&Delivery<'_>) -> Result<(), E>,
     E: Display,
 {
-    let mut connection = match Connection::serving(
-        socket,
-        Arc::clone(&shared.config),
-        Some(Arc::clone(&shared.budget)),
-        Some(peer),
-    ) {
+    let peer = admission.peer;
+    let mut connection = match Connection::admitted(admission) {
         Ok(connection) => connection,
         Err(error) => {
             tracing::warn!(%peer, "cannot serve the connection: {}", crate::ErrorChain(&error));

@@ -57,12 +57,13 @@ use ::tokio::task::JoinSet;
 use nix::errno::Errno;
 use sealpass_proto::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::session::admit;
 use sealpass_proto::{Config, MappedBudget, RejectReason, Session, Version};
 
-use crate::connection::{Core, Event, Link, Outcome, ServeError, Socket, answer_by};
-use crate::listener::{BindError, Listener as BlockingListener};
-use crate::service::{ServiceStats, out_of_fds, refuse};
+use crate::connection::{Core, Event, Link, Outcome, ServeError, Socket, admit_alone, answer_by};
+use crate::listener::{
+    Admission, AdmissionTicket, Admitted, BindError, Listener as BlockingListener, is_out_of_fds,
+};
+use crate::service::ServiceStats;
 use crate::transfer::{IncomingTransfer, VerifiedSegment};
 use crate::{ErrorChain, inspect};
 
@@ -156,7 +157,8 @@ impl Listener {
         self.inner.path()
     }
 
-    /// Waits for the next connection and returns its socket, non-blocking.
+    /// Waits for the next connection and returns its socket, non-blocking,
+    /// as it is: no access rule or limit is applied to it.
     pub async fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
         loop {
             let mut ready = self
@@ -171,13 +173,43 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection, and serves it under this listener's
-    /// configuration (access control and the connection limit are the
-    /// [`Service`]'s).
+    /// Waits for the next connection that this listener's configuration
+    /// admits, and serves it under that configuration, as
+    /// [`crate::Listener::accept`] does: refused peers are answered and
+    /// closed meanwhile, and when the process is out of fds a waiting
+    /// peer is answered `ResourceExhausted`.
     pub async fn accept(&self) -> Result<Connection, ServeError> {
-        let socket = self.accept_socket().await.map_err(ServeError::Accept)?;
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, self.inner.shared_config(), None, peer)
+        loop {
+            if let Some(admitted) = self.accept_admitted(&ServiceStats::default()).await {
+                return Connection::admitted(self.inner.admission(admitted));
+            }
+        }
+    }
+
+    /// One accepted connection the configuration admits, or `None` when it
+    /// was refused (counted in `stats`) or accepting failed.
+    async fn accept_admitted(&self, stats: &ServiceStats) -> Option<Admitted> {
+        let socket = match self.accept_socket().await {
+            Ok(socket) => socket,
+            Err(error) if is_out_of_fds(&error) => {
+                if self.inner.refuse_for_want_of_fds() {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                // Let connections finish and free fds before trying again.
+                ::tokio::time::sleep(Duration::from_millis(10)).await;
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!("accept failed: {}", ErrorChain(&error));
+                return None;
+            }
+        };
+        self.inner
+            .admit(socket)
+            .inspect_err(|_| {
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
+            })
+            .ok()
     }
 }
 
@@ -200,15 +232,27 @@ impl Connection {
     /// Serves a connected `SOCK_SEQPACKET` socket under `config`. Call it
     /// within a tokio runtime.
     pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
-        let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-        Connection::serving(socket, Arc::new(config), None, peer)
+        let (socket, peer) = admit_alone(socket, &config)?;
+        Connection::serving(socket, Arc::new(config), None, Some(peer), None)
     }
 
-    pub(crate) fn serving(
+    /// Serves a connection its listener admitted.
+    fn admitted(admission: Admission) -> Result<Connection, ServeError> {
+        Connection::serving(
+            admission.socket,
+            admission.config,
+            Some(admission.budget),
+            Some(admission.peer),
+            Some(admission.ticket),
+        )
+    }
+
+    fn serving(
         socket: OwnedFd,
         config: Arc<Config>,
         total: Option<Arc<MappedBudget>>,
         peer: Option<PeerCredentials>,
+        admission: Option<AdmissionTicket>,
     ) -> Result<Connection, ServeError> {
         inspect::open_proc_fd_dir();
         fdpass::set_nonblocking(socket.as_fd()).map_err(ServeError::SetTimeout)?;
@@ -216,7 +260,7 @@ impl Connection {
             .map_err(|error| ServeError::SetTimeout(transport(&error, fdpass::Op::Poll)))?;
         let session = Session::new(Arc::clone(&config), total, Instant::now());
         let flusher = Arc::new(Notify::new());
-        let mut link = Link::new(Socket::Async(socket), session);
+        let mut link = Link::new(Socket::Async(socket), session, admission);
         link.flusher = Some(Arc::clone(&flusher));
         let link = Arc::new(link);
         ::tokio::spawn(flush_when_there_is_room(
@@ -604,7 +648,7 @@ impl Service {
     /// A service on `listener`, whose [`Config`] supplies the policy, the
     /// limits and who may connect.
     pub fn new(listener: Listener) -> Service {
-        let budget = MappedBudget::new(listener.config().max_mapped_total());
+        let budget = listener.inner.shared_budget();
         Service {
             listener,
             budget,
@@ -641,57 +685,27 @@ impl Service {
         E: Display + 'static,
     {
         let Service {
-            mut listener,
-            budget,
+            listener,
+            budget: _,
             stats,
             stop,
         } = self;
         let handler = Arc::new(handler);
-        let config = listener.inner.shared_config();
         let mut connections = JoinSet::new();
         let mut stopping = stop.subscribe();
         let mut number = 0u64;
         loop {
-            let accepted = ::tokio::select! {
-                accepted = listener.accept_socket() => accepted,
+            let admitted = ::tokio::select! {
+                admitted = listener.accept_admitted(&stats) => admitted,
                 _ = stopping.wait_for(|stop| *stop) => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
-            let socket = match accepted {
-                Ok(socket) => socket,
-                Err(error) if matches!(error.errno(), Some(Errno::EMFILE | Errno::ENFILE)) => {
-                    listener.inner.with_reserve_freed(|inner| {
-                        if let Ok(Some(refused)) = fdpass::try_accept(inner.as_fd()) {
-                            tracing::warn!("out of file descriptors: refusing a connection");
-                            refuse(refused, out_of_fds(), &stats);
-                        }
-                    });
-                    ::tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                Err(error) => {
-                    tracing::warn!("accept failed: {}", ErrorChain(&error));
-                    continue;
-                }
-            };
-            let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-            let active = stats.active_connections.load(Ordering::Acquire);
-            if let Err(reject) = admit(&config, peer.as_ref(), active) {
-                tracing::info!(verdict = %reject.reason, "refused connection: {}", reject.message);
-                refuse(socket, reject, &stats);
-                continue;
-            }
-            let Some(peer) = peer else {
-                refuse(socket, out_of_fds(), &stats);
+            let Some(admitted) = admitted else {
                 continue;
             };
+            let peer = admitted.peer;
             number += 1;
-            let connection = match Connection::serving(
-                socket,
-                Arc::clone(&config),
-                Some(Arc::clone(&budget)),
-                Some(peer),
-            ) {
+            let connection = match Connection::admitted(listener.inner.admission(admitted)) {
                 Ok(connection) => connection,
                 Err(error) => {
                     tracing::warn!(%peer, "cannot serve the connection: {}", ErrorChain(&error));
