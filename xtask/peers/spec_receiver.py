@@ -4,7 +4,7 @@ library. It exists to show that the document is enough to build a conforming
 peer: `cargo xtask test` runs the conformance suite against it, and, with
 --skip-check, against deliberately broken variants that the suite must catch.
 
-Usage: spec_receiver.py [--skip-check seals|name|size|fd-count] --socket PATH
+Usage: spec_receiver.py [--skip-check seals|name|size|fd-count|sparse] --socket PATH
 """
 import argparse
 import array
@@ -26,6 +26,7 @@ REQUIRED = 0x2 | 0x4 | 0x8  # SHRINK | GROW | WRITE
  CONTROL_TRUNCATED, UNEXPECTED_MESSAGE, TOO_MANY_SEGMENTS, INVALID_FIELD,
  FD_COUNT_MISMATCH, NOT_MEMFD, NAME_MISMATCH, SIZE_MISMATCH, MISSING_SEALS,
  MAP_FAILED, APPLICATION_REJECTED, RESOURCE_EXHAUSTED) = range(1, 19)
+SPARSE = 23
 
 
 class Refuse(Exception):
@@ -128,6 +129,8 @@ def check_fd(index, fd, name, size, declared, skip):
         raise Refuse(SIZE_MISMATCH, f"segment {index}: {st.st_size} bytes; declared {size}")
     if "seals" not in skip and (declared | REQUIRED) & ~seals:
         raise Refuse(MISSING_SEALS, f"segment {index}: sealed {seals:#x}; needs {declared | REQUIRED:#x}")
+    if "sparse" not in skip and st.st_blocks * 512 < st.st_size:
+        raise Refuse(SPARSE, f"segment {index}: {st.st_blocks * 512} of {st.st_size} bytes allocated; holes refused")
     if st.st_size == 0:
         return None
     try:
@@ -210,7 +213,7 @@ def close_after_answer(conn):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--skip-check", action="append", default=[], choices=["seals", "name", "size", "fd-count"])
+    parser.add_argument("--skip-check", action="append", default=[], choices=["seals", "name", "size", "fd-count", "sparse"])
     args = parser.parse_args()
     try:
         if stat.S_ISSOCK(os.lstat(args.socket).st_mode):

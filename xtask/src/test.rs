@@ -148,6 +148,7 @@ fn catches_broken_receivers() -> anyhow::Result<()> {
                 "malformed/header-but-no-fds",
             ],
         ),
+        ("sparse", &["malformed/sparse"]),
     ];
     for (skipped, exposed_by) in BROKEN {
         let receiver = spec_receiver(&["--skip-check", skipped]);

@@ -93,7 +93,7 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// SHRINK, GROW and WRITE required, sparse memfds accepted, anyone
+    /// SHRINK, GROW and WRITE required, sparse memfds refused, anyone
     /// admitted, 128 connections, 253 segments per message, 8 GiB mapped per
     /// connection and 64 GiB in all, 10 s to the first message, 30 s idle.
     fn default() -> Config {
@@ -207,7 +207,9 @@ impl ConfigBuilder {
         self
     }
 
-    /// Refuse memfds with holes (`Sparse`).
+    /// Refuse memfds with holes (`Sparse`), as by default, or accept them
+    /// (`false`). Accepting them lets a sender charge this process's memory:
+    /// see [`Policy::with_refuse_sparse`].
     pub fn refuse_sparse(mut self, refuse: bool) -> Self {
         self.config.policy = self.config.policy.with_refuse_sparse(refuse);
         self
@@ -302,13 +304,18 @@ mod tests {
             Err(ConfigError::NoConnections)
         );
         let config = Config::builder()
-            .refuse_sparse(true)
             .required_seals(Seals::empty())
             .build()
             .unwrap();
         assert_eq!(config.policy().required(), Seals::MAPPING_FLOOR);
+        assert!(config.policy().refuses_sparse(), "refused by default");
+        let accepting = Config::builder()
+            .refuse_sparse(false)
+            .required_seals(Seals::empty())
+            .build()
+            .unwrap();
         assert!(
-            config.policy().refuses_sparse(),
+            !accepting.policy().refuses_sparse(),
             "kept across required_seals"
         );
         assert_eq!(Config::builder().build().unwrap(), Config::default());

@@ -249,8 +249,18 @@ impl fmt::Display for Host {
             f,
             "vm.max_map_count",
             &self.max_map_count.map_or_else(unknown, |v| v.to_string()),
-            "every segment held mapped is one mapping; past the limit mapping fails (MapFailed)",
+            "every segment held mapped is one mapping; past the limit mapping fails with ENOMEM, \
+             answered Reject(ResourceExhausted)",
             "sysctl -w vm.max_map_count=N",
+        )?;
+        item(
+            f,
+            "sparse memfds",
+            "refused (Reject(Sparse))",
+            "a hole of a memfd is allocated when the receiver reads it, charged to the receiver for \
+             as long as the sender keeps the memfd; receivers refuse memfds with fewer bytes \
+             allocated than their size, and sealpass's senders allocate every page before sealing",
+            "sealpass-recv --allow-sparse accepts them, at that risk",
         )
     }
 }

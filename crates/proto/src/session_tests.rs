@@ -502,7 +502,8 @@ fn every_reason_code_comes_from_the_state_machine() {
 fn the_budget_shared_by_all_connections_counts_every_live_mapping() {
     let now = Instant::now();
     let total = MappedBudget::new(10_000);
-    let config = Arc::new(Config::default());
+    // Sparse memfds accepted, to show they count whole.
+    let config = Arc::new(Config::builder().refuse_sparse(false).build().unwrap());
     let mut first = Session::new(Arc::clone(&config), Some(Arc::clone(&total)), now);
     let mut second = Session::new(config, Some(Arc::clone(&total)), now);
     let held = offer(
@@ -547,7 +548,8 @@ fn the_budget_shared_by_all_connections_counts_every_live_mapping() {
     )
     .unwrap();
     assert_eq!(total.in_use(), 5000);
-    // A sparse memfd counts its whole size: reading a hole allocates.
+    // A sparse memfd, where accepted, counts its whole size: reading a
+    // hole allocates.
     let mut sparse = memfd("s", 5001);
     sparse.allocated = 0;
     let reject = expect_rejected(offer(
@@ -772,4 +774,29 @@ fn a_failed_answer_ends_the_connection() {
     session.abort();
     assert!(session.is_done());
     assert_eq!(session.poll_transmit(), None);
+}
+
+#[test]
+fn a_session_without_a_shared_budget_still_holds_max_mapped_total() {
+    let now = Instant::now();
+    let config = Config::builder()
+        .max_mapped_per_connection(1 << 30)
+        .max_mapped_total(10_000)
+        .build()
+        .unwrap();
+    let mut alone = Session::new(Arc::new(config), None, now);
+    let reject = expect_rejected(offer(
+        &mut alone,
+        now,
+        &transfer(1, vec![segment("a", 6000), segment("b", 6000)]),
+        &[Some(memfd("a", 6000)), Some(memfd("b", 6000))],
+    ));
+    assert_eq!((reject.id, reject.reason), (1, RejectReason::MemoryLimit));
+    assert!(
+        reject
+            .message
+            .contains("0 of 10000 bytes already mapped by all connections"),
+        "{}",
+        reject.message
+    );
 }

@@ -77,7 +77,7 @@ impl FdFacts {
 }
 
 /// What a receiver requires of every segment beyond what it declares: seals,
-/// and optionally no holes.
+/// and, unless told otherwise, no holes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     required: Seals,
@@ -87,18 +87,24 @@ pub struct Policy {
 impl Policy {
     /// A policy requiring `required` plus [`Seals::MAPPING_FLOOR`], which no
     /// policy can drop: the receiver hands out `&[u8]` over the mapping.
-    /// Sparse memfds are accepted.
+    /// Sparse memfds are refused.
     pub fn new(required: Seals) -> Policy {
         Policy {
             required: required | Seals::MAPPING_FLOOR,
-            refuse_sparse: false,
+            refuse_sparse: true,
         }
     }
 
-    /// This policy, refusing (`true`) or accepting sparse memfds: those with
-    /// fewer bytes allocated than their size. Reading a hole allocates a page
-    /// charged to the reader, so a receiver that must not pay for memory it
-    /// was not handed refuses them ([`RejectReason::Sparse`]).
+    /// This policy, refusing (`true`, the default) or accepting sparse
+    /// memfds: those with fewer bytes allocated than their size
+    /// ([`RejectReason::Sparse`]).
+    ///
+    /// Accepting them is a risk: reading a hole allocates a page charged to
+    /// the reader, and it stays charged for as long as the sender keeps the
+    /// memfd, so a sender can make the receiver pay for memory it was never
+    /// handed (a 512 MiB hole read by a receiver in a 64 MiB memory cgroup
+    /// gets it killed). The mapped-bytes limits count whole sizes, not what
+    /// is allocated, but they do not bound the receiver's own memory.
     #[must_use]
     pub fn with_refuse_sparse(self, refuse_sparse: bool) -> Policy {
         Policy {
@@ -411,14 +417,15 @@ mod tests {
         let policy = Policy::default();
         check(memfd_facts(), policy, ok);
 
-        // Holes: accepted by default (the budget counts the whole size),
-        // refused on request; a memfd allocated past its size is whole.
+        // Holes: refused by default, accepted on request; a memfd allocated
+        // past its size is whole.
         let sparse = FdFacts {
             allocated: 0,
             ..memfd_facts()
         };
-        let refusing = Policy::default().with_refuse_sparse(true);
-        check(sparse.clone(), policy, ok);
+        let refusing = Policy::default();
+        let accepting = Policy::default().with_refuse_sparse(false);
+        check(sparse.clone(), accepting, ok);
         check(sparse, refusing, Err(RejectReason::Sparse));
         check(
             FdFacts {

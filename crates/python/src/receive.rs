@@ -568,9 +568,12 @@ impl PyListener {
     /// `required_seals` (default SHRINK, GROW, WRITE; EXEC may be added),
     /// `max_segments`, `max_mapped` (bytes one connection may hold mapped),
     /// `idle_timeout` (seconds a connection may stay silent; None: for
-    /// ever), `refuse_sparse` (refuse memfds with holes).
+    /// ever), `refuse_sparse` (refuse memfds with holes, `Reject(Sparse)`:
+    /// the default; `False` accepts them, at a risk: reading a hole
+    /// allocates a page charged to this process, so a sender can exhaust
+    /// its memory).
     #[new]
-    #[pyo3(signature = (path, *, required_seals = None, max_segments = None, max_mapped = None, idle_timeout = None, refuse_sparse = false))]
+    #[pyo3(signature = (path, *, required_seals = None, max_segments = None, max_mapped = None, idle_timeout = None, refuse_sparse = true))]
     fn new(
         path: std::path::PathBuf,
         required_seals: Option<&Bound<'_, PyAny>>,

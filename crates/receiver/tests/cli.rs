@@ -130,10 +130,11 @@ fn the_most_segments_a_message_can_carry() {
 }
 
 #[test]
-fn a_gigabyte_costs_no_copy() {
-    // Sparse: zero-filled memfds cost no RAM on either side.
+fn a_quarter_gigabyte_costs_no_copy() {
+    // Zero-filled: allocated by the sender (fallocate), mapped by the
+    // receiver, never copied.
     let receiver = RecvProcess::start(&[]);
-    assert!(send(&receiver, &[segment("big", 0, 1 << 30)]).is_accepted());
+    assert!(send(&receiver, &[segment("big", 0, 256 << 20)]).is_accepted());
 }
 
 #[test]
@@ -303,48 +304,84 @@ fn out_is_checked_before_binding() {
 }
 
 /// A sealed memfd of `size` bytes of which only the first page is written.
-fn sparse(name: &str, size: u64) -> SealedSegment {
-    SealedSegment::with_mapping(name, size, Seals::SENDER_DEFAULT, |bytes| {
-        bytes[0] = 1;
-        Ok::<(), std::io::Error>(())
-    })
-    .unwrap()
+/// Sends one transfer of memfds sealed SEAL|SHRINK|GROW|WRITE, each
+/// `(name, size, written)`: written in full, or left all holes. Sent as it
+/// is, on a connection of its own (the sender library would back the holes
+/// first); returns the answer.
+fn send_raw(receiver: &RecvProcess, segments: &[(&str, u64, bool)]) -> sealpass_proto::Message {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use sealpass_proto::{Message, Segment, Transfer, encode, fdpass};
+    use std::os::fd::AsFd;
+    let seals = Seals::SENDER_DEFAULT;
+    let fds: Vec<_> = segments
+        .iter()
+        .map(|&(name, size, written)| {
+            let fd =
+                memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+            nix::unistd::ftruncate(&fd, size as i64).unwrap();
+            if written {
+                nix::sys::uio::pwrite(&fd, &vec![b'w'; size as usize], 0).unwrap();
+            }
+            fcntl(
+                &fd,
+                FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(seals.bits() as i32)),
+            )
+            .unwrap();
+            fd
+        })
+        .collect();
+    let declared = segments
+        .iter()
+        .map(|&(name, size, _)| Segment::new(name.to_owned(), size, seals))
+        .collect();
+    let bytes = encode(&Message::Transfer(Transfer::new(1, declared))).unwrap();
+    let connection = fdpass::connect(receiver.socket()).unwrap();
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    fdpass::send(connection.as_fd(), &bytes, &borrowed).unwrap();
+    support::answer_to(&connection).expect("an answer")
+}
+
+fn reject_of(answer: sealpass_proto::Message) -> sealpass_proto::Reject {
+    match answer {
+        sealpass_proto::Message::Reject(reject) => reject,
+        other => panic!("expected a Reject, got {other:?}"),
+    }
 }
 
 #[test]
-fn sparse_memfds_count_whole_and_can_be_refused() {
-    // Accepted by default, and counted by size, not by what is allocated.
-    let receiver = RecvProcess::start(&["--max-mapped-per-connection", "1MiB"]);
-    assert!(send(&receiver, &[sparse("holes", 1 << 20)]).is_accepted());
-    match send(&receiver, &[sparse("holes", 2 << 20)]) {
-        Verdict::Rejected { reason, .. } => assert_eq!(reason, RejectReason::MemoryLimit),
-        other => panic!("a 2 MiB sparse memfd counts as 2 MiB: {other:?}"),
-    }
-    drop(receiver);
-
-    let receiver = RecvProcess::start(&["--refuse-sparse"]);
-    match send(
+fn sparse_memfds_are_refused_unless_allowed_and_then_count_whole() {
+    // Refused by default: read, 512 MiB of holes would be charged to the
+    // receiver, for as long as the sender keeps the memfd.
+    let receiver = RecvProcess::start(&[]);
+    let reject = reject_of(send_raw(&receiver, &[("holes", 512 << 20, false)]));
+    assert_eq!(reject.reason, RejectReason::Sparse, "{}", reject.message);
+    let reject = reject_of(send_raw(
         &receiver,
-        &[segment("whole", b'w', 8192), sparse("holes", 1 << 20)],
-    ) {
-        Verdict::Rejected {
-            id,
-            reason,
-            message,
-        } => {
-            assert_eq!((id, reason), (1, RejectReason::Sparse), "{message}");
-            // How much one written page allocates depends on the machine's
-            // page and THP sizes: check the words around it.
-            assert!(
-                message.starts_with("segment 1 (\"holes\"): memfd has ")
-                    && message.contains(" of its 1048576 bytes allocated"),
-                "{message}"
-            );
-        }
-        other => panic!("expected Reject(Sparse), got {other:?}"),
-    }
+        &[("whole", 8192, true), ("holes", 1 << 20, false)],
+    ));
+    assert_eq!((reject.id, reject.reason), (1, RejectReason::Sparse));
+    assert_eq!(
+        reject.message,
+        "segment 1 (\"holes\"): memfd has 0 of its 1048576 bytes allocated; \
+         this receiver refuses sparse memfds, whose holes would be allocated on read"
+    );
     assert!(send(&receiver, &[segment("whole", b'w', 8192)]).is_accepted());
     assert!(send(&receiver, &[segment("empty", 0, 0)]).is_accepted());
+    drop(receiver);
+
+    // Accepted on request, and counted by size, not by what is allocated.
+    let receiver = RecvProcess::start(&["--allow-sparse", "--max-mapped-per-connection", "1MiB"]);
+    assert!(matches!(
+        send_raw(&receiver, &[("holes", 1 << 20, false)]),
+        sealpass_proto::Message::Ack(_)
+    ));
+    let reject = reject_of(send_raw(&receiver, &[("holes", 2 << 20, false)]));
+    assert_eq!(
+        reject.reason,
+        RejectReason::MemoryLimit,
+        "a 2 MiB sparse memfd counts as 2 MiB"
+    );
 }
 
 #[test]
@@ -368,7 +405,8 @@ fn version_help_and_start_up_line_read_well() {
         "2 a usage error",
         "RUST_LOG",
         "SIGINT or SIGTERM",
-        "--refuse-sparse",
+        "--allow-sparse",
+        "A RISK",
     ] {
         assert!(
             help.contains(expected),
@@ -391,7 +429,7 @@ fn version_help_and_start_up_line_read_well() {
     let receiver = RecvProcess::start(&["--max-mapped-total", "16GiB"]);
     let line = receiver.started_line();
     assert!(
-        line.contains("requiring seals SHRINK|GROW|WRITE; at most 128 connections, 253 segments per message, 8 GiB mapped per connection and 16 GiB in all; first message within 10 s, idle timeout 30 s; admitting any peer"),
+        line.contains("requiring seals SHRINK|GROW|WRITE, no holes; at most 128 connections, 253 segments per message, 8 GiB mapped per connection and 16 GiB in all; first message within 10 s, idle timeout 30 s; admitting any peer"),
         "{line}"
     );
     assert!(!line.contains('{'), "no Debug dumps: {line}");

@@ -21,6 +21,34 @@ use nix::unistd::ftruncate;
 use sealpass_proto::host::ShmemHugePages;
 use sealpass_proto::{FieldError, Seals, Segment, message::validate_name};
 
+/// Allocates every page of a memfd that has holes (`fallocate`, which
+/// fills holes with zeroed pages and leaves written ones alone), so that
+/// what is sealed is fully backed. A receiver refuses a sparse memfd
+/// (`Sparse`): reading a hole allocates a page charged to the reader, so a
+/// sparse memfd would let a sender spend the receiver's memory. A memfd
+/// written to its end is left as it is, for the cost of one `fstat`.
+fn back_every_page(name: &str, fd: &OwnedFd, size: u64) -> Result<(), SegmentError> {
+    let back_error = |errno| SegmentError::Back {
+        name: name.to_owned(),
+        size,
+        errno,
+    };
+    let stat = nix::sys::stat::fstat(fd).map_err(back_error)?;
+    let allocated = u64::try_from(stat.st_blocks)
+        .unwrap_or(0)
+        .saturating_mul(512);
+    if allocated >= size {
+        return Ok(());
+    }
+    let length = i64::try_from(size).map_err(|_| back_error(Errno::EFBIG))?;
+    loop {
+        match nix::fcntl::fallocate(fd, nix::fcntl::FallocateFlags::empty(), 0, length) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map_err(back_error),
+        }
+    }
+}
+
 /// Why a segment could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -104,6 +132,20 @@ pub enum SegmentError {
         /// The seals required but absent.
         missing: Seals,
     },
+    /// Backing every page of a sparse memfd before sealing (`fallocate`)
+    /// failed: the memory or the tmpfs limit ran out (`ENOSPC`, `ENOMEM`).
+    #[error(
+        "segment {name:?}: backing all {size} bytes before sealing failed: {errno} \
+         (a receiver refuses a memfd with holes, so every page is allocated first)"
+    )]
+    Back {
+        /// The name.
+        name: String,
+        /// The size to back.
+        size: u64,
+        /// What the kernel said.
+        errno: Errno,
+    },
     /// `F_ADD_SEALS` or `F_GET_SEALS` failed.
     #[error("segment {name:?}: sealing with {seals} failed: {errno}")]
     Seal {
@@ -127,7 +169,7 @@ pub enum SegmentError {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let seals = Seals::SENDER_DEFAULT; // SEAL | SHRINK | GROW | WRITE
 /// let copied = SealedSegment::from_bytes("caption", b"hello", seals)?;
-/// let filled = SealedSegment::filled("zeros", 0, 1 << 30, seals)?; // sparse: costs no memory
+/// let filled = SealedSegment::filled("zeros", 0, 1 << 20, seals)?; // fallocate: no write
 /// let written = SealedSegment::with_mapping("frame", 4096, seals, |bytes| {
 ///     bytes.fill(0x80); // straight into the shared pages
 ///     Ok::<(), std::io::Error>(())
@@ -404,8 +446,9 @@ impl SealedSegment {
         Self::from_bytes(name, bytes, seals)
     }
 
-    /// A segment of `size` bytes, each `byte`. A zero byte costs no memory:
-    /// the memfd stays sparse. Any other is written with `pwrite`, from a
+    /// A segment of `size` bytes, each `byte`. A zero byte is never
+    /// written: its pages are allocated zeroed (`fallocate`), as every
+    /// segment's are before sealing. Any other is written with `pwrite`, from a
     /// buffer of at most 1 MiB, for the reason [`SealedSegment::from_bytes`]
     /// gives.
     /// Huge pages are taken as [`SealedSegment::from_bytes`] takes them.
@@ -625,6 +668,7 @@ impl SealedSegment {
         Self::from_file(name, path, seals)
     }
 
+    /// Backs every page (see [`back_every_page`]), then seals.
     fn seal(name: String, fd: OwnedFd, size: u64, seals: Seals) -> Result<Self, SegmentError> {
         Self::seal_with(name, fd, size, seals, |fd, flags| {
             fcntl(fd, FcntlArg::F_ADD_SEALS(flags)).map(drop)
@@ -655,6 +699,7 @@ impl SealedSegment {
             seals,
             errno,
         };
+        back_every_page(&name, &fd, size)?;
         // Seal bits are below 2^31, so the cast keeps them.
         let flags = SealFlag::from_bits_retain(seals.bits() as i32);
         let mut retries = 0;
@@ -681,7 +726,9 @@ impl SealedSegment {
     /// from another process (`VerifiedSegment::into_fd` in
     /// `sealpass-receiver`), to forward it without touching its bytes. Its
     /// name, size and seals are read from the kernel; its seals must include
-    /// `required` (the receiver will check them anyway).
+    /// `required` (the receiver will check them anyway). A memfd with holes
+    /// has them filled with zeroed pages first (`fallocate`, allowed under
+    /// every seal), which this process pays for.
     pub fn from_sealed_fd(fd: OwnedFd, required: Seals) -> Result<Self, SegmentError> {
         let facts = sealed_facts(fd.as_fd())?;
         let (name, size, seals) = facts;
@@ -693,6 +740,10 @@ impl SealedSegment {
                 missing,
             });
         }
+        // A sealed memfd may still be sparse (one received by a receiver
+        // that accepts holes): its holes are filled, charged to this
+        // process, so the next receiver does not refuse it.
+        back_every_page(&name, &fd, size)?;
         Ok(SealedSegment {
             declared: Segment::new(name, size, seals),
             fd,
@@ -1180,7 +1231,54 @@ mod tests {
             assert_eq!(read_all(&segment), expected, "{}", segment.name());
             assert_eq!(segment.size(), expected.len() as u64);
             assert!(segment.seals().contains(seals), "{}", segment.seals());
+            assert_fully_backed(&segment);
         }
+    }
+
+    /// What a receiver checks before it maps: no holes.
+    fn assert_fully_backed(segment: &SealedSegment) {
+        let stat = nix::sys::stat::fstat(segment.fd()).unwrap();
+        assert!(
+            stat.st_blocks as u64 * 512 >= segment.size(),
+            "{}: {} of {} bytes allocated",
+            segment.name(),
+            stat.st_blocks * 512,
+            segment.size()
+        );
+    }
+
+    #[test]
+    fn no_segment_is_sealed_with_holes() {
+        let seals = Seals::SENDER_DEFAULT;
+        let size = 4 << 20;
+        // A mapping the fill touches only at its ends, a writer that writes
+        // nothing, and a sparse memfd sealed elsewhere, then forwarded.
+        let touched_at_ends = SealedSegment::with_mapping("ends", size, seals, |bytes| {
+            bytes[0] = 1;
+            bytes[bytes.len() - 1] = 2;
+            Ok::<(), io::Error>(())
+        })
+        .unwrap();
+        let untouched = SegmentWriter::new("untouched", size)
+            .unwrap()
+            .seal(seals)
+            .unwrap();
+        let sealed_sparse = create("forwarded").unwrap();
+        resize("forwarded", &sealed_sparse, size).unwrap();
+        fcntl(
+            &sealed_sparse,
+            FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(seals.bits() as i32)),
+        )
+        .unwrap();
+        let forwarded = SealedSegment::from_sealed_fd(sealed_sparse, seals).unwrap();
+        for segment in [&touched_at_ends, &untouched, &forwarded] {
+            assert_fully_backed(segment);
+        }
+        let mut expected = vec![0; size as usize];
+        expected[0] = 1;
+        expected[size as usize - 1] = 2;
+        assert_eq!(read_all(&touched_at_ends), expected);
+        assert_eq!(read_all(&forwarded), vec![0; size as usize]);
     }
 
     /// The fallback a kernel before 6.3 takes, by fault injection: it

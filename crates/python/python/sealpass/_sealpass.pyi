@@ -281,7 +281,7 @@ class Listener:
         max_segments: int | None = None,
         max_mapped: int | None = None,
         idle_timeout: float | None = None,
-        refuse_sparse: bool = False,
+        refuse_sparse: bool = True,
     ) -> Self: ...
     @property
     def path(self) -> Path: ...

@@ -98,11 +98,16 @@ struct Cli {
     /// Seconds a connection may stay silent between messages; then Reject(Timeout) (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     idle_timeout: u64,
-    /// Refuse memfds with holes (fewer bytes allocated than their size) with
-    /// Reject(Sparse). Without it a sparse memfd is accepted, and pages its
-    /// holes need when read are allocated then and charged to this process;
-    /// the mapped-bytes limits count every byte of the size either way.
+    /// Accept memfds with holes (fewer bytes allocated than their size),
+    /// which are refused with Reject(Sparse) by default. A RISK: reading a
+    /// hole allocates a page charged to this process, held as long as the
+    /// sender keeps the memfd, so a sender can exhaust this receiver's
+    /// memory; the mapped-bytes limits count sizes, not this process's memory.
     #[arg(long)]
+    allow_sparse: bool,
+    /// The default since 0.1 (sparse memfds are refused); accepted so that
+    /// older command lines keep working.
+    #[arg(long, hide = true, conflicts_with = "allow_sparse")]
     refuse_sparse: bool,
 }
 
@@ -152,7 +157,7 @@ impl Cli {
         );
         let config = Config::builder()
             .required_seals(self.require_seals.unwrap_or(default_seals))
-            .refuse_sparse(self.refuse_sparse)
+            .refuse_sparse(!self.allow_sparse)
             .access(access)
             .max_connections(self.max_connections)
             .max_segments(usize::from(self.max_segments))
@@ -549,7 +554,7 @@ fn describe_start(cli: &Cli, config: &Config) -> String {
         if policy.refuses_sparse() {
             ", no holes"
         } else {
-            ""
+            ", holes accepted (--allow-sparse: a sender can spend this process's memory)"
         },
         config.max_connections(),
         count(config.max_segments(), "segment"),

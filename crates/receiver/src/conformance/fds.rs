@@ -49,6 +49,29 @@ pub(crate) fn cases(scratch: &Path) -> Vec<Case> {
             }),
         ),
         (
+            // Step 8.8: holes a reader would pay for, 1 GiB of them.
+            "malformed/sparse".into(),
+            probe(|| {
+                let size = 1 << 30;
+                Ok(Probe {
+                    payload: transfer_bytes(HOSTILE_ID, vec![segment("holes", size, SEALED)])?,
+                    fds: vec![memfd_with_holes("holes", size, SEALED, true)?],
+                    expect: Expect::Reject(HOSTILE_ID, &[R::Sparse]),
+                })
+            }),
+        ),
+        (
+            // Allocated past its size (a whole page for 10 bytes): not sparse.
+            "valid/allocated-past-its-size".into(),
+            probe(|| {
+                Ok(Probe {
+                    payload: transfer_bytes(1, vec![segment("tail", 10, SEALED)])?,
+                    fds: vec![memfd("tail", 10, SEALED)?],
+                    expect: Expect::Ack(1),
+                })
+            }),
+        ),
+        (
             "malformed/fd-is-a-pipe".into(),
             hostile_fds(
                 || {
@@ -190,14 +213,20 @@ pub(crate) fn memory_cases() -> Vec<Case> {
         "malformed/beyond-the-address-space".into(),
         probe(|| {
             // 192 TiB: sealed and sparse, so it is cheap to make, but no
-            // 47-bit address space can map it.
+            // 47-bit address space can map it, and no receiver need accept
+            // its holes.
             let size = 3 << 46;
             Ok(Probe {
                 payload: transfer_bytes(HOSTILE_ID, vec![segment("huge", size, SEALED)])?,
-                fds: vec![memfd("huge", size, SEALED)?],
+                fds: vec![memfd_with_holes("huge", size, SEALED, true)?],
                 expect: Expect::Reject(
                     HOSTILE_ID,
-                    &[R::ResourceExhausted, R::MapFailed, R::MemoryLimit],
+                    &[
+                        R::Sparse,
+                        R::ResourceExhausted,
+                        R::MapFailed,
+                        R::MemoryLimit,
+                    ],
                 ),
             })
         }),

@@ -13,11 +13,17 @@ use sealpass_proto::{Message, Seals, Segment, Transfer, decode, encode};
 
 pub type Fallible<T> = Result<T, String>;
 
-/// A memfd of `size` bytes (zeros, except the first byte, `C`), carrying
-/// exactly `seals`, and `EXEC` as well where `vm.memfd_noexec=2` refuses
-/// memfds made without `MFD_NOEXEC_SEAL` (receivers judge seals as a
-/// superset, so no case depends on it).
+/// A memfd of `size` bytes (zeros, except the first byte, `C`), every page
+/// allocated, carrying exactly `seals`, and `EXEC` as well where
+/// `vm.memfd_noexec=2` refuses memfds made without `MFD_NOEXEC_SEAL`
+/// (receivers judge seals as a superset, so no case depends on it).
 pub fn memfd(name: &str, size: u64, seals: Seals) -> Fallible<OwnedFd> {
+    memfd_with_holes(name, size, seals, false)
+}
+
+/// [`memfd`], with every page but the first left a hole when `holes`: a
+/// sparse memfd, as no conforming sender sends.
+pub fn memfd_with_holes(name: &str, size: u64, seals: Seals, holes: bool) -> Fallible<OwnedFd> {
     let plain = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
     let fd = match memfd_create(name, plain) {
         Err(nix::errno::Errno::EACCES) => memfd_create(
@@ -29,6 +35,10 @@ pub fn memfd(name: &str, size: u64, seals: Seals) -> Fallible<OwnedFd> {
     .map_err(|e| format!("memfd_create({name:?}): {e}"))?;
     let length = i64::try_from(size).map_err(|_| format!("size {size} too large"))?;
     nix::unistd::ftruncate(&fd, length).map_err(|e| format!("ftruncate: {e}"))?;
+    if size > 0 && !holes {
+        nix::fcntl::fallocate(&fd, nix::fcntl::FallocateFlags::empty(), 0, length)
+            .map_err(|e| format!("fallocate {size} bytes: {e}"))?;
+    }
     if size > 0 {
         nix::sys::uio::pwrite(&fd, b"C", 0).map_err(|e| format!("pwrite: {e}"))?;
     }

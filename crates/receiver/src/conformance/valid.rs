@@ -23,10 +23,6 @@ pub(crate) fn cases() -> Vec<Case> {
             valid(&[("empty", 0), ("after-empty", 1)]),
         ),
         (
-            "valid/one-gib-sparse".into(),
-            valid(&[("gibibyte", 1 << 30)]),
-        ),
-        (
             "valid/name-with-spaces".into(),
             valid(&[("a name with spaces", 10)]),
         ),
