@@ -4,6 +4,7 @@
 mod bench;
 mod conformance;
 mod demo;
+mod hostile;
 mod noexec;
 mod peers;
 mod project;
@@ -35,6 +36,9 @@ tasks:
                      with apt if missing
   noexec             the demo and the conformance suite with vm.memfd_noexec=2 (changes that
                      system setting for the run, says so, restores it; never run by `test`)
+  hostile sparse --socket PATH --size BYTES
+                     a peer that breaks the rules on purpose, for fault tests (prints the
+                     answer; exit 3 when the connection closed without one)
   bench [--quick] [--hot-path] [--pipelined]
                      handoff cost against the kernel's floor and against copying;
                      writes target/bench/results.json (cargo xtask bench --help)
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(rest),
         Some("vm") => vm::run(rest),
         Some("noexec") => noexec::run(rest),
+        Some("hostile") => hostile::run(rest),
         Some("python") => python::run_task(rest),
         Some("help" | "--help" | "-h") => {
             print!("{USAGE}");

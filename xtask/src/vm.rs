@@ -426,6 +426,87 @@ hugetlb_whole_pool() {
     [ $status = 0 ] || { kill $recv; cat /tmp/whole.recv; return 1; }
     wait $recv && grep -q '^  all 33554432 bytes .*(hugetlb pages)$' /tmp/whole.log
 }
+# Waits up to 10 s for a receiver's socket to appear.
+socket_up() {
+    tries=0
+    until [ -S "$1" ]; do
+        tries=$((tries + 1))
+        [ $tries -lt 100 ] || { echo "no socket at $1"; return 1; }
+        sleep 0.1
+    done
+}
+# Starts sealpass-recv with the given flags inside the 64 MiB memory cgroup
+# /sys/fs/cgroup/recv, its output thrown away; sets $recv to its pid.
+recv_in_cgroup() {
+    sh -c 'echo $$ > /sys/fs/cgroup/recv/cgroup.procs && exec sealpass-recv "$@"' recv "$@" > /dev/null 2>/tmp/cgroup.recv &
+    recv=$!
+}
+# 512 MiB of holes against a receiver in a 64 MiB memory cgroup: refused
+# (Sparse) by default, and the receiver serves on; with --allow-sparse the
+# receiver reads the holes (--print), they are charged to it, and it is
+# OOM-killed (137): what the refusal prevents.
+sparse_in_a_memory_cgroup() {
+    mkdir -p /sys/fs/cgroup
+    grep -q ' /sys/fs/cgroup cgroup2 ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup || return 1
+    echo +memory > /sys/fs/cgroup/cgroup.subtree_control || return 1
+    mkdir -p /sys/fs/cgroup/recv
+    echo 64M > /sys/fs/cgroup/recv/memory.max || return 1
+    recv_in_cgroup --socket /tmp/sparse.sock --print
+    socket_up /tmp/sparse.sock || return 1
+    xtask hostile sparse --socket /tmp/sparse.sock --size 512MiB > /tmp/sparse.log
+    cat /tmp/sparse.log
+    grep -q '^Reject Sparse' /tmp/sparse.log || { cat /tmp/cgroup.recv; return 1; }
+    sealpass-send --socket /tmp/sparse.sock --fill after=A:4KiB > /dev/null || { echo "the receiver does not serve on"; return 1; }
+    kill $recv
+    wait $recv || { echo "the default receiver exited $?"; return 1; }
+    recv_in_cgroup --socket /tmp/allowing.sock --print --allow-sparse
+    socket_up /tmp/allowing.sock || return 1
+    xtask hostile sparse --socket /tmp/allowing.sock --size 512MiB
+    wait $recv
+    status=$?
+    echo "with --allow-sparse the receiver exited $status"
+    [ $status = 137 ]
+}
+# --out on a 1 MiB tmpfs: a transfer that does not fit is refused whole,
+# nothing of it appears in DIR, and the receiver serves on.
+out_on_a_full_tmpfs() {
+    mkdir -p /tmp/tiny
+    mount -t tmpfs -o size=1M tmpfs /tmp/tiny || return 1
+    sealpass-recv --socket /tmp/tiny.sock --out /tmp/tiny 2> /tmp/tiny.recv &
+    recv=$!
+    socket_up /tmp/tiny.sock || return 1
+    sealpass-send --socket /tmp/tiny.sock --fill a=A:512KiB --fill b=B:1MiB > /tmp/tiny.log 2>&1
+    status=$?
+    cat /tmp/tiny.log
+    [ $status != 0 ] || { echo "a transfer too big for DIR was accepted"; return 1; }
+    left=$(ls -A /tmp/tiny)
+    [ -z "$left" ] || { echo "left in DIR: $left"; return 1; }
+    sealpass-send --socket /tmp/tiny.sock --fill a=A:512KiB > /dev/null || return 1
+    [ "$(ls -A /tmp/tiny)" = a ] || { echo "DIR holds: $(ls -A /tmp/tiny)"; return 1; }
+    kill $recv
+    wait $recv
+}
+# A receiver killed (-9) while it writes a 256 MiB segment into DIR leaves
+# nothing there under a name.
+out_after_kill_9() {
+    mkdir -p /tmp/killed.d
+    sealpass-recv --socket /tmp/killed.sock --out /tmp/killed.d 2> /dev/null &
+    recv=$!
+    socket_up /tmp/killed.sock || return 1
+    sealpass-send --socket /tmp/killed.sock --fill big=K:256MiB > /dev/null 2>&1 &
+    send=$!
+    tries=0
+    until ls -l /proc/$recv/fd 2> /dev/null | grep -q /tmp/killed.d; do
+        tries=$((tries + 1))
+        [ $tries -lt 1200 ] || { echo "the receiver never opened a file in DIR"; return 1; }
+        sleep 0.05
+    done
+    kill -9 $recv
+    wait $send
+    left=$(ls -A /tmp/killed.d)
+    echo "left in DIR after kill -9: [$left]"
+    [ -z "$left" ] || { [ "$left" = big ] && [ "$(wc -c < /tmp/killed.d/big)" = 268435456 ]; }
+}
 # Runs a test binary and checks that it ran tests, not a filter matching none.
 tests_ran() {
     "$@" > /tmp/tests.log 2>&1
@@ -441,6 +522,9 @@ step conformance-of-the-async-receiver-and-sender xtask conformance --receiver /
 step demo demo
 step compat-with-a-bare-c-peer compat
 step doctor sealpass-recv --doctor
+step sparse-memfd-in-a-memory-cgroup sparse_in_a_memory_cgroup
+step out-on-a-full-tmpfs-is-all-or-nothing out_on_a_full_tmpfs
+step out-after-kill-9-leaves-no-file out_after_kill_9
 step hugetlb-taken-where-the-pool-has-room tests_ran sender_tests hugetlb
 step hugetlb-segments-from-sealpass-send-to-sealpass-recv hugetlb
 step hugetlb-segment-taking-the-whole-pool hugetlb_whole_pool

@@ -249,6 +249,108 @@ fn out_is_atomic_under_concurrent_writers_of_one_name() {
 }
 
 #[test]
+fn out_publishes_a_transfer_all_or_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("out");
+    std::fs::create_dir_all(out.join("b")).unwrap();
+    let receiver = RecvProcess::start(&["--out", out.to_str().unwrap()]);
+    // `b` cannot be stored (a directory holds its name): `a`, written
+    // first, must not appear either.
+    match send(
+        &receiver,
+        &[segment("a", b'a', 4096), segment("b", b'b', 4096)],
+    ) {
+        Verdict::Rejected {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, RejectReason::ApplicationRejected, "{message}");
+            assert!(message.contains("is a directory"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(files_in(&out), ["b"], "nothing published, nothing left");
+    std::fs::remove_dir(out.join("b")).unwrap();
+    assert!(
+        send(
+            &receiver,
+            &[segment("a", b'a', 4096), segment("b", b'b', 4096)]
+        )
+        .is_accepted()
+    );
+    assert_eq!(files_in(&out), ["a", "b"]);
+}
+
+/// A pid no process has: a child that has exited and been reaped.
+fn a_dead_pid() -> u32 {
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_receiver_removes_temporaries_that_dead_receivers_left() {
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path();
+    let dead = format!(".sealpass-{}-0123abcd", a_dead_pid());
+    let alive = format!(".sealpass-{}-0123abcd", std::process::id());
+    for name in [
+        dead.as_str(),
+        ".sealpass-Ab12Cd",
+        alive.as_str(),
+        ".sealpass-notes",
+        "kept",
+    ] {
+        std::fs::write(out.join(name), b"partial").unwrap();
+    }
+    let receiver = RecvProcess::start(&["--out", out.to_str().unwrap()]);
+    let mut expected = vec![alive.as_str(), ".sealpass-notes", "kept", "recv.sock"];
+    expected.sort();
+    // The socket lives in its own directory: only the files above are here.
+    let mut left = files_in(out);
+    left.retain(|name| name != "recv.sock");
+    expected.retain(|name| *name != "recv.sock");
+    assert_eq!(
+        left, expected,
+        "a dead receiver's and an old version's temporaries go"
+    );
+    drop(receiver);
+}
+
+#[test]
+fn a_receiver_killed_while_writing_leaves_no_file_under_a_name() {
+    const SIZE: u64 = 256 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("out");
+    let mut receiver = RecvProcess::start(&["--out", out.to_str().unwrap()]);
+    let mut sender = Sender::connect(receiver.socket()).unwrap();
+    sender.submit(&[segment("big", b'k', SIZE)]).unwrap();
+    // Killed once it has a file open in DIR, that is while it writes (or,
+    // on a fast machine, just after): DIR holds the whole segment or nothing.
+    let fds = format!("/proc/{}/fd", receiver.child().id());
+    let writing = || {
+        std::fs::read_dir(&fds).unwrap().any(|fd| {
+            std::fs::read_link(fd.unwrap().path()).is_ok_and(|target| target.starts_with(&out))
+        })
+    };
+    let started = std::time::Instant::now();
+    while !writing() && out.join("big").metadata().is_err() {
+        assert!(started.elapsed().as_secs() < 20, "the receiver never wrote");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    receiver.child().kill().unwrap();
+    receiver.child().wait().unwrap();
+    let left = files_in(&out);
+    match left.as_slice() {
+        [] => {}
+        [name] if name == "big" => {
+            assert_eq!(std::fs::metadata(out.join("big")).unwrap().len(), SIZE);
+        }
+        other => panic!("left behind: {other:?}"),
+    }
+}
+
+#[test]
 fn out_takes_every_legal_name() {
     let scratch = tempfile::tempdir().unwrap();
     let out = scratch.path().join("out");

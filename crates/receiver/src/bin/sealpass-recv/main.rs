@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -23,6 +23,8 @@ use sealpass_receiver::{
     Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Service,
 };
 use serde::Serialize;
+
+mod store;
 
 /// Receive sealed memfds over a unix socket. Every fd is checked with the
 /// kernel (memfd? name, size, seals?) before it is mapped read-only; anything
@@ -48,10 +50,12 @@ struct Cli {
     /// Write each segment's bytes to stdout, in order (log lines go to stderr).
     #[arg(long, conflicts_with = "out")]
     print: bool,
-    /// Write each segment to DIR/NAME, atomically (through a unique temporary
-    /// file in DIR, renamed into place). DIR must be a writable directory; if
-    /// it does not exist it is created, but only when its parent exists.
-    /// Names that could leave DIR are rejected.
+    /// Write each segment to DIR/NAME, a transfer all or nothing: every
+    /// segment is written into an unnamed file in DIR first, and all are
+    /// renamed into place once all are written; a receiver killed meanwhile
+    /// leaves nothing under a name. DIR must be a writable directory; if it
+    /// does not exist it is created, but only when its parent exists. Names
+    /// that could leave DIR are rejected.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// One JSON line per accepted transfer (to stdout; to stderr with --print).
@@ -233,60 +237,19 @@ fn describe<'a>(
     }
 }
 
-/// A name that is one plain path component, so DIR/NAME stays in DIR.
-fn safe_file_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains('/')
-}
-
-/// Writes every segment to `dir`, each through a temporary file renamed into
-/// place, so a reader of `dir` never sees a half-written segment.
+/// Writes every segment of a transfer to `dir`, all or nothing.
 fn store(dir: &Path, transfer: &IncomingTransfer) -> anyhow::Result<()> {
-    if let Some(bad) = transfer
+    let items: Vec<store::Item<'_>> = transfer
         .segments()
         .iter()
-        .find(|s| !safe_file_name(s.name()))
-    {
-        bail!(
-            "segment name {:?} could leave {}; expected a plain file name",
-            bad.name(),
-            dir.display()
-        );
-    }
-    for segment in transfer.segments() {
-        write_into(dir, segment.name(), |file| {
-            Ok(file.write_all(segment.bytes())?)
-        })?;
-    }
-    Ok(())
-}
-
-/// Writes DIR/NAME through a temporary file renamed into place, so a reader
-/// of DIR never sees a half-written segment. NAME must be a plain file name.
-/// Each writer gets its own temporary file (`.sealpass-XXXXXX`, short enough
-/// beside any legal segment name), so concurrent transfers of one name never
-/// write into each other: the last rename wins, whole.
-fn write_into(
-    dir: &Path,
-    name: &str,
-    write: impl FnOnce(&mut fs::File) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    if !safe_file_name(name) {
-        bail!(
-            "segment name {name:?} could leave {}; expected a plain file name",
-            dir.display()
-        );
-    }
-    let target = dir.join(name);
-    let result = (|| {
-        // Removed on every path until persisted.
-        let mut partial = tempfile::Builder::new()
-            .prefix(".sealpass-")
-            .tempfile_in(dir)?;
-        write(partial.as_file_mut())?;
-        partial.persist(&target).map_err(|error| error.error)?;
-        anyhow::Ok(())
-    })();
-    result.with_context(|| format!("writing {}", target.display()))
+        .map(|segment| -> store::Item<'_> {
+            (
+                segment.name(),
+                Box::new(|file: &mut fs::File| Ok(file.write_all(segment.bytes())?)),
+            )
+        })
+        .collect();
+    store::store_all(dir, &items)
 }
 
 /// Checks `--out DIR` before anything is bound: DIR must be a directory this
@@ -319,7 +282,19 @@ fn prepare_out_dir(dir: &Path) -> Result<(), String> {
             format!(
                 "--out {shown}: cannot create files in it ({error}); expected a writable directory"
             )
-        })
+        })?;
+    match store::remove_stale_temporaries(dir) {
+        Ok(removed) => {
+            for path in removed {
+                eprintln!(
+                    "sealpass-recv: removed {}, left by a receiver that is no longer running",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Err(error) => Err(format!("--out {shown}: listing it failed: {error}")),
+    }
 }
 
 fn handle(cli: &Cli, delivery: &Delivery<'_>) -> anyhow::Result<()> {
@@ -372,17 +347,20 @@ struct BareSegmentLine<'a> {
     seals: String,
 }
 
-fn store_bare(dir: &Path, segment: &BareSegment) -> anyhow::Result<()> {
-    write_into(dir, segment.name(), |file| {
-        Ok(segment.copy_to(file).map(drop)?)
-    })
-}
-
 fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.out {
+        let items: Vec<store::Item<'_>> = batch
+            .iter()
+            .map(|segment| -> store::Item<'_> {
+                (
+                    segment.name(),
+                    Box::new(|file: &mut fs::File| Ok(segment.copy_to(file).map(drop)?)),
+                )
+            })
+            .collect();
+        store::store_all(dir, &items)?;
+    }
     for segment in batch {
-        if let Some(dir) = &cli.out {
-            store_bare(dir, segment)?;
-        }
         if cli.print {
             let mut stdout = io::stdout().lock();
             segment.copy_to(&mut stdout)?;
