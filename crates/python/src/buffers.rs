@@ -8,9 +8,10 @@ use std::ffi::{c_int, c_void};
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
-use pyo3::exceptions::PyBufferError;
+use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::{PyErr, ffi};
+use sealpass_sender::{Pages, SealedSegment, Seals, SegmentError};
 
 /// Fills `view` to export `len` bytes at `start`, owned by `owner`, which
 /// the view keeps alive (a new reference) until Python releases it.
@@ -60,40 +61,86 @@ pub(crate) unsafe fn export(
 /// The bytes of a Python object that exports the buffer protocol (bytes,
 /// bytearray, memoryview, a C-contiguous numpy array), borrowed until this
 /// drops. While it lives the exporter keeps the memory where it is (a
-/// bytearray cannot be resized, for one).
+/// bytearray cannot be resized, for one). Other threads may still write
+/// them (a bytearray, a numpy array), so no Rust reference to them is ever
+/// made: they are handed on as a pointer and a length.
 pub(crate) struct Borrowed {
     view: ffi::Py_buffer,
 }
 
 impl Borrowed {
-    /// Asks `object` for its bytes as one contiguous run (`PyBUF_SIMPLE`):
-    /// an object that cannot give them so (a strided numpy view) raises
-    /// `BufferError`, and so does one without the buffer protocol.
+    /// Asks `object` for its bytes as one C-contiguous run, with their
+    /// format: an object that cannot give them so (a strided numpy view)
+    /// raises `BufferError`, and so does one without the buffer protocol.
+    /// Bytes that hold pointers (format `O`, `P` or `&`: a numpy array of
+    /// objects, say) raise `TypeError`: they are addresses in this process,
+    /// which mean nothing to the receiver and would show it this process's
+    /// memory layout.
     pub(crate) fn get(object: &Bound<'_, PyAny>) -> PyResult<Borrowed> {
         let mut view = ffi::Py_buffer::new();
         // SAFETY: `object` is a live object and `view` a zeroed Py_buffer
         // that GetBuffer fills; on failure it leaves nothing to release.
-        let got = unsafe { ffi::PyObject_GetBuffer(object.as_ptr(), &mut view, ffi::PyBUF_SIMPLE) };
-        if got == 0 {
-            Ok(Borrowed { view })
-        } else {
-            Err(PyErr::fetch(object.py()))
+        let got = unsafe {
+            ffi::PyObject_GetBuffer(
+                object.as_ptr(),
+                &mut view,
+                ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_FORMAT,
+            )
+        };
+        if got != 0 {
+            return Err(PyErr::fetch(object.py()));
         }
+        let borrowed = Borrowed { view };
+        let format = if borrowed.view.format.is_null() {
+            "B".to_owned()
+        } else {
+            // SAFETY: a view filled with PyBUF_FORMAT has a NUL-terminated
+            // format string, valid until the view is released (after this).
+            unsafe { std::ffi::CStr::from_ptr(borrowed.view.format) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        if holds_pointers(&format) {
+            return Err(PyTypeError::new_err(format!(
+                "a buffer of format {format:?} holds pointers (Python objects or addresses), \
+                 which mean nothing in another process; expected plain data (bytes, numbers, \
+                 structs of them)"
+            )));
+        }
+        Ok(borrowed)
     }
 
-    /// The bytes.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        let len = usize::try_from(self.view.len).unwrap_or(0);
-        if self.view.buf.is_null() || len == 0 {
-            return &[];
-        }
-        // SAFETY: a PyBUF_SIMPLE view describes `len` contiguous bytes at
-        // `buf`, valid until PyBuffer_Release, which only `drop` calls. The
-        // exporter may let another Python thread write them meanwhile
-        // (bytearray, numpy): that changes which bytes are copied, as it
-        // would for any C reader of a buffer, and nothing else.
-        unsafe { std::slice::from_raw_parts(self.view.buf.cast::<u8>(), len) }
+    /// A new sealed segment holding a copy of the bytes, made without the
+    /// GIL: other threads may write them while they are copied.
+    pub(crate) fn copy_to_segment(
+        &self,
+        name: &str,
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<SealedSegment, SegmentError> {
+        let len = if self.view.buf.is_null() {
+            0
+        } else {
+            usize::try_from(self.view.len).unwrap_or(0)
+        };
+        let start = self.view.buf.cast::<u8>().cast_const();
+        // SAFETY: the view keeps its `len` bytes at `start` allocated and in
+        // place until it is released (`drop`, after this returns); other
+        // threads may write them meanwhile, which `from_shared_bytes_in`
+        // allows: it reads them only through the kernel and
+        // `copy_nonoverlapping`, never through a reference.
+        unsafe { SealedSegment::from_shared_bytes_in(name, start, len, seals, pages) }
     }
+}
+
+/// Whether a buffer format (PEP 3118, the `struct` module's codes) holds
+/// pointers: `O` (a Python object), `P` (`void *`) or `&` (a pointer to the
+/// type after it). Field names (`:name:`) are skipped.
+pub(crate) fn holds_pointers(format: &str) -> bool {
+    format
+        .split(':')
+        .step_by(2)
+        .any(|codes| codes.contains(['O', 'P', '&']))
 }
 
 impl Drop for Borrowed {
@@ -107,11 +154,12 @@ impl Drop for Borrowed {
     }
 }
 
-// SAFETY: the view is only read (its bytes, through `bytes`) off the
-// thread that holds the GIL, while the exporter keeps them in place; it is
-// released with the GIL held (`drop`).
+// SAFETY: off the thread that holds the GIL, only the view's pointer and
+// length are read (`copy_to_segment`), and the bytes behind them only by the
+// kernel or `copy_nonoverlapping` (`from_shared_bytes_in`), while the
+// exporter keeps them in place; it is released with the GIL held (`drop`).
 unsafe impl Send for Borrowed {}
-// SAFETY: as above: shared access only reads the bytes.
+// SAFETY: as above: shared access only reads the pointer and the length.
 unsafe impl Sync for Borrowed {}
 
 /// A new fd (close-on-exec) for the file behind the number `fd` that Python

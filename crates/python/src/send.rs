@@ -75,9 +75,8 @@ impl Segment {
     ) -> PyResult<Segment> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
         let borrowed = buffers::Borrowed::get(data)?;
-        let bytes = borrowed.bytes();
         let segment = py
-            .detach(|| SealedSegment::from_bytes_in(name, bytes, seals, pages(hugetlb)))
+            .detach(|| borrowed.copy_to_segment(name, seals, pages(hugetlb)))
             .map_err(Error)?;
         drop(borrowed);
         Ok(Segment::new(segment))
@@ -229,7 +228,7 @@ fn transfer_segments(
                 // The copy runs without the GIL; the view is released with it
                 // (Borrowed::drop takes the GIL back).
                 Source::Copy(name, borrowed) => {
-                    SealedSegment::from_bytes(&name, borrowed.bytes(), seals)
+                    borrowed.copy_to_segment(&name, seals, Pages::Shmem)
                 }
             })
             .collect::<Result<Vec<_>, _>>()
@@ -392,8 +391,9 @@ impl Writer {
                 this.name
             )));
         };
-        let pages = writer.bytes_mut();
-        let (start, len) = (pages.as_mut_ptr().cast_const(), pages.len());
+        // No `&mut` to the pages: views exported before may be writing them.
+        let len = usize::try_from(writer.size()).unwrap_or(0);
+        let start = writer.as_mut_ptr().cast_const();
         // SAFETY: Python passed `view`; the pages stay mapped while
         // `exports` counts this view, because `seal` and `close` refuse to
         // unmap them then, and the view holds a reference to this writer.

@@ -179,11 +179,23 @@ def test_a_received_segment_is_forwarded_untouched(tmp_path):
         ({"a/b" * 100: b"x"}, sealpass.SealpassError, "name"),
         (["not a segment"], TypeError, "Segments"),
         (42, TypeError, "mapping"),
+        # Pointers mean nothing in another process and show this one's memory.
+        ({"o": numpy.array([1, "a", None], dtype=object)}, TypeError, "holds pointers"),
+        ({"s": numpy.zeros(2, dtype=[("x", "f8"), ("o", "O")])}, TypeError, "holds pointers"),
+        ({"p": memoryview(bytearray(16)).cast("P")}, TypeError, "holds pointers"),
     ],
 )
 def test_bad_arguments_raise_typed_errors_before_connecting(tmp_path, segments, error, text):
     with pytest.raises(error, match=text):
         sealpass.send(str(tmp_path / "nobody.sock"), segments)
+
+
+def test_plain_data_of_any_format_is_taken_whatever_its_field_names():
+    # A field named like a pointer code is a name, not a pointer.
+    records = numpy.zeros(3, dtype=[("Ox", "f8"), ("P&", "i4")])
+    assert sealpass.Segment.from_buffer("records", records).size == records.nbytes
+    for array in [numpy.arange(5, dtype=numpy.float32), numpy.zeros((2, 3), dtype=numpy.complex128)]:
+        assert sealpass.Segment.from_buffer("array", array).size == array.nbytes
 
 
 def test_seals_are_checked_and_spelled_as_the_cli_spells_them():

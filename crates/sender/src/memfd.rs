@@ -49,6 +49,76 @@ fn back_every_page(name: &str, fd: &OwnedFd, size: u64) -> Result<(), SegmentErr
     }
 }
 
+/// Bytes to copy into a memfd.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A slice: nobody writes it while it is borrowed.
+    Slice(&'a [u8]),
+    /// Memory other threads may write meanwhile (a Python buffer without the
+    /// GIL): read only by the kernel or by `copy_nonoverlapping`, never
+    /// through a reference, which would assert that it cannot change.
+    Shared { start: *const u8, len: usize },
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::Slice(bytes) => bytes.len(),
+            Source::Shared { len, .. } => *len,
+        }
+    }
+
+    /// Copies every byte to `destination`, which is `len()` bytes long.
+    fn copy_into(&self, destination: &mut [u8]) {
+        match *self {
+            Source::Slice(bytes) => destination.copy_from_slice(bytes),
+            Source::Shared { start, len } => {
+                let len = len.min(destination.len());
+                // SAFETY: `start` is readable for `len` bytes until the
+                // constructor returns (`from_shared_bytes_in`'s contract);
+                // `destination` is this process's own fresh mapping, which
+                // cannot overlap memory the caller handed in.
+                unsafe { std::ptr::copy_nonoverlapping(start, destination.as_mut_ptr(), len) }
+            }
+        }
+    }
+
+    /// Writes every byte at offset 0 of `file`, with `pwrite`.
+    fn write_all_at(&self, file: &File) -> io::Result<()> {
+        let (start, len) = match *self {
+            Source::Slice(bytes) => return file.write_all_at(bytes, 0),
+            Source::Shared { start, len } => (start, len),
+        };
+        let mut written = 0usize;
+        while written < len {
+            let offset = nix::libc::off_t::try_from(written)
+                .map_err(|_| io::Error::from_raw_os_error(nix::libc::EFBIG))?;
+            // SAFETY: the `len - written` bytes at `start + written` are
+            // readable (`from_shared_bytes_in`'s contract); the kernel reads
+            // them, and no Rust reference to them is made.
+            let done = unsafe {
+                nix::libc::pwrite(
+                    file.as_raw_fd(),
+                    start.add(written).cast(),
+                    len - written,
+                    offset,
+                )
+            };
+            match done {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n if n > 0 => written += n as usize,
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a segment could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -390,21 +460,21 @@ impl SealedSegment {
     /// none in that mode); with `always` or `within_size`, the memfd is
     /// sized before the `pwrite`.
     pub fn from_bytes(name: &str, bytes: &[u8], seals: Seals) -> Result<Self, SegmentError> {
-        Self::from_bytes_for(name, bytes, seals, huge_pages())
+        Self::from_bytes_for(name, Source::Slice(bytes), seals, huge_pages())
     }
 
     /// [`SealedSegment::from_bytes`] for the huge page mode `huge` (a test
     /// takes each path on any machine).
     fn from_bytes_for(
         name: &str,
-        bytes: &[u8],
+        bytes: Source<'_>,
         seals: Seals,
         huge: ShmemHugePages,
     ) -> Result<Self, SegmentError> {
         let size = bytes.len() as u64;
         if huge == ShmemHugePages::Advise && huge.advise_for(size) {
             let mut writer = SegmentWriter::new(name, size)?;
-            writer.bytes_mut().copy_from_slice(bytes);
+            bytes.copy_into(writer.bytes_mut());
             return writer.seal(seals);
         }
         let fd = create(name)?;
@@ -413,17 +483,34 @@ impl SealedSegment {
             resize(name, &fd, size)?;
         }
         let file = File::from(fd);
-        file.write_all_at(bytes, 0)
+        bytes
+            .write_all_at(&file)
             .map_err(|source| SegmentError::Copy {
                 name: name.to_owned(),
                 source,
             })?;
-        Self::seal(
-            name.to_owned(),
-            OwnedFd::from(file),
-            bytes.len() as u64,
-            seals,
-        )
+        Self::seal(name.to_owned(), OwnedFd::from(file), size, seals)
+    }
+
+    /// [`SealedSegment::from_bytes_in`] for `len` bytes at `start` that
+    /// other threads may write while they are copied, such as a Python
+    /// buffer copied without the GIL. They are read only by the kernel
+    /// (`pwrite`) or by [`std::ptr::copy_nonoverlapping`], never through a
+    /// Rust reference; what a concurrent writer changes meanwhile decides
+    /// which bytes are copied, as for any reader of shared memory.
+    ///
+    /// # Safety
+    ///
+    /// The `len` bytes at `start` stay allocated and readable, at that
+    /// address, until this returns.
+    pub unsafe fn from_shared_bytes_in(
+        name: &str,
+        start: *const u8,
+        len: usize,
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<Self, SegmentError> {
+        Self::from_source_in(name, Source::Shared { start, len }, seals, pages)
     }
 
     /// [`SealedSegment::from_bytes`] with its pages from `pages`: for
@@ -437,13 +524,22 @@ impl SealedSegment {
         seals: Seals,
         pages: Pages,
     ) -> Result<Self, SegmentError> {
+        Self::from_source_in(name, Source::Slice(bytes), seals, pages)
+    }
+
+    fn from_source_in(
+        name: &str,
+        bytes: Source<'_>,
+        seals: Seals,
+        pages: Pages,
+    ) -> Result<Self, SegmentError> {
         if pages == Pages::HugeTlb {
             if let Some(mut writer) = hugetlb_writer(name, bytes.len() as u64)? {
-                writer.bytes_mut().copy_from_slice(bytes);
+                bytes.copy_into(writer.bytes_mut());
                 return writer.seal(seals);
             }
         }
-        Self::from_bytes(name, bytes, seals)
+        Self::from_bytes_for(name, bytes, seals, huge_pages())
     }
 
     /// A segment of `size` bytes, each `byte`. A zero byte is never
@@ -821,6 +917,11 @@ pub struct SegmentWriter {
     size: u64,
     /// `None` for a size of 0, which cannot be mapped.
     mapping: Option<memmap2::MmapMut>,
+    /// The mapping's start, taken when it was made (no other access could
+    /// exist then), so that [`SegmentWriter::as_mut_ptr`] needs no reference
+    /// to pages that views lent out may be writing. An exposed address keeps
+    /// the writer `Send` and `Sync`, as a raw pointer would not.
+    start: usize,
     fd: OwnedFd,
 }
 
@@ -841,7 +942,7 @@ impl SegmentWriter {
         fd: OwnedFd,
         advise_huge: bool,
     ) -> Result<SegmentWriter, SegmentError> {
-        let mapping = if size == 0 {
+        let mut mapping = if size == 0 {
             None
         } else {
             let length = usize::try_from(size).map_err(|_| SegmentError::TooLarge {
@@ -866,10 +967,14 @@ impl SegmentWriter {
             }
             Some(mapping)
         };
+        let start = mapping
+            .as_mut()
+            .map_or(0, |pages| pages.as_mut_ptr().expose_provenance());
         Ok(SegmentWriter {
             name: name.to_owned(),
             size,
             mapping,
+            start,
             fd,
         })
     }
@@ -907,6 +1012,17 @@ impl SegmentWriter {
         self.mapping.as_deref_mut().unwrap_or_default()
     }
 
+    /// The start of the pages, without making a reference to them: for a
+    /// binding that lends them out (Python's buffer protocol) and so cannot
+    /// promise that nothing else writes them while a `&mut` would live.
+    /// Dangling (but non-null) for a size of 0.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        if self.start == 0 {
+            return std::ptr::NonNull::dangling().as_ptr();
+        }
+        std::ptr::with_exposed_provenance_mut(self.start)
+    }
+
     /// The pages, read back.
     pub fn bytes(&self) -> &[u8] {
         self.mapping.as_deref().unwrap_or_default()
@@ -925,6 +1041,7 @@ impl SegmentWriter {
             size,
             mapping,
             fd,
+            ..
         } = self;
         drop(mapping);
         SealedSegment::seal(name, fd, size, seals)
@@ -1001,13 +1118,19 @@ mod tests {
         ] {
             for size in [4096, huge, huge + 1] {
                 let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-                let copied = SealedSegment::from_bytes_for("b", &bytes, seals, mode).unwrap();
-                assert_eq!(
-                    (copied.size(), read_all(&copied)),
-                    (size as u64, bytes.clone()),
-                    "{mode:?} {size}"
-                );
-                assert!(copied.seals().contains(seals));
+                let shared = Source::Shared {
+                    start: bytes.as_ptr(),
+                    len: bytes.len(),
+                };
+                for source in [Source::Slice(&bytes), shared] {
+                    let copied = SealedSegment::from_bytes_for("b", source, seals, mode).unwrap();
+                    assert_eq!(
+                        (copied.size(), read_all(&copied)),
+                        (size as u64, bytes.clone()),
+                        "{mode:?} {size}"
+                    );
+                    assert!(copied.seals().contains(seals));
+                }
                 let mut file = tempfile::NamedTempFile::new().unwrap();
                 file.write_all(&bytes).unwrap();
                 let from_file =
