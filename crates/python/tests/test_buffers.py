@@ -1,5 +1,6 @@
 """Zero-copy, read-only views of received segments; how long mappings live;
 filling a segment in place."""
+import os
 import subprocess
 import threading
 
@@ -188,6 +189,15 @@ def test_a_received_segment_is_forwarded_untouched(tmp_path):
 def test_bad_arguments_raise_typed_errors_before_connecting(tmp_path, segments, error, text):
     with pytest.raises(error, match=text):
         sealpass.send(str(tmp_path / "nobody.sock"), segments)
+
+
+def test_from_file_refuses_what_has_no_length_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # /dev/zero would fill memory; a FIFO with no writer would block for ever.
+    for path, found in [("/dev/zero", "character device"), (fifo, "FIFO")]:
+        with pytest.raises(sealpass.SealpassError, match=f"{found}, not a regular file"):
+            sealpass.Segment.from_file("s", path)
 
 
 def test_plain_data_of_any_format_is_taken_whatever_its_field_names():

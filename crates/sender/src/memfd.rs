@@ -202,6 +202,37 @@ pub enum SegmentError {
         /// The seals required but absent.
         missing: Seals,
     },
+    /// A path to copy from is not a regular file: a FIFO, a device, a
+    /// socket has no length known up front (and a FIFO may never end).
+    #[error(
+        "{path} is {found}, not a regular file: its length is not known up front; \
+         read a stream with from_reader (sealpass-send --stdin NAME < PATH), which stops at a bound"
+    )]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        found: &'static str,
+    },
+    /// A stream yielded more than the bound set for it.
+    #[error(
+        "segment {name:?}: the source yielded more than {limit} bytes, the bound for a stream; \
+         raise it if that is expected (from_reader_at_most; sealpass-send --max-stream-size)"
+    )]
+    TooLong {
+        /// The name.
+        name: String,
+        /// The bound.
+        limit: u64,
+    },
+    /// A signal interrupted the copy (`EINTR`): Ctrl-C, say.
+    #[error("segment {name:?}: interrupted by a signal after {copied} bytes")]
+    Interrupted {
+        /// The name.
+        name: String,
+        /// Bytes copied before the signal.
+        copied: u64,
+    },
     /// Backing every page of a sparse memfd before sealing (`fallocate`)
     /// failed: the memory or the tmpfs limit ran out (`ENOSPC`, `ENOMEM`).
     #[error(
@@ -414,11 +445,87 @@ fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWriter>, Segmen
 }
 
 /// The file at `path`, opened to be copied into a segment.
+/// The most bytes [`SealedSegment::from_reader`] takes from a stream (a
+/// pipe, a device, stdin), whose length is not known up front: past it the
+/// fill fails ([`SegmentError::TooLong`]) rather than grow a memfd until
+/// memory runs out. [`SealedSegment::from_reader_at_most`] sets another.
+pub const DEFAULT_STREAM_LIMIT: u64 = 1 << 30;
+
+/// Opens a regular file to copy from. Opened non-blocking, so that a FIFO
+/// with no writer is refused at once rather than waited on for ever; a
+/// FIFO, a device or a socket has no length known up front, and is refused.
 fn open_source(path: &Path) -> Result<File, SegmentError> {
-    File::open(path).map_err(|source| SegmentError::Open {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let open_error = |source| SegmentError::Open {
         path: path.to_owned(),
         source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(open_error)?;
+    let kind = file.metadata().map_err(open_error)?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let found = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(SegmentError::NotAFile {
+        path: path.to_owned(),
+        found,
     })
+}
+
+/// Copies what `reader` yields into `file` from its current offset, at
+/// most `limit` bytes: [`SegmentError::TooLong`] past them. A read that a
+/// signal interrupts (`EINTR`, as Python's Ctrl-C does) ends the copy with
+/// [`SegmentError::Interrupted`] instead of being retried, so a stream that
+/// never ends can be stopped. Returns the bytes copied.
+fn copy_at_most(
+    name: &str,
+    reader: &mut impl Read,
+    file: &mut File,
+    limit: u64,
+) -> Result<u64, SegmentError> {
+    let copy_error = |source| SegmentError::Copy {
+        name: name.to_owned(),
+        source,
+    };
+    let mut buffer = vec![0u8; 256 << 10];
+    let mut copied = 0u64;
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(copied),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                return Err(SegmentError::Interrupted {
+                    name: name.to_owned(),
+                    copied,
+                });
+            }
+            Err(error) => return Err(copy_error(error)),
+        };
+        copied += read as u64;
+        if copied > limit {
+            return Err(SegmentError::TooLong {
+                name: name.to_owned(),
+                limit,
+            });
+        }
+        io::Write::write_all(file, buffer.get(..read).unwrap_or_default()).map_err(copy_error)?;
+    }
 }
 
 /// Reads from `reader` until `buffer` is full or the reader ends; returns
@@ -637,21 +744,42 @@ impl SealedSegment {
     }
 
     /// A segment holding everything `reader` yields until its end (stdin,
-    /// say), streamed into the memfd without holding it on the heap.
+    /// say), streamed into the memfd without holding it on the heap, up to
+    /// [`DEFAULT_STREAM_LIMIT`] bytes ([`SegmentError::TooLong`] past it).
+    /// A signal that interrupts a read ends it ([`SegmentError::Interrupted`]).
     pub fn from_reader(
         name: &str,
         reader: &mut impl Read,
         seals: Seals,
     ) -> Result<Self, SegmentError> {
-        Self::from_reader_expecting(name, reader, 0, seals, ShmemHugePages::Never)
+        Self::from_reader_at_most(name, reader, DEFAULT_STREAM_LIMIT, seals)
     }
 
-    /// [`SealedSegment::from_reader`] for a reader expected to yield
-    /// `expected` bytes (a file's size), taking huge pages as
-    /// [`SealedSegment::from_bytes`] does under the mode `huge`. The
-    /// segment still holds exactly what the reader yields to its end, more
-    /// or less than expected.
-    fn from_reader_expecting(
+    /// [`SealedSegment::from_reader`], taking at most `limit` bytes.
+    pub fn from_reader_at_most(
+        name: &str,
+        reader: &mut impl Read,
+        limit: u64,
+        seals: Seals,
+    ) -> Result<Self, SegmentError> {
+        let fd = create(name)?;
+        let mut file = File::from(fd);
+        let size = copy_at_most(name, reader, &mut file, limit)?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|source| SegmentError::Copy {
+                name: name.to_owned(),
+                source,
+            })?;
+        Self::seal(name.to_owned(), OwnedFd::from(file), size, seals)
+    }
+
+    /// A regular file's bytes, `expected` of them by its size, taking huge
+    /// pages as [`SealedSegment::from_bytes`] does under the mode `huge`.
+    /// The segment still holds exactly what the file yields to its end,
+    /// more or less than expected, but at most the larger of `expected` and
+    /// [`DEFAULT_STREAM_LIMIT`]: a file that keeps growing is not followed
+    /// for ever.
+    fn from_file_expecting(
         name: &str,
         reader: &mut impl Read,
         expected: u64,
@@ -680,8 +808,17 @@ impl SealedSegment {
         };
         if !ended {
             file.seek(SeekFrom::Start(size)).map_err(copy_error)?;
-            // std::io::copy splices or uses copy_file_range where the kernel can.
-            size += io::copy(reader, &mut file).map_err(copy_error)?;
+            let limit = expected.max(DEFAULT_STREAM_LIMIT);
+            // std::io::copy uses copy_file_range where the kernel can; a
+            // regular file's reads end, so its retrying of EINTR is harmless.
+            size += io::copy(&mut reader.take(limit + 1 - size.min(limit)), &mut file)
+                .map_err(copy_error)?;
+            if size > limit {
+                return Err(SegmentError::TooLong {
+                    name: name.to_owned(),
+                    limit,
+                });
+            }
         }
         if presized && size < expected {
             resize(name, file.as_fd(), size)?;
@@ -716,13 +853,8 @@ impl SealedSegment {
         huge: ShmemHugePages,
     ) -> Result<Self, SegmentError> {
         let mut source = open_source(path)?;
-        // A pipe or a device says nothing of its length: 0, streamed.
-        let expected = source
-            .metadata()
-            .ok()
-            .filter(std::fs::Metadata::is_file)
-            .map_or(0, |metadata| metadata.len());
-        Self::from_reader_expecting(name, &mut source, expected, seals, huge)
+        let expected = source.metadata().map_or(0, |metadata| metadata.len());
+        Self::from_file_expecting(name, &mut source, expected, seals, huge)
     }
 
     /// [`SealedSegment::from_file`] with its pages from `pages`: for
@@ -1155,6 +1287,63 @@ mod tests {
         }
     }
 
+    /// Sources whose length is not known up front are refused (from_file)
+    /// or read up to a bound (from_reader); a signal ends a read.
+    #[test]
+    fn unbounded_sources_are_refused_or_bounded_and_signals_end_them() {
+        let seals = Seals::SENDER_DEFAULT;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // A FIFO with no writer: refused at once, not waited on.
+        for (path, found) in [
+            (fifo.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            for result in [
+                SealedSegment::from_file("s", path, seals),
+                SealedSegment::from_file_in("s", path, seals, Pages::HugeTlb),
+            ] {
+                match result {
+                    Err(error @ SegmentError::NotAFile { .. }) => {
+                        let text = error.to_string();
+                        assert!(text.contains(found) && text.contains("--stdin"), "{text}");
+                    }
+                    other => panic!("{}: expected NotAFile, got {other:?}", path.display()),
+                }
+            }
+        }
+        // An endless stream stops at the bound, with advice.
+        let mut zeros = File::open("/dev/zero").unwrap();
+        match SealedSegment::from_reader_at_most("z", &mut zeros, 1 << 20, seals) {
+            Err(error @ SegmentError::TooLong { limit: 1048576, .. }) => {
+                assert!(error.to_string().contains("--max-stream-size"), "{error}");
+            }
+            other => panic!("expected TooLong, got {other:?}"),
+        }
+        // Exactly the bound is taken.
+        let exact = SealedSegment::from_reader_at_most(
+            "x",
+            &mut Read::by_ref(&mut zeros).take(4096),
+            4096,
+            seals,
+        )
+        .unwrap();
+        assert_eq!(exact.size(), 4096);
+        // A read a signal interrupts ends the fill.
+        struct Interrupting;
+        impl Read for Interrupting {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::Interrupted.into())
+            }
+        }
+        assert!(matches!(
+            SealedSegment::from_reader("i", &mut Interrupting, seals),
+            Err(SegmentError::Interrupted { copied: 0, .. })
+        ));
+    }
+
     /// A reader that yields more or less than expected (a file that grew
     /// or shrank while it was copied) gives a segment of what it yielded,
     /// on every huge page path.
@@ -1163,7 +1352,7 @@ mod tests {
         let huge = sealpass_proto::host::HUGE_PAGE;
         let check = |mode: ShmemHugePages, yielded: u64, expected: u64| {
             let bytes: Vec<u8> = (0..yielded).map(|i| (i % 253) as u8).collect();
-            let segment = SealedSegment::from_reader_expecting(
+            let segment = SealedSegment::from_file_expecting(
                 "r",
                 &mut io::Cursor::new(&bytes),
                 expected,

@@ -293,6 +293,53 @@ fn usage_errors_exit_2_before_any_memfd_or_connection() {
 }
 
 #[test]
+fn sources_of_unknown_length_are_refused_or_bounded() {
+    let scratch_dir = tempfile::tempdir().unwrap();
+    let fifo = scratch_dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo_spec = format!("f={}", fifo.display());
+    let cases: &[(&[&str], &str)] = &[
+        // /dev/zero would grow a memfd until memory ran out; a FIFO with no
+        // writer would block for ever.
+        (
+            &["--file", "z=/dev/zero"],
+            "is a character device, not a regular file",
+        ),
+        (&["--file", &fifo_spec], "is a FIFO, not a regular file"),
+    ];
+    for (args, expected) in cases {
+        let (_dir, socket) = scratch();
+        let _receiver = receiver(&socket);
+        let started = std::time::Instant::now();
+        check_failure_at(&socket, args, 1, expected);
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    // A stream past its bound: refused, with the flag that raises it.
+    let (_dir, socket) = scratch();
+    let _receiver = receiver(&socket);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealpass-send"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--stdin", "s", "--max-stream-size", "1MiB"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than 1048576 bytes") && stderr.contains("--max-stream-size"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn connection_errors_name_the_socket_once_and_hint_at_the_fix() {
     // Nobody there: said once, with the path and what to do, and found
     // before any source is read (the missing file is never opened).

@@ -31,16 +31,22 @@ struct Cli {
     /// pages, fd and mapping limits), what each means, how to change it, and exit.
     #[arg(long)]
     doctor: bool,
-    /// A segment named NAME holding the bytes of the file at PATH.
+    /// A segment named NAME holding the bytes of the regular file at PATH
+    /// (a FIFO or a device is refused: use --stdin for streams).
     #[arg(long = "file", value_name = "NAME=PATH", value_parser = parse_file)]
     files: Vec<(String, PathBuf)>,
     /// A segment named NAME of SIZE bytes, each BYTE (a character, or 0xNN).
     /// SIZE takes 4194304, 0x400000, 4M or 4MiB.
     #[arg(long = "fill", value_name = "NAME=BYTE:SIZE", value_parser = parse_fill)]
     fills: Vec<(String, u8, u64)>,
-    /// A segment named NAME holding everything read from stdin (once).
+    /// A segment named NAME holding everything read from stdin (once), at
+    /// most --max-stream-size bytes.
     #[arg(long = "stdin", value_name = "NAME", value_parser = parse_name)]
     stdin: Option<String>,
+    /// The most bytes --stdin takes; a stream that yields more is an error
+    /// rather than a memfd that grows until memory runs out.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    max_stream_size: u64,
     /// Take the pages of --fill and --file segments from the hugetlb pool
     /// (MFD_HUGETLB) where the machine can: a size of whole huge pages
     /// (2 MiB) and a pool with room (sysctl vm.nr_hugepages). Other
@@ -276,7 +282,12 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
             Source::Fill { byte, size } => {
                 SealedSegment::filled_in(&name, byte, size, cli.seals, pages)?
             }
-            Source::Stdin => SealedSegment::from_reader(&name, &mut io::stdin().lock(), cli.seals)?,
+            Source::Stdin => SealedSegment::from_reader_at_most(
+                &name,
+                &mut io::stdin().lock(),
+                cli.max_stream_size,
+                cli.seals,
+            )?,
         };
         segments.push(segment);
     }
