@@ -104,6 +104,66 @@ fn access_control_by_uid_and_gid() {
 }
 
 #[test]
+fn allow_lists_the_socket_mode_shuts_out_are_warned_of() {
+    let me = std::fs::metadata("/proc/self").unwrap();
+    let (uid, gid) = (
+        std::os::unix::fs::MetadataExt::uid(&me),
+        std::os::unix::fs::MetadataExt::gid(&me),
+    );
+    let other_uid = (uid + 4242).to_string();
+    let other_gid = (gid + 4242).to_string();
+    let own_gid = gid.to_string();
+    // (flags, the warnings expected, each by what it starts with)
+    let cases: &[(&[&str], &[String])] = &[
+        (
+            &["--allow-uid", &other_uid],
+            &[format!("--allow-uid {other_uid} admits")],
+        ),
+        (
+            &["--allow-gid", &other_gid, "--mode", "660"],
+            &[format!("--allow-gid {other_gid} admits")],
+        ),
+        (
+            &["--allow-gid", &own_gid],
+            &[format!("--allow-gid {own_gid} admits")],
+        ),
+        (&["--allow-uid", &other_uid, "--mode", "660"], &[]),
+        (&["--allow-gid", &own_gid, "--mode", "660"], &[]),
+        (
+            &[
+                "--allow-uid",
+                &other_uid,
+                "--allow-gid",
+                &other_gid,
+                "--mode",
+                "666",
+            ],
+            &[],
+        ),
+        (&[], &[]),
+    ];
+    for (flags, expected) in cases {
+        let mut receiver = RecvProcess::start(flags);
+        // The warnings come right after the start-up line; everything is
+        // logged by the time it says it stopped.
+        receiver.stop();
+        let warned: Vec<String> = receiver
+            .log_until("stopped")
+            .iter()
+            .filter_map(|line| line.split_once(" WARN sealpass_recv: "))
+            .map(|(_, warning)| warning.to_owned())
+            .collect();
+        assert_eq!(warned.len(), expected.len(), "{flags:?}: {warned:?}");
+        for (line, start) in warned.iter().zip(expected.iter()) {
+            assert!(
+                line.starts_with(start.as_str()) && line.contains("--mode 660"),
+                "{flags:?}: {line}"
+            );
+        }
+    }
+}
+
+#[test]
 fn the_socket_is_owner_only_unless_told_otherwise() {
     for (flags, mode) in [(&[][..], 0o600), (&["--mode", "660"][..], 0o660)] {
         let receiver = RecvProcess::start(flags);

@@ -95,14 +95,26 @@ impl RecvProcess {
 
     /// Waits for a log line containing `text`; returns it.
     pub(crate) fn wait_for_log(&self, text: &str) -> String {
+        self.log_until(text).pop().unwrap_or_default()
+    }
+
+    /// Waits for a log line containing `text`; returns every line logged
+    /// until then, that one last.
+    pub(crate) fn log_until(&self, text: &str) -> Vec<String> {
         let deadline = Instant::now() + SETTLE;
+        let mut lines = Vec::new();
         loop {
             match self
                 .log
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    let found = line.contains(text);
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
                 Err(_) => panic!("sealpass-recv never logged {text:?}"),
             }
         }

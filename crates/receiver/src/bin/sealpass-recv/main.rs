@@ -554,6 +554,43 @@ fn signal_pipe() -> anyhow::Result<UnixStream> {
 }
 
 /// A usage error found after parsing: printed as clap prints its own, exit 2.
+/// The peers `--allow-uid`/`--allow-gid` admit that the socket's mode
+/// keeps from connecting at all (connecting needs write permission on the
+/// socket file, which is this process's user's and group's): one warning
+/// each, saying what to pass. Root connects whatever the mode.
+fn shut_out_by_mode(cli: &Cli) -> Vec<String> {
+    let (own_uid, own_gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let (group_writes, others_write) = (cli.mode & 0o020 != 0, cli.mode & 0o002 != 0);
+    let advice = "pass --mode 660 and give the socket's group to the peers, or --mode 666 to leave \
+                  it to the allow lists";
+    let uids = cli
+        .allow_uids
+        .iter()
+        .filter(|&&uid| uid != 0 && uid != own_uid && !group_writes && !others_write)
+        .map(|uid| {
+            format!(
+                "--allow-uid {uid} admits uid {uid}, but the socket's mode {:o} lets only uid \
+                 {own_uid} open it: uid {uid} gets EACCES at connect; {advice}",
+                cli.mode
+            )
+        });
+    let gids = cli
+        .allow_gids
+        .iter()
+        .filter(|&&gid| !others_write && !(gid == own_gid && group_writes))
+        .map(|gid| {
+            format!(
+                "--allow-gid {gid} admits gid {gid}, but the socket's mode {:o} and group \
+                 {own_gid} keep its members out: they get EACCES at connect; {advice}",
+                cli.mode
+            )
+        });
+    uids.chain(gids).collect()
+}
+
 fn usage_error(message: String) -> ! {
     Cli::command()
         .error(clap::error::ErrorKind::ValueValidation, message)
@@ -603,6 +640,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Logged once everything is in place: from here the receiver's fds are
     // those it holds whenever it serves nobody.
     tracing::info!("{description}");
+    for warning in shut_out_by_mode(&cli) {
+        tracing::warn!("{warning}");
+    }
     let cli = Arc::new(cli);
     service.run(move |delivery| {
         handle(&cli, delivery).map_err(|e| format!("{e:#}"))?;
