@@ -580,7 +580,7 @@ fn shut_out_by_mode(cli: &Cli) -> Vec<String> {
     let gids = cli
         .allow_gids
         .iter()
-        .filter(|&&gid| !others_write && !(gid == own_gid && group_writes))
+        .filter(|&&gid| !(others_write || (gid == own_gid && group_writes)))
         .map(|gid| {
             format!(
                 "--allow-gid {gid} admits gid {gid}, but the socket's mode {:o} and group \
