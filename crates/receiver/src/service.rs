@@ -248,9 +248,7 @@ impl Service {
         {
             let _ = fdpass::shut_down_reading(socket.as_fd());
         }
-        for thread in threads {
-            let _ = thread.join();
-        }
+        finish_within(&shared, threads, SHUTDOWN_GRACE);
         let mut drain = [0u8; 64];
         while matches!((&self.wake_reader).read(&mut drain), Ok(n) if n > 0) {}
         Ok(())
@@ -309,6 +307,57 @@ impl Service {
             // sees a close, and the slot is free again.
             Err(error) => tracing::warn!("cannot start a thread for {peer}: {error}"),
         }
+    }
+}
+
+/// How long a stopping service waits for its connections to answer what
+/// they read before it closes them: a peer that does not read its answers
+/// (with no idle timeout to bound the wait) cannot hold the stop up longer.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits for the connections' threads to end, saying what it waits for; those
+/// still running after `grace` have their sockets shut down both ways, which
+/// ends a send blocked on a peer that does not read, and are then joined
+/// (a handler still running is waited for: it is the application's).
+fn finish_within<H>(shared: &Shared<H>, threads: Vec<JoinHandle<()>>, grace: Duration) {
+    let running = || {
+        threads
+            .iter()
+            .filter(|thread| !thread.is_finished())
+            .count()
+    };
+    if running() > 0 {
+        tracing::info!(
+            "stopping: finishing {} connection(s): answering what they read (at most {} s)",
+            running(),
+            grace.as_secs()
+        );
+    }
+    let deadline = Instant::now() + grace;
+    while running() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let left = running();
+    if left > 0 {
+        tracing::warn!(
+            "stopping: {left} connection(s) still not done after {} s (a peer that does not read \
+             its answers?): closing them",
+            grace.as_secs()
+        );
+        for socket in shared
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(socket),
+                nix::sys::socket::Shutdown::Both,
+            );
+        }
+    }
+    for thread in threads {
+        let _ = thread.join();
     }
 }
 

@@ -63,7 +63,7 @@ use crate::connection::{Core, Event, Link, Outcome, ServeError, Socket, admit_al
 use crate::listener::{
     Admission, AdmissionTicket, Admitted, BindError, Listener as BlockingListener, is_out_of_fds,
 };
-use crate::service::ServiceStats;
+use crate::service::{SHUTDOWN_GRACE, ServiceStats};
 use crate::transfer::{IncomingTransfer, VerifiedSegment};
 use crate::{ErrorChain, inspect};
 
@@ -723,7 +723,31 @@ impl Service {
         }
         // Stop accepting first: the socket file goes with the listener.
         drop(listener);
-        while connections.join_next().await.is_some() {}
+        if !connections.is_empty() {
+            tracing::info!(
+                "stopping: finishing {} connection(s): answering what they read (at most {} s)",
+                connections.len(),
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+        let grace = ::tokio::time::sleep(SHUTDOWN_GRACE);
+        ::tokio::pin!(grace);
+        loop {
+            ::tokio::select! {
+                next = connections.join_next() => if next.is_none() { break },
+                () = &mut grace => {
+                    tracing::warn!(
+                        "stopping: {} connection(s) still not done after {} s (a peer that does \
+                         not read its answers?): closing them",
+                        connections.len(),
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                    connections.abort_all();
+                    while connections.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sealpass_proto::fdpass;
 use sealpass_proto::{Message, RejectReason, Seals};
+use sealpass_receiver::service::SHUTDOWN_GRACE;
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 use support::{RecvProcess, answer_to};
 
@@ -248,6 +249,63 @@ fn limits_on_segments_and_mapped_bytes_each_have_their_reason() {
         RejectReason::MemoryLimit
     );
     assert!(send(&receiver, &[segment("a", 1 << 19), segment("b", 1 << 19)]).is_accepted());
+}
+
+/// A peer that sends transfers and never reads an answer, until the
+/// receiver stops reading it (its answers fill the peer's queue, and the
+/// receiver's send to it blocks). Returns the connection, still open.
+fn connect_a_peer_that_never_reads(receiver: &RecvProcess) -> OwnedFd {
+    use sealpass_proto::Transfer;
+    let connection = fdpass::connect(receiver.socket()).unwrap();
+    fdpass::set_timeouts(connection.as_fd(), None, Some(Duration::from_millis(500))).unwrap();
+    let frame = segment("s", 64);
+    for id in 1..=10_000 {
+        let message = Message::Transfer(Transfer::new(id, vec![frame.declaration().clone()]));
+        let bytes = sealpass_proto::encode(&message).unwrap();
+        if fdpass::send(connection.as_fd(), &bytes, &[frame.fd()]).is_err() {
+            return connection;
+        }
+    }
+    panic!("the receiver read 10,000 transfers whose answers were never read");
+}
+
+/// Waits for the receiver to exit, at most `limit`.
+fn exit_within(receiver: &mut RecvProcess, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = receiver.child().try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn stopping_takes_bounded_time_whatever_peers_do_and_a_second_signal_exits_at_once() {
+    // No idle timeout: nothing else bounds the wait on a peer that does not read.
+    let mut receiver = RecvProcess::start(&["--idle-timeout", "0"]);
+    let _stuck = connect_a_peer_that_never_reads(&receiver);
+    signal(&mut receiver, Signal::SIGTERM);
+    let status = exit_within(&mut receiver, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    let log = receiver.log_until("stopped");
+    for said in ["stopping: finishing 1 connection(s)", "closing them"] {
+        assert!(
+            log.iter().any(|line| line.contains(said)),
+            "{said:?} not in {log:#?}"
+        );
+    }
+
+    let mut receiver = RecvProcess::start(&["--idle-timeout", "0"]);
+    let _stuck = connect_a_peer_that_never_reads(&receiver);
+    signal(&mut receiver, Signal::SIGTERM);
+    receiver.wait_for_log("stopping: finishing");
+    let asked = Instant::now();
+    signal(&mut receiver, Signal::SIGINT);
+    let status = exit_within(&mut receiver, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(130));
+    assert!(asked.elapsed() < SHUTDOWN_GRACE, "{:?}", asked.elapsed());
 }
 
 #[test]

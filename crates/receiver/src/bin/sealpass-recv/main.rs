@@ -130,8 +130,10 @@ Exit status: 0 after SIGINT/SIGTERM or after --once's transfer; 1 a failure
 while running (the socket could not be bound, ...); 2 a usage error (bad flag
 or value, --out not a writable directory), found before the socket is bound.
 
-Signals: SIGINT or SIGTERM stop accepting, answer what peers already sent,
-remove the socket file and exit 0 (in --compat mode too).
+Signals: SIGINT or SIGTERM stop accepting, answer what peers already sent
+(waiting at most 5 s for peers that do not read their answers, then closing
+them), remove the socket file and exit 0 (in --compat mode too). A second
+SIGINT or SIGTERM while stopping exits at once, with status 130.
 
 Logs go to stderr, one line per message, filtered by RUST_LOG (default info;
 e.g. RUST_LOG=debug, RUST_LOG=warn).";
@@ -553,7 +555,6 @@ fn signal_pipe() -> anyhow::Result<UnixStream> {
     Ok(signals)
 }
 
-/// A usage error found after parsing: printed as clap prints its own, exit 2.
 /// The peers `--allow-uid`/`--allow-gid` admit that the socket's mode
 /// keeps from connecting at all (connecting needs write permission on the
 /// socket file, which is this process's user's and group's): one warning
@@ -591,6 +592,7 @@ fn shut_out_by_mode(cli: &Cli) -> Vec<String> {
     uids.chain(gids).collect()
 }
 
+/// A usage error found after parsing: printed as clap prints its own, exit 2.
 fn usage_error(message: String) -> ! {
     Cli::command()
         .error(clap::error::ErrorKind::ValueValidation, message)
@@ -636,6 +638,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // A signal's byte, or the pipe's end: stop either way.
         let _ = io::Read::read(&mut &signals, &mut [0u8; 1]);
         stopper.shutdown();
+        // A second signal while stopping: exit at once.
+        if matches!(io::Read::read(&mut &signals, &mut [0u8; 1]), Ok(1)) {
+            eprintln!("sealpass-recv: a second signal while stopping: exiting now");
+            std::process::exit(130);
+        }
     });
     // Logged once everything is in place: from here the receiver's fds are
     // those it holds whenever it serves nobody.
