@@ -10,6 +10,7 @@
 mod buffers;
 mod receive;
 mod send;
+mod shared;
 
 use std::time::{Duration, Instant};
 
@@ -47,10 +48,13 @@ const SLICE: Duration = Duration::from_millis(100);
 
 /// Runs `step` with the GIL released, in slices of at most [`SLICE`], until
 /// it returns something or `timeout` passes (`Ok(None)`); between slices
-/// Python's signal handlers run, so Ctrl-C raises `KeyboardInterrupt`.
+/// Python's signal handlers run, so Ctrl-C raises `KeyboardInterrupt`, and
+/// `stopped` is asked whether the object was closed from another thread
+/// (its error is raised).
 fn wait_in_slices<T, E>(
     py: Python<'_>,
     timeout: Option<Duration>,
+    stopped: &dyn Fn() -> Option<PyErr>,
     mut step: impl FnMut(Duration) -> Result<Option<T>, E> + Send,
 ) -> PyResult<Option<T>>
 where
@@ -66,7 +70,12 @@ where
                 .clamp(Duration::from_millis(1), SLICE),
             None => SLICE,
         };
-        match py.detach(|| step(slice)) {
+        let stepped = py.detach(|| step(slice));
+        // Closed from another thread meanwhile: that explains an error too.
+        if let Some(error) = stopped() {
+            return Err(error);
+        }
+        match stepped {
             Ok(Some(done)) => return Ok(Some(done)),
             Ok(None) => {}
             Err(error) => return Err(Error(error).into()),

@@ -2,7 +2,8 @@
 //! their verified segments, whose mappings Python reads without a copy.
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::prelude::*;
@@ -14,6 +15,7 @@ use sealpass_receiver::{
 };
 
 use crate::send::Segment;
+use crate::shared::Slot;
 use crate::{Error, buffers, lock, seals_from, seals_to, timed_out, timeout_from};
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -289,6 +291,7 @@ impl Transfer {
     }
 
     fn answer(&self, py: Python<'_>, verdict: Result<(), String>) -> PyResult<()> {
+        // (An unanswered transfer is rejected when dropped: see `Drop`.)
         let responder = lock(&self.responder).take().ok_or_else(|| {
             PyValueError::new_err(format!("transfer {} was answered already", self.id))
         })?;
@@ -297,6 +300,19 @@ impl Transfer {
             Err(why) => responder.reject(why),
         });
         sent.map_err(|error| Error(error).into())
+    }
+}
+
+impl Drop for Transfer {
+    /// A transfer dropped unanswered is rejected, which sends a `Reject` and
+    /// can wait (up to the idle timeout) on a sender that does not read:
+    /// that wait happens with the GIL released, so no other Python thread
+    /// stops for it.
+    fn drop(&mut self) {
+        let responder = lock(&self.responder).take();
+        if responder.is_some() {
+            Python::attach(|py| py.detach(|| drop(responder)));
+        }
     }
 }
 
@@ -446,20 +462,25 @@ impl Transfer {
     }
 }
 
-/// One sender's connection, as `Listener.accept()` returns it. Iterating
-/// yields its transfers until the sender closes. Used by one thread at a
-/// time.
-#[pyclass(module = "sealpass", name = "Connection")]
+/// A sender's connection, served by this process: `receive()` (or
+/// iterating) yields its transfers until the sender closes. One call at a
+/// time uses it; `close()` may come from any thread, and wakes a call
+/// waiting on another.
+#[pyclass(module = "sealpass", name = "Connection", frozen)]
 pub(crate) struct PyConnection {
-    inner: Option<Connection>,
-    refused: u64,
+    inner: Slot<Connection>,
+    peer: Option<PeerCredentials>,
+    refused: AtomicU64,
 }
 
 impl PyConnection {
-    fn connection(&mut self) -> PyResult<&mut Connection> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the connection is closed"))
+    fn new(connection: Connection) -> PyConnection {
+        let socket = connection.as_fd().try_clone_to_owned().ok();
+        PyConnection {
+            peer: connection.peer(),
+            inner: Slot::new("connection", connection, socket.as_ref()),
+            refused: AtomicU64::new(0),
+        }
     }
 }
 
@@ -468,24 +489,30 @@ impl PyConnection {
     /// The next verified transfer, or None once the sender closed. Messages
     /// refused on the way are answered (with the reason PROTOCOL.md gives)
     /// and counted in `refused`. Raises `TimeoutError` after `timeout`
-    /// seconds; Ctrl-C raises `KeyboardInterrupt`.
+    /// seconds; Ctrl-C raises `KeyboardInterrupt`; `ValueError` when the
+    /// connection is closed, from another thread meanwhile included.
     #[pyo3(signature = (timeout = None))]
-    fn receive(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Transfer>> {
+    fn receive(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Transfer>> {
         let timeout = timeout_from(timeout)?;
-        let mut refused = 0;
-        let connection = self.connection()?;
-        let received = crate::wait_in_slices(py, timeout, |slice| {
+        let mut connection = self.inner.lend("receive()")?;
+        let stopped = || {
+            self.inner
+                .is_closed()
+                .then(|| self.inner.closed_error("receive()"))
+        };
+        let refused = &self.refused;
+        let received = crate::wait_in_slices(py, timeout, &stopped, |slice| {
             Ok::<_, sealpass_receiver::ServeError>(match connection.next_event_within(slice)? {
                 Some(Event::Transfer(transfer)) => Some(Some(transfer)),
                 Some(Event::Closed) => Some(None),
                 Some(Event::Refused(_)) => {
-                    refused += 1;
+                    refused.fetch_add(1, Ordering::Relaxed);
                     None
                 }
                 Some(_) | None => None,
             })
         });
-        self.refused += refused;
+        drop(connection);
         match received? {
             Some(Some(transfer)) => Ok(Some(Transfer::new(py, transfer)?)),
             Some(None) => Ok(None),
@@ -496,36 +523,42 @@ impl PyConnection {
     /// Messages refused on this connection so far.
     #[getter]
     fn refused(&self) -> u64 {
-        self.refused
+        self.refused.load(Ordering::Relaxed)
     }
 
-    /// Whether more transfers may come.
+    /// Whether more transfers may come (true while a call on another
+    /// thread waits for one).
     #[getter]
     fn is_open(&self) -> bool {
-        self.inner.as_ref().is_some_and(Connection::is_open)
+        !self.inner.is_closed() && self.inner.peek(Connection::is_open).unwrap_or(true)
     }
 
     /// Bytes this connection's segments hold mapped right now (0 once
-    /// closed).
+    /// closed, and while a call on another thread has the connection).
     #[getter]
     fn mapped(&self) -> u64 {
-        self.inner.as_ref().map_or(0, Connection::mapped)
+        self.inner.peek(Connection::mapped).unwrap_or(0)
     }
 
     /// The sender, as the kernel recorded it at connect; None if unknown.
     #[getter]
     fn peer(&self) -> Option<Peer> {
-        peer(self.inner.as_ref().and_then(Connection::peer))
+        peer(self.peer)
     }
 
     /// The connection's fd (still the connection's: do not close it).
-    fn fileno(&mut self) -> PyResult<RawFd> {
-        Ok(self.connection()?.as_fd().as_raw_fd())
+    fn fileno(&self) -> PyResult<RawFd> {
+        self.inner
+            .peek(|connection| connection.as_fd().as_raw_fd())
+            .ok_or_else(|| self.inner.closed_error("fileno()"))
     }
 
     /// Closes the connection once every transfer it delivered is answered.
-    fn close(&mut self) {
-        self.inner = None;
+    /// From another thread, it wakes a `receive()` waiting there, which
+    /// raises `ValueError` (the connection is closed).
+    fn close(&self, py: Python<'_>) {
+        let closed = self.inner.close();
+        py.detach(|| drop(closed));
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -533,31 +566,34 @@ impl PyConnection {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
-        self.close();
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
+        self.close(py);
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Transfer>> {
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Transfer>> {
         self.receive(py, None)
     }
 }
 
 /// Listens at a socket path (owner-only, 0600), removing a stale socket
 /// left there and refusing to touch anything else. Iterating yields
-/// connections for ever. Closing removes the socket file.
-#[pyclass(module = "sealpass", name = "Listener")]
+/// connections for ever. Closing removes the socket file; `close()` may
+/// come from any thread, and ends an `accept()` waiting on another.
+#[pyclass(module = "sealpass", name = "Listener", frozen)]
 pub(crate) struct PyListener {
-    inner: Option<Listener>,
+    /// Shared with the calls that wait on it: closing takes it out, and the
+    /// socket goes when the last of them lets go.
+    inner: Mutex<Option<Arc<Listener>>>,
 }
 
 impl PyListener {
-    fn listener(&self) -> PyResult<&Listener> {
-        self.inner
-            .as_ref()
+    fn listener(&self) -> PyResult<Arc<Listener>> {
+        lock(&self.inner)
+            .clone()
             .ok_or_else(|| PyValueError::new_err("the listener is closed"))
     }
 }
@@ -598,7 +634,7 @@ impl PyListener {
         let mut listener = Listener::bind(&path).map_err(Error)?;
         listener.set_config(config);
         Ok(PyListener {
-            inner: Some(listener),
+            inner: Mutex::new(Some(Arc::new(listener))),
         })
     }
 
@@ -615,12 +651,17 @@ impl PyListener {
     fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyConnection> {
         let timeout = timeout_from(timeout)?;
         let listener = self.listener()?;
-        let accepted = crate::wait_in_slices(py, timeout, |slice| listener.accept_within(slice))?;
-        match accepted {
-            Some(connection) => Ok(PyConnection {
-                inner: Some(connection),
-                refused: 0,
-            }),
+        let stopped = || {
+            lock(&self.inner).is_none().then(|| {
+                PyValueError::new_err("the listener is closed (closed while accept() waited)")
+            })
+        };
+        let accepted =
+            crate::wait_in_slices(py, timeout, &stopped, |slice| listener.accept_within(slice));
+        // Closed meanwhile: the socket goes with this last reference.
+        py.detach(|| drop(listener));
+        match accepted? {
+            Some(connection) => Ok(PyConnection::new(connection)),
             None => Err(timed_out("no sender connected", timeout)),
         }
     }
@@ -630,9 +671,12 @@ impl PyListener {
         Ok(self.listener()?.as_fd().as_raw_fd())
     }
 
-    /// Stops listening and removes the socket file.
-    fn close(&mut self) {
-        self.inner = None;
+    /// Stops listening and removes the socket file. From another thread, it
+    /// ends an `accept()` waiting there, which raises `ValueError` (the
+    /// listener is closed).
+    fn close(&self, py: Python<'_>) {
+        let closed = lock(&self.inner).take();
+        py.detach(|| drop(closed));
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -640,8 +684,8 @@ impl PyListener {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
-        self.close();
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
+        self.close(py);
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

@@ -1,7 +1,8 @@
 //! Sending: sealed segments, a segment filled in place, the sender.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
@@ -10,6 +11,7 @@ use pyo3::types::{PyFrozenSet, PyMapping, PyTuple};
 use sealpass_proto::Seals;
 use sealpass_sender::{Pages, SealedSegment, SegmentWriter, Sender, Verdict};
 
+use crate::shared::Slot;
 use crate::{Error, buffers, lock, rejected, seals_from, seals_to, timed_out, timeout_from};
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -412,20 +414,19 @@ impl Writer {
     }
 }
 
-/// A connection to a receiver. Transfer ids count up from 1.
-#[pyclass(module = "sealpass", name = "Sender")]
+/// A connection to a receiver. Transfer ids count up from 1. One call at a
+/// time uses it; `close()` may come from any thread, and wakes a call
+/// waiting on another.
+#[pyclass(module = "sealpass", name = "Sender", frozen)]
 pub(crate) struct PySender {
-    inner: Option<Sender>,
+    inner: Slot<Sender>,
     answer_timeout: Option<Duration>,
+    /// Transfers in flight, as of the last call: readable while a call on
+    /// another thread has the sender.
+    in_flight: AtomicUsize,
 }
 
 impl PySender {
-    fn sender(&mut self) -> PyResult<&mut Sender> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| PyValueError::new_err("the sender is closed"))
-    }
-
     /// Connects to `path`, retrying for `patience` while the receiver is not
     /// up yet (no socket, or nobody accepting).
     fn connect(
@@ -437,14 +438,19 @@ impl PySender {
             return Ok(py.detach(|| Sender::connect(path)).map_err(Error)?);
         };
         let connected =
-            crate::wait_in_slices(py, Some(patience), |slice| match Sender::connect(path) {
-                Ok(sender) => Ok(Some(sender)),
-                Err(error) if error.receiver_not_up() => {
-                    std::thread::sleep(slice.min(Duration::from_millis(20)));
-                    Ok(None)
-                }
-                Err(error) => Err(error),
-            })?;
+            crate::wait_in_slices(
+                py,
+                Some(patience),
+                &|| None,
+                |slice| match Sender::connect(path) {
+                    Ok(sender) => Ok(Some(sender)),
+                    Err(error) if error.receiver_not_up() => {
+                        std::thread::sleep(slice.min(Duration::from_millis(20)));
+                        Ok(None)
+                    }
+                    Err(error) => Err(error),
+                },
+            )?;
         match connected {
             Some(sender) => Ok(sender),
             // The last attempt's error says why.
@@ -452,11 +458,18 @@ impl PySender {
         }
     }
 
-    fn wait_verdict(&mut self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<u64> {
-        let sender = self.sender()?;
-        let verdict =
-            crate::wait_in_slices(py, timeout, |slice| sender.next_verdict_within(slice))?;
-        match verdict {
+    fn wait_verdict(&self, py: Python<'_>, timeout: Option<Duration>, call: &str) -> PyResult<u64> {
+        let mut sender = self.inner.lend(call)?;
+        let stopped = || {
+            self.inner
+                .is_closed()
+                .then(|| self.inner.closed_error(call))
+        };
+        let verdict = crate::wait_in_slices(py, timeout, &stopped, |slice| {
+            sender.next_verdict_within(slice)
+        });
+        self.in_flight.store(sender.in_flight(), Ordering::Release);
+        match verdict? {
             Some(Verdict::Accepted { id }) => Ok(id),
             Some(Verdict::Rejected {
                 id,
@@ -468,6 +481,17 @@ impl PySender {
             )),
             None => Err(timed_out("no answer from the receiver", timeout)),
         }
+    }
+
+    /// Sends segments already made, without waiting for the verdict.
+    fn submit_made(&self, py: Python<'_>, made: &[SealedSegment], call: &str) -> PyResult<u64> {
+        let mut sender = self.inner.lend(call)?;
+        let sent = py.detach(|| sender.submit(made));
+        self.in_flight.store(sender.in_flight(), Ordering::Release);
+        if self.inner.is_closed() {
+            return Err(self.inner.closed_error(call));
+        }
+        Ok(sent.map_err(Error)?)
     }
 }
 
@@ -487,9 +511,11 @@ impl PySender {
         let patience = timeout_from(connect_timeout)?;
         let answer_timeout = timeout_from(answer_timeout)?;
         let sender = PySender::connect(py, &path, patience)?;
+        let socket = sender.as_fd().try_clone_to_owned().ok();
         Ok(PySender {
-            inner: Some(sender),
+            inner: Slot::new("sender", sender, socket.as_ref()),
             answer_timeout,
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -499,60 +525,62 @@ impl PySender {
     /// be in flight (take earlier verdicts with `next_verdict` first).
     #[pyo3(signature = (segments, *, seals = None))]
     fn send(
-        &mut self,
+        &self,
         py: Python<'_>,
         segments: &Bound<'_, PyAny>,
         seals: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let in_flight = self.sender()?.in_flight();
+        let in_flight = self.in_flight.load(Ordering::Acquire);
         if in_flight > 0 {
             let error = sealpass_sender::SendError::VerdictsPending { count: in_flight };
             return Err(Error(error).into());
         }
         self.submit(py, segments, seals)?;
-        self.wait_verdict(py, self.answer_timeout)
+        self.wait_verdict(py, self.answer_timeout, "send()")
     }
 
     /// Sends `segments` as one transfer without waiting for its verdict;
     /// returns its id. Verdicts come back oldest first from `next_verdict`.
     #[pyo3(signature = (segments, *, seals = None))]
     fn submit(
-        &mut self,
+        &self,
         py: Python<'_>,
         segments: &Bound<'_, PyAny>,
         seals: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
         let segments = transfer_segments(py, segments, seals)?;
-        let sender = self.sender()?;
-        let id = py.detach(|| sender.submit(&segments)).map_err(Error)?;
-        Ok(id)
+        self.submit_made(py, &segments, "submit()")
     }
 
     /// The verdict on the oldest transfer in flight: its id when accepted;
     /// `Rejected` when not; `TimeoutError` after `timeout` seconds (default:
     /// the answer timeout), the transfer still in flight.
     #[pyo3(signature = (timeout = None))]
-    fn next_verdict(&mut self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u64> {
+    fn next_verdict(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u64> {
         let timeout = timeout_from(timeout)?.or(self.answer_timeout);
-        self.wait_verdict(py, timeout)
+        self.wait_verdict(py, timeout, "next_verdict()")
     }
 
     /// Transfers submitted whose verdict has not been taken yet.
     #[getter]
     fn in_flight(&self) -> usize {
-        self.inner.as_ref().map_or(0, Sender::in_flight)
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// The connection's fd (still the sender's: do not close it).
-    fn fileno(&mut self) -> PyResult<RawFd> {
-        use std::os::fd::AsFd;
-        Ok(self.sender()?.as_fd().as_raw_fd())
+    fn fileno(&self) -> PyResult<RawFd> {
+        self.inner
+            .peek(|sender| sender.as_fd().as_raw_fd())
+            .ok_or_else(|| self.inner.closed_error("fileno()"))
     }
 
-    /// Closes the connection. Transfers in flight stay the receiver's.
-    fn close(&mut self) {
-        self.inner = None;
+    /// Closes the connection. Transfers in flight stay the receiver's. From
+    /// another thread, it wakes a call waiting there, which raises
+    /// `ValueError` (the sender is closed).
+    fn close(&self, py: Python<'_>) {
+        let closed = self.inner.close();
+        py.detach(|| drop(closed));
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -560,8 +588,8 @@ impl PySender {
     }
 
     #[pyo3(signature = (*_exc))]
-    fn __exit__(&mut self, _exc: &Bound<'_, PyTuple>) {
-        self.close();
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) {
+        self.close(py);
     }
 }
 
@@ -581,11 +609,10 @@ fn send(
     // Made before connecting, so a bad buffer costs no connection.
     let seals_chosen = seals_from(seals, Seals::SENDER_DEFAULT)?;
     let made = transfer_segments(py, segments, seals_chosen)?;
-    let mut sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
-    let inner = sender.sender()?;
-    py.detach(|| inner.submit(&made)).map_err(Error)?;
+    let sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
+    sender.submit_made(py, &made, "send()")?;
     // Sent: the receiver holds the memfds now. Closing ours before the
     // verdict leaves freeing the pages to whoever lets go last.
     drop(made);
-    sender.wait_verdict(py, sender.answer_timeout)
+    sender.wait_verdict(py, sender.answer_timeout, "send()")
 }

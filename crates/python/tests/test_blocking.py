@@ -154,3 +154,113 @@ def test_a_transfer_hands_out_a_pidfd_for_its_sender_where_the_kernel_has_one(so
             os.close(pidfd)
     else:
         assert finish(sender) == 0
+
+
+def wait_then(seconds, action):
+    """Runs `action` on another thread after `seconds`; returns the thread."""
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), action()))
+    thread.start()
+    return thread
+
+
+def test_closing_from_another_thread_wakes_the_call_waiting_there(socket_path):
+    # A listener closed while another thread waits in accept().
+    listener = sealpass.Listener(socket_path)
+    closer = wait_then(0.2, listener.close)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="closed"):
+        listener.accept(timeout=20)
+    assert time.monotonic() - started < 5
+    closer.join()
+    assert not os.path.exists(socket_path)
+
+    # A connection closed while receive() waits, and a sender closed while
+    # send() waits for a verdict that never comes (the receiver holds the
+    # transfer unanswered); in_flight reads meanwhile.
+    with sealpass.Listener(socket_path) as listener:
+        sender = sealpass.Sender(socket_path, connect_timeout=20)
+        connection = listener.accept(timeout=20)
+        closer = wait_then(0.2, connection.close)
+        with pytest.raises(ValueError, match="closed"):
+            connection.receive(timeout=20)
+        closer.join()
+
+    with sealpass.Listener(socket_path) as listener:
+        sender = sealpass.Sender(socket_path, connect_timeout=20)
+        connection = listener.accept(timeout=20)
+        seen, received = [], []
+        closer = wait_then(0.3, lambda: (seen.append(sender.in_flight), sender.close()))
+        receiving = threading.Thread(target=lambda: received.append(connection.receive(timeout=20)))
+        receiving.start()
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="closed"):
+            sender.send({"held": b"x" * 4096})
+        assert time.monotonic() - started < 5
+        closer.join()
+        receiving.join()
+        assert seen == [1]
+        received[0].close()
+
+
+def test_dropping_an_unanswered_transfer_never_stops_other_threads(socket_path):
+    # A peer that sends transfers and never reads the answers: once its queue
+    # is full, each Reject of a dropped transfer waits for room, up to the
+    # idle timeout. Other Python threads must run meanwhile.
+    peer = python_child(
+        """
+        import fcntl, os, socket, struct, sys, time
+        path = sys.argv[1]
+        def transfer(id, name, size, seals):
+            raw = name.encode()
+            body = struct.pack("<IQQ", 0, id, 1) + struct.pack("<Q", len(raw)) + raw + struct.pack("<QI", size, seals)
+            return b"SLPS" + struct.pack("<HHI", 1, 0, len(body)) + body
+        fd = os.memfd_create("s", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.pwrite(fd, b"x" * 4096, 0)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0f)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        while True:
+            try:
+                s.connect(path)
+                break
+            except OSError:
+                time.sleep(0.01)
+        s.settimeout(5)
+        try:
+            for id in range(1, 5000):
+                socket.send_fds(s, [transfer(id, "s", 4096, seals)], [fd])
+        except OSError:
+            pass
+        time.sleep(30)
+        """,
+        socket_path,
+    )
+    try:
+        with sealpass.Listener(socket_path, idle_timeout=2) as listener:
+            connection = listener.accept(timeout=20)
+            gaps = []
+            stop = threading.Event()
+
+            def tick():
+                last = time.monotonic()
+                while not stop.is_set():
+                    time.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = threading.Thread(target=tick)
+            ticker.start()
+            started = time.monotonic()
+            try:
+                while time.monotonic() - started < 6:
+                    transfer = connection.receive(timeout=1)
+                    del transfer  # unanswered: rejected as it goes
+            except (TimeoutError, sealpass.SealpassError, ValueError):
+                pass
+            stop.set()
+            ticker.join()
+            assert max(gaps) < 1.0, f"another thread stopped for {max(gaps):.2f} s"
+    finally:
+        peer.kill()
+        peer.wait()
