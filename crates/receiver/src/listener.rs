@@ -208,15 +208,6 @@ impl Listener {
         }
     }
 
-    /// Whether the reserve fd is held (for tests of fd exhaustion).
-    #[doc(hidden)]
-    pub fn holds_reserve_fd(&self) -> bool {
-        self.reserve
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-    }
-
     /// Admits `socket` under this listener's configuration: a peer whose
     /// credentials it allows, within `max_connections`. A refused peer is
     /// answered (`NotAllowed`, `TooManyConnections`) and closed here, and
@@ -330,6 +321,7 @@ impl Listener {
     /// interrupted the wait. A caller that must stay responsive waits in
     /// slices.
     pub fn accept_within(&self, limit: Duration) -> Result<Option<Connection>, ServeError> {
+        self.restore_reserve();
         let timeout = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, timeout) {
@@ -342,7 +334,6 @@ impl Listener {
             }
             Ok(_) => {}
         }
-        self.restore_reserve();
         // A peer that gave up between the poll and here leaves nothing to
         // accept: wait again rather than block.
         let socket = match fdpass::try_accept(self.socket.as_fd()) {
@@ -435,5 +426,36 @@ impl Drop for Listener {
         if self.inode.is_some() && inode_of(&self.path) == self.inode {
             let _ = fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holds_reserve(listener: &Listener) -> bool {
+        listener
+            .reserve
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// A reserve fd lost in a burst (its reopening found no fd free) is
+    /// opened again by the next accept, so the next time fds run out a
+    /// waiting peer is still answered at once.
+    #[test]
+    fn a_lost_reserve_fd_is_restored_by_the_next_accept() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = Listener::bind(dir.path().join("reserve.sock")).unwrap();
+        assert!(holds_reserve(&listener));
+        *listener.reserve.lock().unwrap() = None;
+        assert!(listener.accept_within(Duration::from_millis(1)).unwrap().is_none());
+        assert!(holds_reserve(&listener), "restored by accept_within");
+        *listener.reserve.lock().unwrap() = None;
+        let peer = fdpass::connect(listener.path()).unwrap();
+        let _socket = listener.accept_socket().unwrap();
+        assert!(holds_reserve(&listener), "restored by accept_socket");
+        drop(peer);
     }
 }
