@@ -201,7 +201,7 @@ impl Listener {
     }
 
     /// Opens the reserve fd again if an earlier burst left it closed.
-    fn restore_reserve(&self) {
+    pub(crate) fn restore_reserve(&self) {
         let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
         if reserve.is_none() {
             *reserve = fs::File::open("/dev/null").ok();

@@ -160,6 +160,7 @@ impl Listener {
     /// Waits for the next connection and returns its socket, non-blocking,
     /// as it is: no access rule or limit is applied to it.
     pub async fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
+        self.inner.restore_reserve();
         loop {
             let mut ready = self
                 .socket
