@@ -507,6 +507,41 @@ out_after_kill_9() {
     echo "left in DIR after kill -9: [$left]"
     [ -z "$left" ] || { [ "$left" = big ] && [ "$(wc -c < /tmp/killed.d/big)" = 268435456 ]; }
 }
+# With vm.max_map_count=1000 (in this guest only), 24 senders at once of
+# 253 segments of 4 KiB each: every transfer is accepted or refused with a
+# reason (ResourceExhausted, ControlTruncated), the receiver does not abort,
+# and it serves on.
+out_of_mappings() {
+    sysctl -w vm.max_map_count=1000 || return 1
+    sealpass-recv --socket /tmp/maps.sock 2> /tmp/maps.recv &
+    recv=$!
+    socket_up /tmp/maps.sock || return 1
+    args=""
+    i=0
+    while [ $i -lt 253 ]; do
+        args="$args --fill s$i=A:4KiB"
+        i=$((i + 1))
+    done
+    senders=""
+    for j in $(seq 1 24); do
+        sealpass-send --socket /tmp/maps.sock --answer-timeout 60 $args > /tmp/maps.$j 2>&1 &
+        senders="$senders $!"
+    done
+    for pid in $senders; do wait $pid; done
+    sysctl -w vm.max_map_count=65530
+    kill -0 $recv || { echo "the receiver died"; tail -n 20 /tmp/maps.recv; return 1; }
+    refused=0
+    for j in $(seq 1 24); do
+        if grep -q 'accepted' /tmp/maps.$j; then continue; fi
+        grep -qE 'ResourceExhausted|ControlTruncated' /tmp/maps.$j || { echo "sender $j:"; cat /tmp/maps.$j; return 1; }
+        refused=$((refused + 1))
+    done
+    echo "$refused of 24 refused with a reason"
+    [ $refused -gt 0 ] || { echo "nothing met the limit"; return 1; }
+    sealpass-send --socket /tmp/maps.sock --fill after=A:4KiB > /dev/null || { echo "the receiver does not serve on"; return 1; }
+    kill $recv
+    wait $recv
+}
 # Runs a test binary and checks that it ran tests, not a filter matching none.
 tests_ran() {
     "$@" > /tmp/tests.log 2>&1
@@ -525,6 +560,7 @@ step doctor sealpass-recv --doctor
 step sparse-memfd-in-a-memory-cgroup sparse_in_a_memory_cgroup
 step out-on-a-full-tmpfs-is-all-or-nothing out_on_a_full_tmpfs
 step out-after-kill-9-leaves-no-file out_after_kill_9
+step out-of-mappings-is-refused-never-an-abort out_of_mappings
 step hugetlb-taken-where-the-pool-has-room tests_ran sender_tests hugetlb
 step hugetlb-segments-from-sealpass-send-to-sealpass-recv hugetlb
 step hugetlb-segment-taking-the-whole-pool hugetlb_whole_pool

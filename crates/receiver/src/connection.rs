@@ -12,7 +12,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use memmap2::Mmap;
 use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::session::{Datagram, Received, Ticket, admit, unknown_fd_facts};
@@ -440,7 +439,7 @@ pub(crate) struct Core {
     // Reused from message to message, so serving one allocates only what the
     // transfer it delivers owns.
     pub(crate) spare_fds: Vec<OwnedFd>,
-    spare_mappings: Vec<Option<Mmap>>,
+    spare_mappings: Vec<Option<mapping::Mapping>>,
     scratch: FdFacts,
     /// The messages of the last `recvmmsg` (`serve_batch`), with its
     /// buffers; made by the first batch, or lent per batch by its driver.

@@ -450,7 +450,12 @@ mod tests {
         let listener = Listener::bind(dir.path().join("reserve.sock")).unwrap();
         assert!(holds_reserve(&listener));
         *listener.reserve.lock().unwrap() = None;
-        assert!(listener.accept_within(Duration::from_millis(1)).unwrap().is_none());
+        assert!(
+            listener
+                .accept_within(Duration::from_millis(1))
+                .unwrap()
+                .is_none()
+        );
         assert!(holds_reserve(&listener), "restored by accept_within");
         *listener.reserve.lock().unwrap() = None;
         let peer = fdpass::connect(listener.path()).unwrap();

@@ -4,12 +4,88 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use memmap2::{Mmap, MmapOptions};
 use nix::errno::Errno;
 use sealpass_proto::host::ShmemHugePages;
 use sealpass_proto::session::Grant;
+
+/// A read-only mapping of a verified segment, counted against the
+/// process's mapping budget until it is unmapped.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    pages: Mmap,
+    _counted: Counted,
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.pages
+    }
+}
+
+/// How many mappings the process may make for received segments and
+/// connection threads: `vm.max_map_count`, less those the process held when
+/// it first asked (its program, libraries, heap) and [`SLACK`] for what
+/// comes later (allocator arenas, the application's own). Past it mapping a
+/// segment fails with `ENOMEM` (answered `ResourceExhausted`) and a
+/// connection is refused before its thread is made, well before the kernel
+/// itself would refuse: a thread whose stack or signal stack cannot be
+/// mapped aborts the whole process.
+struct Budget {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+/// Mappings left for whatever the process does besides receiving.
+const SLACK: usize = 256;
+
+/// Mappings a thread takes: its stack and guard page, its signal stack and
+/// guard page.
+pub(crate) const THREAD_MAPPINGS: usize = 4;
+
+fn budget() -> &'static Budget {
+    static BUDGET: OnceLock<Budget> = OnceLock::new();
+    BUDGET.get_or_init(|| {
+        let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(65530);
+        let held_now =
+            std::fs::read_to_string("/proc/self/maps").map_or(0, |maps| maps.lines().count());
+        Budget {
+            limit: max.saturating_sub(held_now).saturating_sub(SLACK),
+            held: AtomicUsize::new(0),
+        }
+    })
+}
+
+/// `count` mappings of the budget, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Counted(usize);
+
+impl Counted {
+    /// Takes `count` mappings, or says how many are held and the limit.
+    pub(crate) fn take(count: usize) -> Result<Counted, (usize, usize)> {
+        let budget = budget();
+        budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(count)
+                    .filter(|&total| total <= budget.limit)
+            })
+            .map(|_| Counted(count))
+            .map_err(|held| (held, budget.limit))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        budget().held.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
 
 /// Whether this kernel maps a write-sealed memfd shared and read-only.
 /// Kernels before 6.7 refuse it (`EPERM`: the mapping could be
@@ -33,8 +109,20 @@ pub(crate) fn map_verified(
     fd: BorrowedFd<'_>,
     grant: Grant<'_>,
     populate: bool,
-) -> io::Result<Option<Mmap>> {
-    map_sealed(
+) -> io::Result<Option<Mapping>> {
+    if grant.size() == 0 {
+        return Ok(None);
+    }
+    let counted = Counted::take(1).map_err(|(held, limit)| {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!(
+                "the receiver holds {held} mappings, its limit under vm.max_map_count \
+                 ({limit}; raise it with sysctl -w vm.max_map_count=N)"
+            ),
+        )
+    })?;
+    let pages = map_sealed(
         fd,
         grant.size(),
         populate,
@@ -47,7 +135,11 @@ pub(crate) fn map_verified(
             // `size` bytes long.
             unsafe { options.map(&fd) }
         },
-    )
+    )?;
+    Ok(pages.map(|pages| Mapping {
+        pages,
+        _counted: counted,
+    }))
 }
 
 /// [`map_verified`], with the shared mapping made by `map_shared` (a test

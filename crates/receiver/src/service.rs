@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::MappedBudget;
 use sealpass_proto::fdpass::{self, PeerCredentials};
+use sealpass_proto::{MappedBudget, Reject, RejectReason};
 
 use crate::connection::{Connection, Outcome, ServeError};
 use crate::listener::{Admission, Listener, is_out_of_fds, out_of_fds, refuse};
+use crate::mapping;
 use crate::transfer::IncomingTransfer;
 
 /// A verified transfer and who sent it.
@@ -292,22 +293,68 @@ impl Service {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return refuse(admitted.socket, &out_of_fds());
         };
-        let admission = self.listener.admission(admitted);
-        let peer = admission.peer;
+        // The thread's stacks are mappings: taken from the budget first, so
+        // that the process never makes a thread it cannot map (which aborts).
+        let stacks = match mapping::Counted::take(mapping::THREAD_MAPPINGS) {
+            Ok(stacks) => stacks,
+            Err((held, limit)) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("out of mappings ({held} of {limit}): refusing a connection");
+                return refuse(admitted.socket, &out_of_mappings(held, limit));
+            }
+        };
+        let peer = admitted.peer;
+        // Shared with the thread, so that a thread that cannot be made
+        // leaves the socket here, to be answered.
+        let handed = Arc::new(Mutex::new(Some(self.listener.admission(admitted))));
+        let handed_over = Arc::clone(&handed);
         let slot = Slot::take(shared, number, duplicate);
         let spawned = std::thread::Builder::new()
             .name(format!("sealpass-conn-{number}"))
             .spawn(move || {
-                serve_connection(&slot.shared, admission, number);
+                let admission = handed_over
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(admission) = admission {
+                    serve_connection(&slot.shared, admission, number);
+                }
                 drop(slot);
+                drop(stacks);
             });
         match spawned {
             Ok(thread) => threads.push(thread),
-            // The socket and the slot went down with the closure: the peer
-            // sees a close, and the slot is free again.
-            Err(error) => tracing::warn!("cannot start a thread for {peer}: {error}"),
+            Err(error) => {
+                tracing::warn!("cannot start a thread for {peer}: {error}");
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let admission = handed.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some(admission) = admission {
+                    refuse(
+                        admission.socket,
+                        &Reject::new(
+                            0,
+                            RejectReason::ResourceExhausted,
+                            format!(
+                                "the receiver cannot start a thread ({error}); try again later"
+                            ),
+                        ),
+                    );
+                }
+            }
         }
     }
+}
+
+/// The refusal of a connection the receiver has no mappings to spare for.
+fn out_of_mappings(held: usize, limit: usize) -> Reject {
+    Reject::new(
+        0,
+        RejectReason::ResourceExhausted,
+        format!(
+            "the receiver holds {held} of the {limit} mappings vm.max_map_count leaves it; \
+             try again later"
+        ),
+    )
 }
 
 /// How long a stopping service waits for its connections to answer what

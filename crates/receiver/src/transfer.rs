@@ -7,7 +7,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use memmap2::Mmap;
 use sealpass_proto::fdpass::PeerCredentials;
 use sealpass_proto::session::Ticket;
 use sealpass_proto::{Reservation, Seals, Segment, Version};
@@ -70,7 +69,7 @@ pub struct VerifiedSegment {
 /// together: the mapping first, then the bytes are given back.
 #[derive(Debug)]
 struct Pages {
-    mapping: Option<Mmap>,
+    mapping: Option<crate::mapping::Mapping>,
     reservation: Option<Reservation>,
     /// Where to release a big mapping: on an async runtime, unmapping many
     /// resident pages takes milliseconds (`munmap` frees each one), so it
@@ -121,7 +120,7 @@ impl Pages {
 impl VerifiedSegment {
     pub(crate) fn new(
         confirmed: Segment,
-        mapping: Option<Mmap>,
+        mapping: Option<crate::mapping::Mapping>,
         fd: OwnedFd,
         reservation: Reservation,
     ) -> VerifiedSegment {

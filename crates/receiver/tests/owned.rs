@@ -508,61 +508,100 @@ fn a_transfer_names_its_sender_by_pidfd_where_the_kernel_can() {
 }
 
 /// A hostile sender's hugetlb memfd with no page behind it: sized and
-/// sealed but never mapped, so nothing in the pool is reserved for it. The
-/// receiver's mapping reserves what its reads may fault in: with room in
-/// the pool the transfer is accepted and reads as zeros; without, the
-/// mapping fails and the transfer is refused with `ResourceExhausted`.
-/// Never a SIGBUS on a read (it would kill this test). This machine has no
-/// pool; `cargo xtask vm` runs it with one.
+/// sealed but never mapped, so nothing in the pool is reserved for it. By
+/// default it is refused as sparse (`Sparse`), whatever the pool holds. A
+/// receiver that accepts sparse memfds maps it, and its mapping reserves
+/// what its reads may fault in: with room in the pool the transfer is
+/// accepted and reads as zeros; without, the mapping fails and the transfer
+/// is refused with `ResourceExhausted`. Never a SIGBUS on a read (it would
+/// kill this test). This machine has no pool; `cargo xtask vm` runs it with
+/// one.
 #[test]
 fn a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without() {
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
     use nix::sys::memfd::{MFdFlags, memfd_create};
+    use std::os::fd::AsFd;
     let Some(pool) = sealpass_proto::host::HugeTlbPool::read() else {
         eprintln!("no hugetlbfs on this kernel: nothing to check");
         return;
     };
-    let fd = memfd_create(
-        "holes",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_HUGETLB,
-    )
-    .expect("a kernel with a hugetlb pool makes hugetlb memfds");
-    nix::unistd::ftruncate(&fd, i64::try_from(pool.page_bytes).unwrap()).unwrap();
-    let seals = SealFlag::F_SEAL_SEAL
-        | SealFlag::F_SEAL_SHRINK
-        | SealFlag::F_SEAL_GROW
-        | SealFlag::F_SEAL_WRITE;
-    fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
-    let segment = SealedSegment::from_sealed_fd(fd, Seals::SENDER_DEFAULT).unwrap();
-
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("holes.sock");
-    let listener = Listener::bind(&socket).unwrap();
-    let receiver = std::thread::spawn(move || {
-        let mut connection = listener.accept().unwrap();
-        connection
-            .serve_one(|transfer| {
-                let bytes = transfer.segments()[0].bytes();
-                assert!(bytes.iter().all(|&b| b == 0), "holes read as zeros");
-                Ok::<(), String>(())
-            })
+    // Sent as it is: the sender library would allocate its page first.
+    let send_unbacked = |socket: &Path| -> RejectReasonOrAck {
+        let fd = memfd_create(
+            "holes",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_HUGETLB,
+        )
+        .expect("a kernel with a hugetlb pool makes hugetlb memfds");
+        nix::unistd::ftruncate(&fd, i64::try_from(pool.page_bytes).unwrap()).unwrap();
+        let seals = SealFlag::F_SEAL_SEAL
+            | SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_WRITE;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        let declared = sealpass_proto::Segment::new(
+            "holes".to_owned(),
+            pool.page_bytes,
+            Seals::SENDER_DEFAULT,
+        );
+        let message =
+            sealpass_proto::Message::Transfer(sealpass_proto::Transfer::new(1, vec![declared]));
+        let connection = sealpass_proto::fdpass::connect(socket).unwrap();
+        sealpass_proto::fdpass::send(
+            connection.as_fd(),
+            &sealpass_proto::encode(&message).unwrap(),
+            &[fd.as_fd()],
+        )
+        .unwrap();
+        let mut buffer = vec![0; sealpass_proto::limits::MAX_MESSAGE_LEN];
+        let received = sealpass_proto::fdpass::receive(
+            connection.as_fd(),
+            &mut buffer,
+            &mut sealpass_proto::fdpass::ControlBuffer::new(),
+        )
+        .unwrap();
+        match sealpass_proto::decode(&buffer[..received.len])
             .unwrap()
-    });
-    let room = sealpass_proto::host::HugeTlbPool::read().unwrap().room();
-    let verdict = Sender::connect(&socket).unwrap().send(&[segment]).unwrap();
-    receiver.join().unwrap();
-    if room >= 1 {
-        assert!(verdict.is_accepted(), "pool room {room}: {verdict:?}");
-    } else {
-        assert!(
-            matches!(
-                verdict,
-                Verdict::Rejected {
-                    reason: RejectReason::ResourceExhausted,
-                    ..
-                }
-            ),
-            "pool room {room}: {verdict:?}"
+            .message
+        {
+            sealpass_proto::Message::Ack(_) => None,
+            sealpass_proto::Message::Reject(reject) => Some(reject.reason),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    for refuse_sparse in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("holes.sock");
+        let mut listener = Listener::bind(&socket).unwrap();
+        listener.set_config(
+            Config::builder()
+                .refuse_sparse(refuse_sparse)
+                .build()
+                .unwrap(),
+        );
+        let receiver = std::thread::spawn(move || {
+            let mut connection = listener.accept().unwrap();
+            connection
+                .serve_one(|transfer| {
+                    let bytes = transfer.segments()[0].bytes();
+                    assert!(bytes.iter().all(|&b| b == 0), "holes read as zeros");
+                    Ok::<(), String>(())
+                })
+                .unwrap()
+        });
+        let room = sealpass_proto::host::HugeTlbPool::read().unwrap().room();
+        let verdict = send_unbacked(&socket);
+        receiver.join().unwrap();
+        let expected = match (refuse_sparse, room) {
+            (true, _) => Some(RejectReason::Sparse),
+            (false, 0) => Some(RejectReason::ResourceExhausted),
+            (false, _) => None,
+        };
+        assert_eq!(
+            verdict, expected,
+            "refuse_sparse {refuse_sparse}, pool room {room}"
         );
     }
 }
+
+/// A verdict: `None` for `Ack`, the reason of a `Reject`.
+type RejectReasonOrAck = Option<RejectReason>;

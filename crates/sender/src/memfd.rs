@@ -281,7 +281,7 @@ pub enum SegmentError {
 /// let from_disk = SealedSegment::from_file("file", file.path(), seals)?; // copy_file_range
 ///
 /// assert_eq!((copied.name(), copied.size()), ("caption", 5));
-/// assert_eq!(filled.size(), 1 << 30);
+/// assert_eq!(filled.size(), 1 << 20);
 /// assert_eq!((written.size(), streamed.size(), from_disk.size()), (4096, 15, 11));
 /// // The seals the kernel reports, which may be more than asked for
 /// // (MFD_NOEXEC_SEAL adds EXEC).
