@@ -165,6 +165,12 @@ impl Socket {
 pub(crate) struct Link {
     pub(crate) socket: Socket,
     state: Mutex<LinkState>,
+    /// Transfers answered before their segments are released, whose release
+    /// is under way: the blocking reader waits for them before it judges
+    /// the next message, so that message meets budgets that no longer count
+    /// them. A lock of its own, never held across a system call.
+    releasing: Mutex<usize>,
+    released: std::sync::Condvar,
     /// The connection's place among its listener's `max_connections`,
     /// held until the socket closes.
     _admission: Option<AdmissionTicket>,
@@ -264,6 +270,8 @@ impl Link {
     ) -> Link {
         Link {
             socket,
+            releasing: Mutex::new(0),
+            released: std::sync::Condvar::new(),
             _admission: admission,
             state: Mutex::new(LinkState {
                 session,
@@ -280,6 +288,29 @@ impl Link {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, LinkState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a release under way until the guard drops.
+    fn begin_release(self: &Arc<Self>) -> Releasing {
+        *self
+            .releasing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        Releasing(Arc::clone(self))
+    }
+
+    /// Waits until no release counted by [`Link::begin_release`] is under way.
+    pub(crate) fn wait_released(&self) {
+        let mut releasing = self
+            .releasing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *releasing > 0 {
+            releasing = self
+                .released
+                .wait(releasing)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// The application's verdict on a delivered transfer; sends every
@@ -301,32 +332,32 @@ impl Link {
     /// and the segments are unmapped before the lock is let go: the sender
     /// does not wait for the unmapping and the pages to be freed, and a
     /// message the connection reads meanwhile is judged (under this lock)
-    /// only once they are gone, against budgets that no longer count them.
-    /// Their fds are closed after the lock is let go: a last close frees
-    /// the pages, which no budget counts. When the connection has read on,
-    /// the segments are dropped first, so that nothing it judges next waits
-    /// for this lock, and then it answers.
+    /// only once they are gone, against budgets that no longer count them:
+    /// the blocking reader waits for releases under way before it judges
+    /// ([`Link::wait_released`]), without holding the lock, which is never
+    /// held across the unmapping. When the connection has read on, the
+    /// segments are dropped first, and then it answers.
     pub(crate) fn answer_then_release(
-        &self,
+        self: &Arc<Self>,
         ticket: Ticket,
         verdict: Result<(), String>,
         judged: u64,
-        mut segments: Vec<VerifiedSegment>,
+        segments: Vec<VerifiedSegment>,
         now: Instant,
     ) -> Result<(), AnswerError> {
         let mut state = self.lock();
         if state.judged == judged {
             state.session.answer(ticket, verdict, now);
             let sent = self.flush(&mut state);
-            segments
-                .iter_mut()
-                .for_each(VerifiedSegment::release_mapping);
+            // Counted while the state is locked, so the reader, which
+            // counts its next message under the same lock, waits for it.
+            let releasing = self.begin_release();
             drop(state);
-            drop(segments);
+            crate::transfer::release_all(segments, Some(releasing));
             return sent;
         }
         drop(state);
-        drop(segments);
+        crate::transfer::release_all(segments, None);
         self.answer(ticket, verdict, now)
     }
 
@@ -441,6 +472,9 @@ pub(crate) struct Core {
     pub(crate) spare_fds: Vec<OwnedFd>,
     spare_mappings: Vec<Option<mapping::Mapping>>,
     scratch: FdFacts,
+    /// What the kernel said of each fd of the message being judged, asked
+    /// before the session's lock is taken; reused from message to message.
+    gathered: Vec<(FdFacts, Result<(), nix::errno::Errno>)>,
     /// The messages of the last `recvmmsg` (`serve_batch`), with its
     /// buffers; made by the first batch, or lent per batch by its driver.
     pub(crate) batch: Option<ReceiveBatch>,
@@ -481,6 +515,7 @@ impl Core {
             spare_fds: Vec::new(),
             spare_mappings: Vec::new(),
             scratch: unknown_fd_facts(),
+            gathered: Vec::new(),
             batch: None,
             #[cfg(feature = "tokio")]
             release: None,
@@ -552,6 +587,11 @@ impl Core {
             payload_truncated: received.payload_truncated,
             control_truncated: received.control_truncated,
         };
+        // The link's lock is taken three times, briefly, and never across a
+        // system call: the answers other threads give, and the async
+        // flusher, wait on it. The kernel is asked about every fd (fstat,
+        // F_GET_SEALS, readlink) before the session judges them, and the
+        // verified ones are mapped after.
         let link = Arc::clone(&self.link);
         let mut state = link.lock();
         state.judged += 1;
@@ -563,16 +603,29 @@ impl Core {
             }
             Received::Inspect(unverified) => unverified,
         };
+        drop(state);
+        // A transfer answered before this message was counted may still be
+        // unmapping: this message is judged against budgets without it. (On
+        // tokio, big ones are released on the blocking pool and stay
+        // counted until that is done: the runtime never waits here.)
+        if matches!(link.socket, Socket::Blocking(_)) {
+            link.wait_released();
+        }
+        self.gather_facts(&fds);
+        let gathered = &self.gathered;
+        let mut state = link.lock();
         let verified = state
             .session
             .judge(unverified, &mut self.scratch, |index, facts| {
-                let fd = fds.get(index).ok_or(nix::errno::Errno::EBADF)?;
-                inspect::facts_into(fd.as_fd(), facts)
+                let (known, inspected) = gathered.get(index).ok_or(nix::errno::Errno::EBADF)?;
+                facts.clone_from(known);
+                *inspected
             });
         let verified = match verified {
             Ok(verified) => verified,
             Err(reject) => return self.refused(fds, &mut state, reject),
         };
+        drop(state);
         let mut mappings = std::mem::take(&mut self.spare_mappings);
         mappings.clear();
         let mut failed = None;
@@ -585,6 +638,7 @@ impl Core {
                 }
             }
         }
+        let mut state = link.lock();
         if let Some((index, error)) = failed {
             mappings.clear();
             self.spare_mappings = mappings;
@@ -617,6 +671,15 @@ impl Core {
             segments,
             responder,
         )))
+    }
+
+    /// Asks the kernel about each of `fds`, in order, into `gathered`.
+    fn gather_facts(&mut self, fds: &[OwnedFd]) {
+        self.gathered
+            .resize_with(fds.len(), || (unknown_fd_facts(), Ok(())));
+        for (fd, (facts, inspected)) in fds.iter().zip(&mut self.gathered) {
+            *inspected = inspect::facts_into(fd.as_fd(), facts);
+        }
     }
 
     /// Judges the next untaken message of the batch, if there is one. Once
@@ -750,6 +813,25 @@ fn answer<E: Display>(
                 reason: reject.reason,
                 message: reject.message,
             })
+        }
+    }
+}
+
+/// A release under way ([`Link::begin_release`]); its end is counted when
+/// this drops, wherever the segments were unmapped.
+#[derive(Debug)]
+pub(crate) struct Releasing(Arc<Link>);
+
+impl Drop for Releasing {
+    fn drop(&mut self) {
+        let mut releasing = self
+            .0
+            .releasing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *releasing = releasing.saturating_sub(1);
+        if *releasing == 0 {
+            self.0.released.notify_all();
         }
     }
 }

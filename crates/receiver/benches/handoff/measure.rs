@@ -478,3 +478,78 @@ fn listening(path: &std::path::Path) -> bool {
             && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
     })
 }
+
+/// The worst gap, in ms, between the ticks of a 1 ms ticker on a
+/// current-thread runtime while it receives a transfer of `segments`
+/// segments of `size` bytes (sent by a thread of this process), has every
+/// page read on the blocking pool, and accepts it on the runtime's thread.
+pub(crate) fn async_worst_stall(segments: usize, size: u64) -> f64 {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("stall.sock");
+    let worst = runtime.block_on(async move {
+        let listener = sealpass_receiver::tokio::Listener::bind(&socket).unwrap();
+        // The segments are filled before the ticker starts: the fill is the
+        // sender's work, on a CPU of its own, not the receiver's.
+        let (filled, is_filled) = std::sync::mpsc::channel();
+        let sender = std::thread::spawn(move || {
+            let segments: Vec<_> = (0..segments)
+                .map(|index| {
+                    SealedSegment::filled(&format!("s{index}"), b'x', size, Seals::SENDER_DEFAULT)
+                        .unwrap()
+                })
+                .collect();
+            filled.send(()).unwrap();
+            Sender::connect(&socket).unwrap().send(&segments).unwrap()
+        });
+        tokio::task::spawn_blocking(move || is_filled.recv().unwrap())
+            .await
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = tokio::spawn({
+            let stop = Arc::clone(&stop);
+            async move {
+                let (mut worst, mut last) = (Duration::ZERO, Instant::now());
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let now = Instant::now();
+                    worst = worst.max(now - last);
+                    last = now;
+                }
+                worst
+            }
+        });
+        let mut connection = listener.accept().await.unwrap();
+        let transfer = connection.receive().await.unwrap().unwrap();
+        let transfer = tokio::task::spawn_blocking(move || {
+            for segment in transfer.segments() {
+                black_box(
+                    segment
+                        .bytes()
+                        .iter()
+                        .step_by(4096)
+                        .map(|&b| u64::from(b))
+                        .sum::<u64>(),
+                );
+            }
+            transfer
+        })
+        .await
+        .unwrap();
+        transfer.accept().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.store(true, Ordering::Relaxed);
+        let worst = ticker.await.unwrap();
+        let verdict = tokio::task::spawn_blocking(move || sender.join().unwrap())
+            .await
+            .unwrap();
+        assert!(verdict.is_accepted());
+        worst
+    });
+    worst.as_secs_f64() * 1e3
+}
