@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::session::{Datagram, Received, Ticket, admit, unknown_fd_facts};
+use sealpass_proto::session::{
+    Datagram, Received, Ticket, Unverified, Verified, admit, unknown_fd_facts,
+};
 use sealpass_proto::verify::FdFacts;
 use sealpass_proto::{Config, EncodeError, MappedBudget, Reject, RejectReason, Session, codec};
 
@@ -347,11 +349,12 @@ impl Link {
     ) -> Result<(), AnswerError> {
         let mut state = self.lock();
         if state.judged == judged {
+            // Counted while the state is locked, so the reader, which counts
+            // its next message under the same lock, waits for it; and before
+            // the answer goes, so whoever the answer reaches sees it too.
+            let releasing = self.begin_release();
             state.session.answer(ticket, verdict, now);
             let sent = self.flush(&mut state);
-            // Counted while the state is locked, so the reader, which
-            // counts its next message under the same lock, waits for it.
-            let releasing = self.begin_release();
             drop(state);
             crate::transfer::release_all(segments, Some(releasing));
             return sent;
@@ -470,11 +473,11 @@ pub(crate) struct Core {
     // Reused from message to message, so serving one allocates only what the
     // transfer it delivers owns.
     pub(crate) spare_fds: Vec<OwnedFd>,
-    spare_mappings: Vec<Option<mapping::Mapping>>,
+    pub(crate) spare_mappings: Vec<Option<mapping::Mapping>>,
     scratch: FdFacts,
     /// What the kernel said of each fd of the message being judged, asked
     /// before the session's lock is taken; reused from message to message.
-    gathered: Vec<(FdFacts, Result<(), nix::errno::Errno>)>,
+    pub(crate) gathered: Gathered,
     /// The messages of the last `recvmmsg` (`serve_batch`), with its
     /// buffers; made by the first batch, or lent per batch by its driver.
     pub(crate) batch: Option<ReceiveBatch>,
@@ -528,7 +531,13 @@ impl Core {
     }
 
     /// Bytes the connection's transfers hold mapped.
+    /// Bytes mapped now; on a blocking socket, once the releases under way
+    /// of transfers already answered are done, as a message judged now
+    /// would count them.
     pub(crate) fn mapped(&self) -> u64 {
+        if matches!(self.link.socket, Socket::Blocking(_)) {
+            self.link.wait_released();
+        }
         self.link.lock().session.mapped()
     }
 
@@ -573,33 +582,56 @@ impl Core {
         event
     }
 
-    /// [`Core::judge`], of a message whose payload is `bytes`.
+    /// [`Core::judge`], of a message whose payload is `bytes`: the three
+    /// phases one after the other, with the system calls between them made
+    /// on this thread.
     pub(crate) fn judge_bytes(
         &mut self,
         received: fdpass::Received,
         bytes: &[u8],
         now: Instant,
     ) -> Result<Event, ServeError> {
-        let mut fds = received.fds;
+        let inspecting = match self.judge_header(received, bytes, now) {
+            Judging::Done(event) => return event,
+            Judging::Inspect(inspecting) => inspecting,
+        };
+        gather_facts(&inspecting.fds, &mut self.gathered);
+        let mapping = match self.judge_facts(inspecting) {
+            Ok(mapping) => mapping,
+            Err(event) => return event,
+        };
+        let mut mappings = std::mem::take(&mut self.spare_mappings);
+        let failed = map_all(&mapping, self.config.populate(), &mut mappings);
+        self.judge_mapped(mapping, mappings, failed)
+    }
+
+    /// The first phase of judging a message: its header, through the
+    /// session. The link's lock is taken for each phase, briefly, and never
+    /// across a system call: the answers other threads give, and the async
+    /// flusher, wait on it. Between the phases the kernel is asked about
+    /// every fd ([`gather_facts`]) and the verified ones are mapped
+    /// ([`map_all`]), on this thread or (async) off the runtime's.
+    pub(crate) fn judge_header(
+        &mut self,
+        received: fdpass::Received,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Judging {
+        let fds = received.fds;
         let datagram = Datagram {
             bytes,
             fds: fds.len(),
             payload_truncated: received.payload_truncated,
             control_truncated: received.control_truncated,
         };
-        // The link's lock is taken three times, briefly, and never across a
-        // system call: the answers other threads give, and the async
-        // flusher, wait on it. The kernel is asked about every fd (fstat,
-        // F_GET_SEALS, readlink) before the session judges them, and the
-        // verified ones are mapped after.
         let link = Arc::clone(&self.link);
         let mut state = link.lock();
         state.judged += 1;
         let judged = state.judged;
         let unverified = match state.session.handle_datagram(now, &datagram) {
-            Received::End => return Ok(Event::Closed),
+            Received::End => return Judging::Done(Ok(Event::Closed)),
             Received::Refused(reject) => {
-                return self.refused(fds, &mut state, reject);
+                return Judging::Done(self.refused(fds, &mut state, reject));
             }
             Received::Inspect(unverified) => unverified,
         };
@@ -611,8 +643,26 @@ impl Core {
         if matches!(link.socket, Socket::Blocking(_)) {
             link.wait_released();
         }
-        self.gather_facts(&fds);
+        Judging::Inspect(Inspecting {
+            fds,
+            unverified,
+            judged,
+        })
+    }
+
+    /// The second phase: the session judges the facts gathered into
+    /// `self.gathered`. A refusal is answered here.
+    pub(crate) fn judge_facts(
+        &mut self,
+        inspecting: Inspecting,
+    ) -> Result<Mapping, Result<Event, ServeError>> {
+        let Inspecting {
+            fds,
+            unverified,
+            judged,
+        } = inspecting;
         let gathered = &self.gathered;
+        let link = Arc::clone(&self.link);
         let mut state = link.lock();
         let verified = state
             .session
@@ -621,23 +671,30 @@ impl Core {
                 facts.clone_from(known);
                 *inspected
             });
-        let verified = match verified {
-            Ok(verified) => verified,
-            Err(reject) => return self.refused(fds, &mut state, reject),
-        };
-        drop(state);
-        let mut mappings = std::mem::take(&mut self.spare_mappings);
-        mappings.clear();
-        let mut failed = None;
-        for (index, (grant, fd)) in verified.grants().zip(&fds).enumerate() {
-            match mapping::map_verified(fd.as_fd(), grant, self.config.populate()) {
-                Ok(mapping) => mappings.push(mapping),
-                Err(error) => {
-                    failed = Some((index, error));
-                    break;
-                }
-            }
+        match verified {
+            Ok(verified) => Ok(Mapping {
+                fds,
+                verified,
+                judged,
+            }),
+            Err(reject) => Err(self.refused(fds, &mut state, reject)),
         }
+    }
+
+    /// The last phase: the mapped transfer goes to the application, or the
+    /// mapping that failed refuses it.
+    pub(crate) fn judge_mapped(
+        &mut self,
+        mapping: Mapping,
+        mut mappings: Vec<Option<mapping::Mapping>>,
+        failed: Option<(usize, std::io::Error)>,
+    ) -> Result<Event, ServeError> {
+        let Mapping {
+            mut fds,
+            verified,
+            judged,
+        } = mapping;
+        let link = Arc::clone(&self.link);
         let mut state = link.lock();
         if let Some((index, error)) = failed {
             mappings.clear();
@@ -671,15 +728,6 @@ impl Core {
             segments,
             responder,
         )))
-    }
-
-    /// Asks the kernel about each of `fds`, in order, into `gathered`.
-    fn gather_facts(&mut self, fds: &[OwnedFd]) {
-        self.gathered
-            .resize_with(fds.len(), || (unknown_fd_facts(), Ok(())));
-        for (fd, (facts, inspected)) in fds.iter().zip(&mut self.gathered) {
-            *inspected = inspect::facts_into(fd.as_fd(), facts);
-        }
     }
 
     /// Judges the next untaken message of the batch, if there is one. Once
@@ -815,6 +863,61 @@ fn answer<E: Display>(
             })
         }
     }
+}
+
+/// What the kernel said of each fd of a message, in order.
+pub(crate) type Gathered = Vec<(FdFacts, Result<(), nix::errno::Errno>)>;
+
+/// A message whose header the session took, its fds still to be asked
+/// about ([`gather_facts`]).
+#[derive(Debug)]
+pub(crate) struct Inspecting {
+    pub(crate) fds: Vec<OwnedFd>,
+    unverified: Unverified,
+    judged: u64,
+}
+
+/// A message whose fds the session verified, still to be mapped
+/// ([`map_all`]).
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    fds: Vec<OwnedFd>,
+    verified: Verified,
+    judged: u64,
+}
+
+/// Where judging a message stands after its header.
+#[derive(Debug)]
+pub(crate) enum Judging {
+    /// Decided already: refused, or the end.
+    Done(Result<Event, ServeError>),
+    /// Its fds are to be asked about.
+    Inspect(Inspecting),
+}
+
+/// Asks the kernel about each of `fds`, in order, into `gathered`.
+pub(crate) fn gather_facts(fds: &[OwnedFd], gathered: &mut Gathered) {
+    gathered.resize_with(fds.len(), || (unknown_fd_facts(), Ok(())));
+    for (fd, (facts, inspected)) in fds.iter().zip(gathered.iter_mut()) {
+        *inspected = inspect::facts_into(fd.as_fd(), facts);
+    }
+}
+
+/// Maps every verified segment of `mapping` into `mappings` (emptied
+/// first), stopping at the first that fails: its index and error.
+pub(crate) fn map_all(
+    mapping: &Mapping,
+    populate: bool,
+    mappings: &mut Vec<Option<mapping::Mapping>>,
+) -> Option<(usize, std::io::Error)> {
+    mappings.clear();
+    for (index, (grant, fd)) in mapping.verified.grants().zip(&mapping.fds).enumerate() {
+        match mapping::map_verified(fd.as_fd(), grant, populate) {
+            Ok(mapped) => mappings.push(mapped),
+            Err(error) => return Some((index, error)),
+        }
+    }
+    None
 }
 
 /// A release under way ([`Link::begin_release`]); its end is counted when

@@ -136,6 +136,23 @@ fn remove_stale_socket(path: &Path) -> Result<(), BindError> {
     }
 }
 
+/// Grows this process's fd table, by opening and closing a high-numbered
+/// duplicate of `fd`, to hold a full message of fds and more. The kernel
+/// grows it on demand, and a growth while the process has other threads
+/// waits for an RCU grace period, milliseconds on a VM: without this it
+/// falls on the first big message, on whatever thread receives it (an
+/// async runtime's: a 253-fd message stalled one for 7 ms more).
+fn grow_fd_table(fd: &fs::File) {
+    // The lowest numbers asked for, highest first; the soft RLIMIT_NOFILE
+    // refuses those at or past it (EINVAL).
+    for lowest in [1023, 511] {
+        if let Ok(high) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(lowest)) {
+            let _ = nix::unistd::close(high);
+            return;
+        }
+    }
+}
+
 fn inode_of(path: &Path) -> Option<(u64, u64)> {
     fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
@@ -156,6 +173,9 @@ impl Listener {
         // Before the socket exists: no message can be served without it.
         inspect::open_proc_fd_dir();
         let reserve = fs::File::open("/dev/null").ok();
+        if let Some(reserve) = &reserve {
+            grow_fd_table(reserve);
+        }
         let wake = UnixStream::pair().ok();
         let socket = listen(path, 128).map_err(|source| BindError::Listen {
             path: path.to_owned(),

@@ -318,9 +318,9 @@ fn answered_on_a_worker_the_next_transfer_fits_a_budget_of_one() {
 }
 
 /// A worker's `accept` answers before it unmaps, but the connection sees
-/// the segment gone as soon as the sender has its answer: the unmapping
-/// holds the link's lock, which the connection takes to judge (and to
-/// report what it holds).
+/// the segment gone as soon as the sender has its answer: the connection
+/// waits for a release under way before it judges (and before it reports
+/// what it holds), without any lock held across the unmapping.
 #[test]
 fn after_a_workers_answer_the_connection_no_longer_counts_the_segment() {
     let dir = tempfile::tempdir().unwrap();

@@ -651,14 +651,22 @@ fn async_rows(report: &mut Report, runs: usize, round_trips: usize, messages: us
     );
     // The runtime's worst stall, by a 1 ms ticker, while 253 segments of
     // 4 MiB less a page (1 GiB) are received, read off the runtime and
-    // accepted on it: the worst of the runs.
-    let stalls: Vec<f64> = (0..runs)
-        .map(|_| measure::async_worst_stall(253, (4 << 20) - 4096))
-        .collect();
+    // accepted on it, beside the same load with no sealpass call on the
+    // runtime (the machine's own stalls), alternately: the worst of each.
+    let (mut sealpass, mut baseline) = (0.0f64, 0.0f64);
+    for _ in 0..runs.max(3) {
+        sealpass = sealpass.max(measure::async_worst_stall(253, (4 << 20) - 4096, false));
+        baseline = baseline.max(measure::async_worst_stall(253, (4 << 20) - 4096, true));
+    }
+    report.line(
+        "worst tokio runtime stall (ms beyond a 1 ms ticker's period), the same 1 GiB mapped, read and unmapped off the runtime, no sealpass call on it",
+        baseline,
+        None,
+    );
     report.line_with_id(
         "async_worst_stall_ms",
-        "worst tokio runtime stall (ms, 1 ms ticker) over a 253-segment 1 GiB transfer",
-        stalls.iter().copied().fold(0.0, f64::max),
+        "worst tokio runtime stall (ms beyond a 1 ms ticker's period) over a 253-segment 1 GiB transfer",
+        sealpass,
         Some(Target::AtMost(2.0)),
     );
 }
