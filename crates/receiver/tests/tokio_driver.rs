@@ -621,3 +621,59 @@ fn a_big_transfer_never_stalls_the_runtime() {
         "the runtime stalled for {worst:?}"
     );
 }
+
+#[test]
+fn a_receive_dropped_while_its_message_is_judged_off_the_runtime_loses_nothing() {
+    let _serial = serial();
+    let fds_before = open_fds();
+    let runtime = current_thread_runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cancelled.sock");
+    runtime.block_on(async move {
+        let listener = Listener::bind(&socket).unwrap();
+        // 20 segments: judged on the blocking pool, across polls.
+        let (sent, was_sent) = std::sync::mpsc::channel();
+        let sender = std::thread::spawn(move || {
+            let segments: Vec<_> = (0..20).map(|i| segment(&format!("s{i}"), 4096)).collect();
+            let mut sender = sealpass_sender::Sender::connect(&socket).unwrap();
+            sender.submit(&segments).unwrap();
+            sent.send(()).unwrap();
+            let first = sender.next_verdict().unwrap();
+            let second = sender.send(&segments[..1]).unwrap();
+            (first, second)
+        });
+        let mut connection = listener.accept().await.unwrap();
+        // The message is queued before the first poll: the first poll
+        // receives it and starts its job.
+        tokio::task::spawn_blocking(move || was_sent.recv().unwrap())
+            .await
+            .unwrap();
+        let mut cancelled = 0;
+        let transfer = loop {
+            // Dropped after one poll each time, until a poll finishes it.
+            tokio::select! {
+                biased;
+                received = connection.receive() => break received.unwrap().unwrap(),
+                () = std::future::ready(()) => cancelled += 1,
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(cancelled > 0, "the job was left pending at least once");
+        assert_eq!((transfer.id(), transfer.segments().len()), (1, 20));
+        transfer.accept().unwrap();
+        let next = connection.receive().await.unwrap().unwrap();
+        assert_eq!(next.id(), 2);
+        next.accept().unwrap();
+        let (first, second) = tokio::task::spawn_blocking(move || sender.join().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            first.is_accepted() && second.is_accepted(),
+            "{first:?} {second:?}"
+        );
+    });
+    drop(runtime);
+    eventually("the fd count back where it was", || {
+        open_fds() == fds_before
+    });
+}
