@@ -27,6 +27,8 @@
 pub mod codec;
 pub mod config;
 pub mod fdpass;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod host;
 pub mod limits;
 pub mod message;

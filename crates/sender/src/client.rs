@@ -379,6 +379,15 @@ impl Pipeline {
         let answer = decode(bytes)
             .map_err(|source| SendError::BadAnswer { id, source })?
             .message;
+        // With nothing in flight no answer is owed: an `Ack` or `Reject` of
+        // id 0 would otherwise match the "oldest" of none.
+        if self.unanswered.is_empty() {
+            return Err(SendError::UnexpectedAnswer {
+                id,
+                kind: answer.kind(),
+                got_id: answer.id(),
+            });
+        }
         let verdict = match answer {
             Message::Ack(ack) if ack.id == id => Verdict::Accepted { id },
             Message::Reject(reject) if reject.id == id || reject.id == 0 => Verdict::Rejected {

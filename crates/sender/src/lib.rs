@@ -32,6 +32,8 @@
 
 pub mod client;
 pub mod compat;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod memfd;
 #[cfg(feature = "tokio")]
 pub mod tokio;

@@ -34,7 +34,38 @@ impl RecvProcess {
     pub(crate) fn start_with(extra: &[&str], stdout: Stdio) -> RecvProcess {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("recv.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sealpass-recv"))
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_sealpass-recv")),
+            dir,
+            socket,
+            extra,
+            stdout,
+        )
+    }
+
+    /// Starts the receiver with its fd limit at `nofile` (soft and hard,
+    /// through prlimit), listening at `socket` in `dir`, which it keeps.
+    pub(crate) fn start_limited(
+        nofile: u32,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        extra: &[&str],
+    ) -> RecvProcess {
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg(env!("CARGO_BIN_EXE_sealpass-recv"));
+        Self::spawn(prlimit, dir, socket, extra, Stdio::null())
+    }
+
+    fn spawn(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        extra: &[&str],
+        stdout: Stdio,
+    ) -> RecvProcess {
+        let mut child = command
             .arg("--socket")
             .arg(&socket)
             .args(extra)
@@ -126,6 +157,14 @@ impl RecvProcess {
 
     pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Gives back the directory the socket is in, the receiver stopped.
+    pub(crate) fn into_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let placeholder = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, placeholder)
     }
 
     pub(crate) fn child(&mut self) -> &mut Child {
