@@ -82,6 +82,8 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
     for target in FUZZ_TARGETS {
         let out = project::target_dir().join("fuzz").join(target);
         let _ = std::fs::remove_dir_all(&out);
+        // AFL++ makes its output directory, not the ones above it.
+        std::fs::create_dir_all(project::target_dir().join("fuzz"))?;
         eprintln!("xtask soak: fuzzing {target} for {seconds} s");
         project::run(
             Command::new("cargo")

@@ -18,7 +18,7 @@ use sealpass_proto::session::{
     Datagram, Received, Ticket, Unverified, Verified, admit, unknown_fd_facts,
 };
 use sealpass_proto::verify::FdFacts;
-use sealpass_proto::{Config, EncodeError, MappedBudget, Reject, RejectReason, Session, codec};
+use sealpass_proto::{Config, EncodeError, Reject, RejectReason, Session, codec};
 
 use crate::listener::{Admission, AdmissionTicket, out_of_fds, refuse};
 use crate::transfer::{IncomingTransfer, Responder, VerifiedSegment};
@@ -48,13 +48,16 @@ pub enum ServeError {
 
 /// Admits a connection served on its own ([`Connection::new`]) under
 /// `config`'s access rules: a peer they refuse is answered and closed.
-pub(crate) fn admit_alone(
-    socket: OwnedFd,
-    config: &Config,
-) -> Result<(OwnedFd, PeerCredentials), ServeError> {
+pub(crate) fn admit_alone(socket: OwnedFd, config: Config) -> Result<Admission, ServeError> {
     let peer = fdpass::peer_credentials(socket.as_fd()).ok();
-    match (admit(config, peer.as_ref(), 0), peer) {
-        (Ok(()), Some(peer)) => Ok((socket, peer)),
+    match (admit(&config, peer.as_ref(), 0), peer) {
+        (Ok(()), Some(peer)) => Ok(Admission {
+            socket,
+            peer,
+            config: Arc::new(config),
+            budget: None,
+            ticket: None,
+        }),
         (Err(reject), _) => {
             refuse(socket, &reject);
             Err(ServeError::Refused(reject))
@@ -965,28 +968,19 @@ impl Connection {
     /// access rules do not admit is answered `NotAllowed` and closed:
     /// [`ServeError::Refused`].
     pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
-        let peer = admit_alone(socket, &config)?;
-        Connection::serving(peer.0, Arc::new(config), None, Some(peer.1), None)
+        Connection::admitted(admit_alone(socket, config)?)
     }
 
-    /// Serves a connection its listener admitted.
+    /// Serves a connection admitted by its listener or on its own.
     pub(crate) fn admitted(admission: Admission) -> Result<Connection, ServeError> {
-        Connection::serving(
-            admission.socket,
-            admission.config,
-            Some(admission.budget),
-            Some(admission.peer),
-            Some(admission.ticket),
-        )
-    }
-
-    pub(crate) fn serving(
-        socket: OwnedFd,
-        config: Arc<Config>,
-        total: Option<Arc<MappedBudget>>,
-        peer: Option<PeerCredentials>,
-        admission: Option<AdmissionTicket>,
-    ) -> Result<Connection, ServeError> {
+        let Admission {
+            socket,
+            peer,
+            config,
+            budget: total,
+            ticket: admission,
+        } = admission;
+        let peer = Some(peer);
         inspect::open_proc_fd_dir();
         // The idle timeout also bounds how long an answer waits for room.
         fdpass::set_timeouts(socket.as_fd(), None, config.idle_timeout())

@@ -283,9 +283,9 @@ impl Listener {
         Admission {
             socket: admitted.socket,
             peer: admitted.peer,
-            ticket: admitted.ticket,
             config: Arc::clone(&self.config),
-            budget: Arc::clone(&self.budget),
+            budget: Some(Arc::clone(&self.budget)),
+            ticket: Some(admitted.ticket),
         }
     }
 
@@ -389,15 +389,15 @@ pub(crate) struct Admitted {
 }
 
 /// Everything a connection is served with: its socket and peer, the
-/// configuration and shared budget it was admitted under, and its place
-/// among the listener's connections.
+/// configuration it was admitted under, and, when a listener admitted it,
+/// the budget its connections share and its place among them.
 #[derive(Debug)]
 pub(crate) struct Admission {
     pub(crate) socket: OwnedFd,
     pub(crate) peer: PeerCredentials,
-    pub(crate) ticket: AdmissionTicket,
     pub(crate) config: Arc<Config>,
-    pub(crate) budget: Arc<MappedBudget>,
+    pub(crate) budget: Option<Arc<MappedBudget>>,
+    pub(crate) ticket: Option<AdmissionTicket>,
 }
 
 /// One connection's place among its listener's `max_connections`, given

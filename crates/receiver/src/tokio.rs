@@ -64,7 +64,7 @@ use crate::connection::{
     ServeError, Socket, admit_alone, answer_by, gather_facts, map_all,
 };
 use crate::listener::{
-    Admission, AdmissionTicket, Admitted, BindError, Listener as BlockingListener, is_out_of_fds,
+    Admission, Admitted, BindError, Listener as BlockingListener, is_out_of_fds,
 };
 use crate::service::{SHUTDOWN_GRACE, ServiceStats};
 use crate::transfer::{IncomingTransfer, VerifiedSegment};
@@ -263,28 +263,19 @@ impl Connection {
     /// Serves a connected `SOCK_SEQPACKET` socket under `config`. Call it
     /// within a tokio runtime.
     pub fn new(socket: OwnedFd, config: Config) -> Result<Connection, ServeError> {
-        let (socket, peer) = admit_alone(socket, &config)?;
-        Connection::serving(socket, Arc::new(config), None, Some(peer), None)
+        Connection::admitted(admit_alone(socket, config)?)
     }
 
-    /// Serves a connection its listener admitted.
+    /// Serves a connection admitted by its listener or on its own.
     fn admitted(admission: Admission) -> Result<Connection, ServeError> {
-        Connection::serving(
-            admission.socket,
-            admission.config,
-            Some(admission.budget),
-            Some(admission.peer),
-            Some(admission.ticket),
-        )
-    }
-
-    fn serving(
-        socket: OwnedFd,
-        config: Arc<Config>,
-        total: Option<Arc<MappedBudget>>,
-        peer: Option<PeerCredentials>,
-        admission: Option<AdmissionTicket>,
-    ) -> Result<Connection, ServeError> {
+        let Admission {
+            socket,
+            peer,
+            config,
+            budget: total,
+            ticket: admission,
+        } = admission;
+        let peer = Some(peer);
         inspect::open_proc_fd_dir();
         fdpass::set_nonblocking(socket.as_fd()).map_err(ServeError::SetTimeout)?;
         let socket = register(socket)
