@@ -199,7 +199,7 @@ fn with_hugetlb_pool(
 ) -> anyhow::Result<()> {
     const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
     let pool = || {
-        sealpass_proto::host::HugeTlbPool::read()
+        sealpass_kernel::host::HugeTlbPool::read()
             .context("/proc/meminfo names no hugetlb pool: a kernel without hugetlbfs")
     };
     let before = pool()?;

@@ -45,7 +45,7 @@ fn sparse(socket: PathBuf, size: u64) -> anyhow::Result<()> {
     let fd = memfd_with_holes("holes", size, seals, true).map_err(anyhow::Error::msg)?;
     let payload =
         transfer_bytes(1, vec![segment("holes", size, seals)]).map_err(anyhow::Error::msg)?;
-    let connection = sealpass_proto::fdpass::connect(&socket)
+    let connection = sealpass_kernel::fdpass::connect(&socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
     send(&connection, &payload, &[fd]).map_err(anyhow::Error::msg)?;
     match answer(&connection).map_err(anyhow::Error::msg)? {

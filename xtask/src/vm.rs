@@ -23,7 +23,7 @@
 //!   segment that takes the whole pool, a hostile one with nothing
 //!   reserved), from a pool the guest's kernel command line sets aside
 //!   (`hugepages=16`),
-//! - the fd-passing unit tests (`proto::fdpass`: `SO_PASSRIGHTS` unknown,
+//! - the fd-passing unit tests (`kernel::fdpass`: `SO_PASSRIGHTS` unknown,
 //!   so answers' fds arrive and are closed; `SO_PEERPIDFD` unknown), the
 //!   pidfd test of `receiver/tests/owned.rs` (no pidfd, all else works),
 //!   and `--json` saying `"pidfd":false`.
@@ -265,11 +265,11 @@ fn build(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
             .arg(&bare)
             .arg(project::root().join("xtask/peers/bare_sender.c")),
     )?;
-    let proto_tests = test_binary(&["-p", "sealpass-proto", "--lib"])?;
+    let kernel_tests = test_binary(&["-p", "sealpass-kernel", "--lib"])?;
     let owned_tests = test_binary(&["-p", "sealpass-receiver", "--test", "owned"])?;
     let sender_tests = test_binary(&["-p", "sealpass-sender", "--lib"])?;
     Ok(vec![
-        ("proto_tests".into(), proto_tests),
+        ("kernel_tests".into(), kernel_tests),
         ("owned_tests".into(), owned_tests),
         ("sender_tests".into(), sender_tests),
         ("sealpass-recv".into(), debug.join("sealpass-recv")),
@@ -549,7 +549,7 @@ tests_ran() {
     cat /tmp/tests.log
     [ $status = 0 ] && grep -q 'test result: ok\. [1-9][0-9]* passed' /tmp/tests.log
 }
-step fd-passing-unit-tests tests_ran proto_tests fdpass:: --test-threads 1
+step fd-passing-unit-tests tests_ran kernel_tests fdpass:: --test-threads 1
 step peer-pidfd-as-the-kernel-can tests_ran owned_tests --exact a_transfer_names_its_sender_by_pidfd_where_the_kernel_can
 step json-says-pidfd-as-the-kernel-can json_says_pidfd_as_the_kernel_can
 step conformance-of-sealpass-recv-and-sealpass-send xtask conformance --receiver /sealpass/sealpass-recv --sender "/sealpass/sealpass-send --fill conformance=C:64KiB"

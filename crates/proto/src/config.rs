@@ -5,10 +5,27 @@
 
 use std::time::Duration;
 
-use crate::fdpass::PeerCredentials;
 use crate::limits::MAX_SEGMENTS;
 use crate::seals::Seals;
 use crate::verify::Policy;
+
+/// Who is at the other end of a unix socket, as the kernel recorded it at
+/// `connect` (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerCredentials {
+    /// The peer's process id.
+    pub pid: i32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its effective group id.
+    pub gid: u32,
+}
+
+impl std::fmt::Display for PeerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} uid {} gid {}", self.pid, self.uid, self.gid)
+    }
+}
 
 /// Who may connect, by the credentials the kernel recorded at `connect`
 /// (`SO_PEERCRED`). With no uid and no gid listed, everyone may; otherwise a

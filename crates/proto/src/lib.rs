@@ -1,10 +1,11 @@
 //! The sealpass protocol: hand sealed memfds from one process to another over
 //! an `AF_UNIX` `SOCK_SEQPACKET` socket, with a typed header beside the fds.
 //!
-//! Everything here but [`fdpass`] is I/O-free: message types, the codec,
-//! limits, and the receiver's decision rules ([`verify`]), which judge the
-//! facts the kernel reported about each fd. [`fdpass`] is the one module that
-//! moves fds through a socket; sender and receiver both use it.
+//! Everything here is I/O-free and safe code: message types, the codec,
+//! limits, the receiver's decision rules ([`verify`]), which judge the
+//! facts the kernel reported about each fd, and the session state machine
+//! ([`session::Session`]) that applies them. The system calls both sides
+//! make live in `sealpass-kernel`.
 //!
 //! The normative byte-level specification is `PROTOCOL.md` at the repository root.
 //!
@@ -24,12 +25,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod config;
-pub mod fdpass;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod host;
 pub mod limits;
 pub mod message;
 pub mod seals;
@@ -38,7 +39,7 @@ pub mod size;
 pub mod verify;
 
 pub use codec::{DecodeError, Decoded, EncodeError, MAGIC, VERSION, Version, decode, encode};
-pub use config::{Access, Config, ConfigBuilder, ConfigError};
+pub use config::{Access, Config, ConfigBuilder, ConfigError, PeerCredentials};
 pub use message::{
     Ack, FieldError, Message, Reject, RejectReason, Segment, Transfer, validate_transfer,
 };

@@ -72,7 +72,7 @@ use std::time::Instant;
 
 use crate::codec::{Version, decode};
 use crate::config::Config;
-use crate::fdpass::PeerCredentials;
+use crate::config::PeerCredentials;
 use crate::limits::MAX_MESSAGE_LEN;
 use crate::message::{Ack, Message, Reject, RejectReason, Segment, Transfer};
 use crate::seals::Seals;
@@ -642,8 +642,9 @@ impl Session {
         index: usize,
         error: &std::io::Error,
     ) -> Reject {
-        let out_of_memory = error.kind() == std::io::ErrorKind::OutOfMemory
-            || matches!(error.raw_os_error(), Some(code) if code == nix::libc::ENOMEM || code == nix::libc::EOVERFLOW);
+        // `ENOMEM` is `OutOfMemory`; the driver reports a size no address
+        // space can map (`EOVERFLOW`) as that too.
+        let out_of_memory = error.kind() == std::io::ErrorKind::OutOfMemory;
         let reason = if out_of_memory {
             RejectReason::ResourceExhausted
         } else {

@@ -396,14 +396,14 @@ fn every_reason_code_comes_from_the_state_machine() {
     // Step 10: mapping fails, for want of memory or otherwise.
     for (error, reason) in [
         (
-            io::Error::from_raw_os_error(nix::libc::ENOMEM),
+            io::Error::from(io::ErrorKind::OutOfMemory),
             ResourceExhausted,
         ),
         (
             io::Error::new(io::ErrorKind::OutOfMemory, "address space"),
             ResourceExhausted,
         ),
-        (io::Error::from_raw_os_error(nix::libc::EINVAL), MapFailed),
+        (io::Error::from(io::ErrorKind::InvalidInput), MapFailed),
     ] {
         let mut session = Session::new(Arc::new(Config::default()), None, now);
         let bytes = transfer(9, vec![segment("seg", 4096)]);

@@ -14,8 +14,8 @@ use std::os::unix::fs::FileExt;
 
 use std::path::Path;
 
+use sealpass_kernel::fdpass::{self, ControlBuffer, TransportError};
 use sealpass_proto::Seals;
-use sealpass_proto::fdpass::{self, ControlBuffer, TransportError};
 use sealpass_proto::session::unknown_fd_facts;
 use sealpass_proto::verify::{BareMemfd, SegmentError, check_bare_fd};
 

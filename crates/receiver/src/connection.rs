@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use sealpass_proto::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
+use sealpass_kernel::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::session::{
     Datagram, Received, Ticket, Unverified, Verified, admit, unknown_fd_facts,

@@ -57,7 +57,7 @@ mod transfer;
 
 pub use connection::{AnswerError, Connection, Event, Outcome, ServeError};
 pub use listener::{BindError, Listener};
-pub use sealpass_proto::fdpass::PeerCredentials;
+pub use sealpass_proto::PeerCredentials;
 pub use sealpass_proto::{
     Access, Config, ConfigBuilder, ConfigError, MappedBudget, RejectReason, Seals, Version,
 };

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::fdpass::{self, Op, PeerCredentials, TransportError};
+use sealpass_kernel::fdpass::{self, Op, PeerCredentials, TransportError};
 use sealpass_proto::session::admit;
 use sealpass_proto::{Config, MappedBudget, Message, Reject, RejectReason, encode};
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use memmap2::{Mmap, MmapOptions};
 use nix::errno::Errno;
-use sealpass_proto::host::ShmemHugePages;
+use sealpass_kernel::host::ShmemHugePages;
 use sealpass_proto::session::Grant;
 
 /// A read-only mapping of a verified segment, counted against the
@@ -122,6 +122,14 @@ pub(crate) fn map_verified(
             ),
         )
     })?;
+    // A size no address space can map (EOVERFLOW) is out of memory too, as
+    // the session classes failures by kind.
+    let overflow = |error: io::Error| match error.raw_os_error() {
+        Some(code) if code == Errno::EOVERFLOW as i32 => {
+            io::Error::new(io::ErrorKind::OutOfMemory, error)
+        }
+        _ => error,
+    };
     let pages = map_sealed(
         fd,
         grant.size(),
@@ -135,7 +143,8 @@ pub(crate) fn map_verified(
             // `size` bytes long.
             unsafe { options.map(&fd) }
         },
-    )?;
+    )
+    .map_err(overflow)?;
     Ok(pages.map(|pages| Mapping {
         pages,
         _counted: counted,

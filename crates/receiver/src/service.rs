@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::fdpass::{self, PeerCredentials};
+use sealpass_kernel::fdpass::{self, PeerCredentials};
 use sealpass_proto::{MappedBudget, Reject, RejectReason};
 
 use crate::connection::{Connection, Outcome, ServeError};
@@ -126,7 +126,7 @@ impl<H> Drop for Slot<H> {
 }
 
 /// A receiving service: many peers at once, each on its own thread, behind
-/// the access rules and limits of its listener's [`Config`].
+/// the access rules and limits of its listener's [`Config`](crate::Config).
 ///
 /// ```
 /// use sealpass_receiver::{Config, Listener, Service};
@@ -163,7 +163,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// A service on `listener`, whose [`Config`] supplies the policy, the
+    /// A service on `listener`, whose [`Config`](crate::Config) supplies the policy, the
     /// limits and who may connect.
     pub fn new(mut listener: Listener) -> io::Result<Service> {
         // Made with the listener, before its socket: a receiver's fds are

@@ -55,7 +55,7 @@ use ::tokio::io::unix::AsyncFd;
 use ::tokio::sync::{Notify, watch};
 use ::tokio::task::JoinSet;
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
+use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Config, MappedBudget, RejectReason, Session, Version};
 

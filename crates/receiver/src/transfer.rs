@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sealpass_proto::fdpass::PeerCredentials;
+use sealpass_proto::PeerCredentials;
 use sealpass_proto::session::Ticket;
 use sealpass_proto::{Reservation, Seals, Segment, Version};
 

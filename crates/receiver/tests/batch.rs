@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Message, RejectReason, Seals, decode};
 use sealpass_receiver::conformance::fixtures::{

@@ -413,7 +413,8 @@ fn out_is_checked_before_binding() {
 fn send_raw(receiver: &RecvProcess, segments: &[(&str, u64, bool)]) -> sealpass_proto::Message {
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
     use nix::sys::memfd::{MFdFlags, memfd_create};
-    use sealpass_proto::{Message, Segment, Transfer, encode, fdpass};
+    use sealpass_kernel::fdpass;
+    use sealpass_proto::{Message, Segment, Transfer, encode};
     use std::os::fd::AsFd;
     let seals = Seals::SENDER_DEFAULT;
     let fds: Vec<_> = segments

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::process::Stdio;
 
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 use support::RecvProcess;
 
 /// A memfd made as plain programs make them: no sealing allowed, filled.

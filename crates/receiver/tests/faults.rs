@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode, fdpass};
+use sealpass_kernel::fdpass;
+use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode};
 use sealpass_sender::{SealedSegment, Sender, Verdict};
 use support::{RecvProcess, answer_to};
 

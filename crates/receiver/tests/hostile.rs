@@ -14,7 +14,8 @@ mod support;
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use sealpass_proto::{Message, RejectReason, fdpass};
+use sealpass_kernel::fdpass;
+use sealpass_proto::{Message, RejectReason};
 use sealpass_receiver::conformance::fixtures::{Fallible, SEALED, memfd, segment, transfer_bytes};
 use sealpass_receiver::conformance::{self, Target};
 use support::{RecvProcess, answer_to, send_valid};

@@ -15,7 +15,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode};
 use sealpass_receiver::{Config, Listener, MappedBudget, Service};
 use sealpass_sender::{SealedSegment, Sender, Verdict};

@@ -521,7 +521,7 @@ fn a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without(
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
     use nix::sys::memfd::{MFdFlags, memfd_create};
     use std::os::fd::AsFd;
-    let Some(pool) = sealpass_proto::host::HugeTlbPool::read() else {
+    let Some(pool) = sealpass_kernel::host::HugeTlbPool::read() else {
         eprintln!("no hugetlbfs on this kernel: nothing to check");
         return;
     };
@@ -545,18 +545,18 @@ fn a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without(
         );
         let message =
             sealpass_proto::Message::Transfer(sealpass_proto::Transfer::new(1, vec![declared]));
-        let connection = sealpass_proto::fdpass::connect(socket).unwrap();
-        sealpass_proto::fdpass::send(
+        let connection = sealpass_kernel::fdpass::connect(socket).unwrap();
+        sealpass_kernel::fdpass::send(
             connection.as_fd(),
             &sealpass_proto::encode(&message).unwrap(),
             &[fd.as_fd()],
         )
         .unwrap();
         let mut buffer = vec![0; sealpass_proto::limits::MAX_MESSAGE_LEN];
-        let received = sealpass_proto::fdpass::receive(
+        let received = sealpass_kernel::fdpass::receive(
             connection.as_fd(),
             &mut buffer,
-            &mut sealpass_proto::fdpass::ControlBuffer::new(),
+            &mut sealpass_kernel::fdpass::ControlBuffer::new(),
         )
         .unwrap();
         match sealpass_proto::decode(&buffer[..received.len])
@@ -588,7 +588,7 @@ fn a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without(
                 })
                 .unwrap()
         });
-        let room = sealpass_proto::host::HugeTlbPool::read().unwrap().room();
+        let room = sealpass_kernel::host::HugeTlbPool::read().unwrap().room();
         let verdict = send_unbacked(&socket);
         receiver.join().unwrap();
         let expected = match (refuse_sparse, room) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 use sealpass_proto::{Message, RejectReason, Seals};
 use sealpass_receiver::service::SHUTDOWN_GRACE;
 use sealpass_sender::{SealedSegment, Sender, Verdict};

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode, fdpass};
+use sealpass_kernel::fdpass;
+use sealpass_proto::{Message, RejectReason, Seals, Segment, Transfer, encode};
 use sealpass_receiver::conformance::fixtures::{self, Answer, Fallible};
 use sealpass_receiver::conformance::{self, Target};
 use sealpass_receiver::tokio::{Listener, Service};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::fdpass::{self, Op, ReceiveBatch, TransportError};
+use sealpass_kernel::fdpass::{self, Op, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, Seals, codec, decode};
 

@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 
 use crate::client::{SendError, connect_error};
 use crate::memfd::SealedSegment;

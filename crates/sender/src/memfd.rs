@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::unistd::ftruncate;
-use sealpass_proto::host::ShmemHugePages;
+use sealpass_kernel::host::ShmemHugePages;
 use sealpass_proto::{FieldError, Seals, Segment, message::validate_name};
 
 /// Allocates every page of a memfd that has holes (`fallocate`, which
@@ -1242,7 +1242,7 @@ mod tests {
     #[test]
     fn every_huge_page_mode_yields_the_same_bytes_and_seals() {
         let seals = Seals::SENDER_DEFAULT;
-        let huge = sealpass_proto::host::HUGE_PAGE as usize;
+        let huge = sealpass_kernel::host::HUGE_PAGE as usize;
         for mode in [
             ShmemHugePages::Never,
             ShmemHugePages::Advise,
@@ -1349,7 +1349,7 @@ mod tests {
     /// on every huge page path.
     #[test]
     fn a_segment_holds_what_the_reader_yielded_whatever_was_expected() {
-        let huge = sealpass_proto::host::HUGE_PAGE;
+        let huge = sealpass_kernel::host::HUGE_PAGE;
         let check = |mode: ShmemHugePages, yielded: u64, expected: u64| {
             let bytes: Vec<u8> = (0..yielded).map(|i| (i % 253) as u8).collect();
             let segment = SealedSegment::from_file_expecting(
@@ -1394,7 +1394,7 @@ mod tests {
     /// Huge pages of the hugetlb pool free for a new reservation, and their
     /// size in bytes (0 without hugetlbfs).
     fn hugetlb_room() -> (u64, u64) {
-        sealpass_proto::host::HugeTlbPool::read()
+        sealpass_kernel::host::HugeTlbPool::read()
             .map_or((0, 0), |pool| (pool.room(), pool.page_bytes))
     }
 

@@ -3,7 +3,7 @@
 //! flight, how an answer is matched), driven by the runtime's reactor
 //! through [`AsyncFd`] on a non-blocking socket. tokio cannot pass fds or
 //! speak `SOCK_SEQPACKET` itself; the `sendmsg`/`recvmsg` calls are
-//! `sealpass_proto::fdpass`'s, made only when the socket is ready.
+//! `sealpass_kernel::fdpass`'s, made only when the socket is ready.
 //!
 //! Cancellation: every future here may be dropped at any `.await`. A
 //! transfer is sent whole by one `sendmsg` or not at all (`SOCK_SEQPACKET`
@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use sealpass_proto::fdpass::{self, ReceiveBatch, TransportError};
+use sealpass_kernel::fdpass::{self, ReceiveBatch, TransportError};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 

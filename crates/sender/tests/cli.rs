@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use std::os::fd::AsFd;
 
@@ -139,7 +139,7 @@ fn hugetlb_segments_say_where_their_pages_came_from() {
     let file = dir.path().join("two-mib.bin");
     let content: Vec<u8> = (0..2u32 << 20).map(|i| (i % 241) as u8).collect();
     std::fs::write(&file, &content).unwrap();
-    let pool = sealpass_proto::host::HugeTlbPool::read();
+    let pool = sealpass_kernel::host::HugeTlbPool::read();
     let room = pool.map_or(0, |pool| pool.room());
     let reports = receiver(&socket);
     let file_spec = format!("file={}", file.display());

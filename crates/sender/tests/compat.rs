@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 
 /// Accepts one bare peer and returns its payload length and each fd's bytes.
 fn bare_receiver(socket: &std::path::Path) -> std::thread::JoinHandle<(usize, Vec<Vec<u8>>)> {

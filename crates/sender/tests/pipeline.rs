@@ -156,7 +156,7 @@ fn a_receiver_that_vanishes_leaves_every_transfer_in_flight_unknown() {
 
 #[test]
 fn an_answer_out_of_order_is_an_error_not_a_verdict() {
-    use sealpass_proto::fdpass::{self, ControlBuffer};
+    use sealpass_kernel::fdpass::{self, ControlBuffer};
     use sealpass_proto::{Ack, Message, codec};
     use std::os::fd::AsFd;
 
@@ -210,22 +210,22 @@ const BURST_AFTER: usize = 4;
 impl BurstingReceiver {
     fn start(socket: &Path) -> BurstingReceiver {
         use std::os::fd::AsFd;
-        let listener = sealpass_proto::fdpass::listen(socket, 1).unwrap();
+        let listener = sealpass_kernel::fdpass::listen(socket, 1).unwrap();
         let (answered_tx, answered) = mpsc::channel();
         let (close, closing) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let connection = sealpass_proto::fdpass::accept(listener.as_fd()).unwrap();
+            let connection = sealpass_kernel::fdpass::accept(listener.as_fd()).unwrap();
             let mut buffer = vec![0; 4096];
-            let mut control = sealpass_proto::fdpass::ControlBuffer::new();
+            let mut control = sealpass_kernel::fdpass::ControlBuffer::new();
             for _ in 0..BURST_AFTER {
-                sealpass_proto::fdpass::receive(connection.as_fd(), &mut buffer, &mut control)
+                sealpass_kernel::fdpass::receive(connection.as_fd(), &mut buffer, &mut control)
                     .unwrap();
             }
             let encoded: Vec<Vec<u8>> = burst_of_answers()
                 .iter()
                 .map(|answer| sealpass_proto::encode(answer).unwrap())
                 .collect();
-            sealpass_proto::fdpass::send_batch(connection.as_fd(), &encoded).unwrap();
+            sealpass_kernel::fdpass::send_batch(connection.as_fd(), &encoded).unwrap();
             answered_tx.send(()).unwrap();
             let _ = closing.recv_timeout(Duration::from_secs(30));
         });

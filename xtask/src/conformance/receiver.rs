@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 use sealpass_receiver::conformance::fixtures::{
     Answer, Fallible, PATIENCE, answer, send, valid_transfer,
 };

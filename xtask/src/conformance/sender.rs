@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::verify::{check_fd_count, check_segment};
 use sealpass_proto::{Ack, Message, Policy, Reject, RejectReason, Seals, decode, encode};

@@ -161,7 +161,7 @@ fn main() {
             let whole: Vec<usize> = sizes
                 .iter()
                 .copied()
-                .filter(|&s| s as u64 % sealpass_proto::host::HUGE_PAGE == 0)
+                .filter(|&s| s as u64 % sealpass_kernel::host::HUGE_PAGE == 0)
                 .collect();
             e2e_rows(&mut report, runs, &whole, quick, Pages::HugeTlb);
             report.print();
@@ -520,7 +520,7 @@ fn main() {
 /// file's included, is filled through a `MADV_HUGEPAGE` mapping). Run with
 /// `--thp` for the huge page rows to differ from the plain ones.
 fn fill_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool) {
-    let mode = sealpass_proto::host::ShmemHugePages::read();
+    let mode = sealpass_kernel::host::ShmemHugePages::read();
     for &size in sizes {
         let source = vec![b'x'; size];
         let iterations = iterations_for(size, quick).min(200);
@@ -743,13 +743,13 @@ fn e2e_rows(report: &mut Report, runs: usize, sizes: &[usize], quick: bool, from
         _ => (None, None),
     };
     pin_to_cpu(sender_cpu);
-    let mode = sealpass_proto::host::ShmemHugePages::read();
-    let huge = mode != sealpass_proto::host::ShmemHugePages::Never;
+    let mode = sealpass_kernel::host::ShmemHugePages::read();
+    let huge = mode != sealpass_kernel::host::ShmemHugePages::Never;
     let pages = match (from, mode) {
         (Pages::HugeTlb, _) => "hugetlb pool",
-        (_, sealpass_proto::host::ShmemHugePages::Never) => "4 KiB pages",
-        (_, sealpass_proto::host::ShmemHugePages::Advise) => "shmem THP advise",
-        (_, sealpass_proto::host::ShmemHugePages::Always) => "shmem THP always",
+        (_, sealpass_kernel::host::ShmemHugePages::Never) => "4 KiB pages",
+        (_, sealpass_kernel::host::ShmemHugePages::Advise) => "shmem THP advise",
+        (_, sealpass_kernel::host::ShmemHugePages::Always) => "shmem THP always",
     };
     let suffix = match (from, huge) {
         (Pages::HugeTlb, _) => "_hugetlb",
@@ -817,7 +817,7 @@ fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
     use std::os::fd::{AsFd, AsRawFd};
 
     use nix::fcntl::{FcntlArg, fcntl};
-    use sealpass_proto::fdpass;
+    use sealpass_kernel::fdpass;
     use sealpass_sender::{SealedSegment, Seals};
 
     const BATCH: usize = fdpass::MAX_BATCH;

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::Seals;
-use sealpass_proto::fdpass::{self, ControlBuffer};
 use sealpass_sender::{Pages, SealedSegment, Sender};
 
 use crate::{allocations, peer};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Message, Seals, Segment, Transfer, decode, encode};
 

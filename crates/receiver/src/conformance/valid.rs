@@ -2,7 +2,7 @@
 #![allow(unused_imports)]
 use std::path::Path;
 
-use sealpass_proto::fdpass;
+use sealpass_kernel::fdpass;
 use sealpass_proto::limits::{MAX_BODY_LEN, MAX_MESSAGE_LEN, MAX_NAME_LEN, MAX_SEGMENTS};
 use sealpass_proto::{Ack, Message, RejectReason as R, Seals, encode};
 

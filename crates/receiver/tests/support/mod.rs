@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealpass_proto::fdpass::{self, ControlBuffer};
+use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Message, Seals, decode};
 use sealpass_sender::{SealedSegment, Sender, Verdict};

@@ -214,8 +214,8 @@ fn check_socket_path(path: &Path) -> anyhow::Result<()> {
         )),
         Err(error) => Err(SendError::Connect {
             path: path.to_owned(),
-            source: sealpass_proto::fdpass::TransportError::Sys {
-                op: sealpass_proto::fdpass::Op::Connect,
+            source: sealpass_kernel::fdpass::TransportError::Sys {
+                op: sealpass_kernel::fdpass::Op::Connect,
                 errno: Errno::from_raw(error.raw_os_error().unwrap_or(0)),
             },
         }
@@ -369,7 +369,7 @@ fn main() -> ExitCode {
         Err(error) => error.exit(),
     };
     if cli.doctor {
-        print!("{}", sealpass_proto::host::Host::read());
+        print!("{}", sealpass_kernel::host::Host::read());
         return ExitCode::SUCCESS;
     }
     let sources = match sources(&cli, &matches) {

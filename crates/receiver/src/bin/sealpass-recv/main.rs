@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::fdpass::PeerCredentials;
+use sealpass_proto::PeerCredentials;
 use sealpass_proto::{Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
 use sealpass_receiver::{
@@ -688,7 +688,7 @@ fn raise_fd_limit() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.doctor {
-        print!("{}", sealpass_proto::host::Host::read());
+        print!("{}", sealpass_kernel::host::Host::read());
         return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()

@@ -23,7 +23,7 @@ use nix::libc;
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::TimeVal;
 
-use crate::limits::MAX_SEGMENTS;
+use sealpass_proto::limits::MAX_SEGMENTS;
 
 /// The system call that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -972,23 +972,7 @@ fn send_batch_with_flags<P: AsRef<[u8]>>(
     Ok(total)
 }
 
-/// Who is at the other end of a unix socket, as the kernel recorded it at
-/// `connect` (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PeerCredentials {
-    /// The peer's process id.
-    pub pid: i32,
-    /// Its effective user id.
-    pub uid: u32,
-    /// Its effective group id.
-    pub gid: u32,
-}
-
-impl std::fmt::Display for PeerCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} uid {} gid {}", self.pid, self.uid, self.gid)
-    }
-}
+pub use sealpass_proto::PeerCredentials;
 
 /// `SO_PASSRIGHTS` (Linux 6.16+), as the generic socket numbering has it
 /// (x86_64, aarch64, riscv64, powerpc, ...); libc does not name it yet. The
