@@ -496,10 +496,40 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             .unwrap();
             fdpass::send(peer.as_fd(), &header, &[]).unwrap();
         }
-        // The peer reads its answers only later, on its own thread.
+        let mut outcomes = Vec::new();
+        let mut batches = vec![
+            connection
+                .serve_batch(|_| Ok::<(), String>(()), &mut outcomes)
+                .await
+                .unwrap(),
+        ];
+        assert_eq!(
+            batches[0],
+            (MESSAGES as usize).min(fdpass::batch_slots()),
+            "one recvmmsg takes what is queued ({batches:?})"
+        );
+        // The first batch is answered and the peer has read nothing yet:
+        // what its queue holds now is all that had room. It is read here,
+        // without waiting and without letting the runtime run, so the
+        // answers that wait cannot go out meanwhile. They go out, in order,
+        // as the peer reads on, on its own thread.
+        let first_batch = batches[0] as u64;
+        let mut buffer = vec![0u8; sealpass_proto::limits::MAX_MESSAGE_LEN];
+        let mut control = fdpass::ControlBuffer::new();
+        let mut ids = Vec::new();
+        while let Ok(Some(received)) =
+            fdpass::try_receive_reusing(peer.as_fd(), &mut buffer, &mut control, Vec::new())
+        {
+            match sealpass_proto::decode(&buffer[..received.len])
+                .unwrap()
+                .message
+            {
+                Message::Reject(reject) => ids.push(reject.id),
+                other => panic!("expected a Reject; got {other:?}"),
+            }
+        }
+        let had_room = ids.len() as u64;
         let reader = tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            let mut ids = Vec::new();
             while (ids.len() as u64) < MESSAGES {
                 match fixtures::answer(&peer).unwrap() {
                     Answer::Message(Message::Reject(reject)) => {
@@ -511,8 +541,6 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             }
             ids
         });
-        let mut outcomes = Vec::new();
-        let mut batches = Vec::new();
         while (outcomes.len() as u64) < MESSAGES {
             let count = connection
                 .serve_batch(|_| Ok::<(), String>(()), &mut outcomes)
@@ -520,11 +548,6 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
                 .unwrap();
             batches.push(count);
         }
-        assert_eq!(
-            batches[0],
-            (MESSAGES as usize).min(fdpass::batch_slots()),
-            "one recvmmsg takes what is queued ({batches:?})"
-        );
         let expected: Vec<u64> = (1..=MESSAGES).collect();
         let served: Vec<u64> = outcomes
             .iter()
@@ -537,7 +560,13 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             })
             .collect();
         assert_eq!(served, expected);
-        assert_eq!(reader.await.unwrap(), expected, "every answer, in order");
+        let ids = reader.await.unwrap();
+        assert!(
+            had_room > 0 && had_room < first_batch,
+            "{had_room} of the first batch's {first_batch} answers had room before the peer \
+             read: the rest waited"
+        );
+        assert_eq!(ids, expected, "every answer, in order");
     });
 }
 
