@@ -539,7 +539,12 @@ unsafe fn collect_fds(header: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let data_len = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
+                // The kernel's length, checked all the same: a header
+                // shorter than an empty one carries no fds.
+                let data_len = (*cmsg)
+                    .cmsg_len
+                    .checked_sub(libc::CMSG_LEN(0) as usize)
+                    .unwrap_or(0);
                 for i in 0..data_len / size_of::<RawFd>() {
                     let raw = ptr::read_unaligned(data.add(i));
                     // SAFETY: SCM_RIGHTS just installed `raw` in this
