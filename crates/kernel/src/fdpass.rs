@@ -541,10 +541,7 @@ unsafe fn collect_fds(header: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
                 let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                 // The kernel's length, checked all the same: a header
                 // shorter than an empty one carries no fds.
-                let data_len = (*cmsg)
-                    .cmsg_len
-                    .checked_sub(libc::CMSG_LEN(0) as usize)
-                    .unwrap_or(0);
+                let data_len = (*cmsg).cmsg_len.saturating_sub(libc::CMSG_LEN(0) as usize);
                 for i in 0..data_len / size_of::<RawFd>() {
                     let raw = ptr::read_unaligned(data.add(i));
                     // SAFETY: SCM_RIGHTS just installed `raw` in this
