@@ -600,7 +600,7 @@ impl PyListener {
 
 #[pymethods]
 impl PyListener {
-    /// Listens at `path`. The limits are the receiver's (see README):
+    /// Listens at `path`. The limits are the receiver's (see docs/cli.md):
     /// `required_seals` (default SHRINK, GROW, WRITE; EXEC may be added),
     /// `max_segments`, `max_mapped` (bytes one connection may hold mapped),
     /// `idle_timeout` (seconds a connection may stay silent; None: for

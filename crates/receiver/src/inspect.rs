@@ -3,7 +3,7 @@
 //! The memfd's name is only in its `/proc/self/fd/N` link. Reading that link
 //! by its full path walks `/`, `proc`, `self` and `fd` on every call; reading
 //! `N` relative to a held `/proc/self/fd` directory skips the walk (measured
-//! in README's Performance section). The link is read into a stack buffer
+//! in docs/performance.md). The link is read into a stack buffer
 //! and copied into a reused `Vec`, so nothing is allocated per fd.
 #![allow(unsafe_code)]
 

@@ -48,3 +48,8 @@ pub use sealpass_proto::{RejectReason, Seals};
 #[cfg(all(doctest, feature = "tokio"))]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeExample;
+
+/// So are the examples of `docs/library.md`.
+#[cfg(all(doctest, feature = "tokio"))]
+#[doc = include_str!("../../../docs/library.md")]
+struct LibraryDocExamples;
