@@ -664,14 +664,16 @@ impl Core {
             unverified,
             judged,
         } = inspecting;
-        let gathered = &self.gathered;
+        let gathered = &mut self.gathered;
         let link = Arc::clone(&self.link);
         let mut state = link.lock();
         let verified = state
             .session
             .judge(unverified, &mut self.scratch, |index, facts| {
-                let (known, inspected) = gathered.get(index).ok_or(nix::errno::Errno::EBADF)?;
-                facts.clone_from(known);
+                let (known, inspected) = gathered.get_mut(index).ok_or(nix::errno::Errno::EBADF)?;
+                // Swapped, not cloned: no allocation for the link's bytes;
+                // the next message's facts overwrite what is left here.
+                std::mem::swap(facts, known);
                 *inspected
             });
         match verified {
