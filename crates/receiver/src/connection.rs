@@ -46,6 +46,34 @@ pub enum ServeError {
     Refused(Reject),
 }
 
+/// An admitted connection's parts, its session begun: what either driver
+/// builds its link from.
+pub(crate) struct Opened {
+    pub(crate) socket: OwnedFd,
+    pub(crate) session: Session,
+    pub(crate) config: Arc<Config>,
+    pub(crate) peer: Option<PeerCredentials>,
+    pub(crate) admission: Option<AdmissionTicket>,
+}
+
+impl From<Admission> for Opened {
+    fn from(admission: Admission) -> Opened {
+        // Before the connection serves anything: the name checks read there.
+        inspect::open_proc_fd_dir();
+        Opened {
+            session: Session::new(
+                Arc::clone(&admission.config),
+                admission.budget,
+                Instant::now(),
+            ),
+            socket: admission.socket,
+            config: admission.config,
+            peer: Some(admission.peer),
+            admission: admission.ticket,
+        }
+    }
+}
+
 /// Admits a connection served on its own ([`Connection::new`]) under
 /// `config`'s access rules: a peer they refuse is answered and closed.
 pub(crate) fn admit_alone(socket: OwnedFd, config: Config) -> Result<Admission, ServeError> {
@@ -975,22 +1003,14 @@ impl Connection {
 
     /// Serves a connection admitted by its listener or on its own.
     pub(crate) fn admitted(admission: Admission) -> Result<Connection, ServeError> {
-        let Admission {
-            socket,
-            peer,
-            config,
-            budget: total,
-            ticket: admission,
-        } = admission;
-        let peer = Some(peer);
-        inspect::open_proc_fd_dir();
+        let opened = Opened::from(admission);
         // The idle timeout also bounds how long an answer waits for room.
-        fdpass::set_timeouts(socket.as_fd(), None, config.idle_timeout())
+        fdpass::set_timeouts(opened.socket.as_fd(), None, opened.config.idle_timeout())
             .map_err(ServeError::SetTimeout)?;
-        let session = Session::new(Arc::clone(&config), total, Instant::now());
-        let link = Arc::new(Link::new(Socket::Blocking(socket), session, admission));
+        let socket = Socket::Blocking(opened.socket);
+        let link = Arc::new(Link::new(socket, opened.session, opened.admission));
         Ok(Connection {
-            core: Core::new(link, config, peer, true),
+            core: Core::new(link, opened.config, opened.peer, true),
             receive_timeout: None,
         })
     }

@@ -57,10 +57,11 @@ use ::tokio::task::JoinSet;
 use nix::errno::Errno;
 use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{Config, MappedBudget, RejectReason, Session, Version};
+use sealpass_proto::{Config, MappedBudget, RejectReason, Version};
 
+use crate::ErrorChain;
 use crate::connection::{
-    Core, Event, Gathered, Inspecting, Judging, Link, Mapping as JudgedMapping, Outcome,
+    Core, Event, Gathered, Inspecting, Judging, Link, Mapping as JudgedMapping, Opened, Outcome,
     ServeError, Socket, admit_alone, answer_by, gather_facts, map_all,
 };
 use crate::listener::{
@@ -68,7 +69,6 @@ use crate::listener::{
 };
 use crate::service::{SHUTDOWN_GRACE, ServiceStats};
 use crate::transfer::{IncomingTransfer, VerifiedSegment};
-use crate::{ErrorChain, inspect};
 
 /// Registers `fd` with the runtime's reactor, for reading and writing.
 #[allow(unsafe_code)]
@@ -268,21 +268,13 @@ impl Connection {
 
     /// Serves a connection admitted by its listener or on its own.
     fn admitted(admission: Admission) -> Result<Connection, ServeError> {
-        let Admission {
-            socket,
-            peer,
-            config,
-            budget: total,
-            ticket: admission,
-        } = admission;
-        let peer = Some(peer);
-        inspect::open_proc_fd_dir();
-        fdpass::set_nonblocking(socket.as_fd()).map_err(ServeError::SetTimeout)?;
-        let socket = register(socket)
+        let opened = Opened::from(admission);
+        fdpass::set_nonblocking(opened.socket.as_fd()).map_err(ServeError::SetTimeout)?;
+        let socket = register(opened.socket)
             .map_err(|error| ServeError::SetTimeout(transport(&error, fdpass::Op::Poll)))?;
-        let session = Session::new(Arc::clone(&config), total, Instant::now());
+        let (config, peer) = (opened.config, opened.peer);
         let flusher = Arc::new(Notify::new());
-        let mut link = Link::new(Socket::Async(socket), session, admission);
+        let mut link = Link::new(Socket::Async(socket), opened.session, opened.admission);
         link.flusher = Some(Arc::clone(&flusher));
         let link = Arc::new(link);
         ::tokio::spawn(flush_when_there_is_room(
