@@ -204,7 +204,7 @@ impl Listener {
 
     /// Refuses one waiting peer with `ResourceExhausted` when the process
     /// is out of fds, through the reserve fd: freed, the peer accepted and
-    /// answered, the reserve opened again. `Ok(true)` when a peer was refused.
+    /// answered, the reserve opened again. `true` when a peer was refused.
     pub(crate) fn refuse_for_want_of_fds(&self) -> bool {
         let mut reserve = self.reserve.lock().unwrap_or_else(PoisonError::into_inner);
         *reserve = None;
