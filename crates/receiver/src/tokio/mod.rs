@@ -37,38 +37,33 @@
 //! # }
 //! ```
 
+mod listener;
+mod service;
+
 use std::cell::Cell;
 use std::fmt::Display;
-use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::panic::AssertUnwindSafe;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::tokio::io::Interest;
 use ::tokio::io::unix::AsyncFd;
-use ::tokio::sync::{Notify, watch};
-use ::tokio::task::JoinSet;
+use ::tokio::sync::Notify;
 use nix::errno::Errno;
 use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
+use sealpass_proto::Config;
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{Config, MappedBudget, RejectReason, Version};
 
-use crate::ErrorChain;
 use crate::connection::{
     Core, Event, Gathered, Inspecting, Judging, Link, Mapping as JudgedMapping, Opened, Outcome,
     ServeError, Socket, admit_alone, answer_by, gather_facts, map_all,
 };
-use crate::listener::{
-    Admission, Admitted, BindError, Listener as BlockingListener, is_out_of_fds,
-};
-use crate::service::{SHUTDOWN_GRACE, ServiceStats};
-use crate::transfer::{IncomingTransfer, VerifiedSegment};
+use crate::listener::Admission;
+use crate::transfer::IncomingTransfer;
+
+pub use self::listener::Listener;
+pub use self::service::{Delivery, Service, ShutdownHandle};
 
 /// Registers `fd` with the runtime's reactor, for reading and writing.
 #[allow(unsafe_code)]
@@ -94,133 +89,6 @@ thread_local! {
     /// way: taken after readiness and given back once the batch is served,
     /// with no await between.
     static RECEIVE_BATCH: Cell<Option<ReceiveBatch>> = const { Cell::new(None) };
-}
-
-/// A listening socket on tokio. It binds, replaces stale sockets and
-/// removes its own socket file exactly as the blocking
-/// [`Listener`](crate::Listener) does (it is one, inside).
-#[derive(Debug)]
-pub struct Listener {
-    // Field order is drop order: deregistered from the reactor before the
-    // inner listener closes the fd.
-    socket: AsyncFd<ListeningFd>,
-    inner: BlockingListener,
-}
-
-/// The inner listener's fd, registered with the reactor without a
-/// duplicate: a `dup` after `listen` would open an fd after the socket is
-/// already listening, and a receiver's fds are to be fixed by then.
-#[derive(Debug)]
-struct ListeningFd(std::os::fd::RawFd);
-
-impl std::os::fd::AsRawFd for ListeningFd {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0
-    }
-}
-
-impl Listener {
-    /// Listens at `path` under [`Config::default`]. Call it within a tokio
-    /// runtime.
-    pub fn bind(path: impl AsRef<Path>) -> Result<Listener, BindError> {
-        let path = path.as_ref();
-        let inner = BlockingListener::bind(path)?;
-        Listener::from_listener(inner).map_err(|error| BindError::Listen {
-            path: path.to_owned(),
-            source: transport(&error, fdpass::Op::Listen),
-        })
-    }
-
-    /// The async side of a bound [`Listener`](crate::Listener).
-    #[allow(unsafe_code)]
-    pub fn from_listener(inner: BlockingListener) -> io::Result<Listener> {
-        fdpass::set_nonblocking(inner.as_fd()).map_err(|error| {
-            io::Error::from_raw_os_error(error.errno().unwrap_or(Errno::EIO) as i32)
-        })?;
-        let fd = ListeningFd(std::os::fd::AsRawFd::as_raw_fd(&inner.as_fd()));
-        // SAFETY: the fd is `inner`'s, which stays in this struct, open and
-        // the same, until after the AsyncFd is dropped (field order).
-        let socket = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        Ok(Listener { socket, inner })
-    }
-
-    /// The policy, limits and access every accepted connection gets.
-    pub fn set_config(&mut self, config: Config) {
-        self.inner.set_config(config);
-    }
-
-    /// The configuration every accepted connection gets.
-    pub fn config(&self) -> &Config {
-        self.inner.config()
-    }
-
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        self.inner.path()
-    }
-
-    /// Waits for the next connection and returns its socket, non-blocking,
-    /// as it is: no access rule or limit is applied to it.
-    pub async fn accept_socket(&self) -> Result<OwnedFd, TransportError> {
-        self.inner.restore_reserve();
-        loop {
-            let mut ready = self
-                .socket
-                .readable()
-                .await
-                .map_err(|error| transport(&error, fdpass::Op::Accept))?;
-            match fdpass::try_accept(self.inner.as_fd())? {
-                Some(socket) => return Ok(socket),
-                None => ready.clear_ready(),
-            }
-        }
-    }
-
-    /// Waits for the next connection that this listener's configuration
-    /// admits, and serves it under that configuration, as
-    /// [`crate::Listener::accept`] does: refused peers are answered and
-    /// closed meanwhile, and when the process is out of fds a waiting
-    /// peer is answered `ResourceExhausted`.
-    pub async fn accept(&self) -> Result<Connection, ServeError> {
-        loop {
-            if let Some(admitted) = self.accept_admitted(&ServiceStats::default()).await {
-                return Connection::admitted(self.inner.admission(admitted));
-            }
-        }
-    }
-
-    /// One accepted connection the configuration admits, or `None` when it
-    /// was refused (counted in `stats`) or accepting failed.
-    async fn accept_admitted(&self, stats: &ServiceStats) -> Option<Admitted> {
-        let socket = match self.accept_socket().await {
-            Ok(socket) => socket,
-            Err(error) if is_out_of_fds(&error) => {
-                if self.inner.refuse_for_want_of_fds() {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
-                }
-                // Let connections finish and free fds before trying again.
-                ::tokio::time::sleep(Duration::from_millis(10)).await;
-                return None;
-            }
-            Err(error) => {
-                tracing::warn!("accept failed: {}", ErrorChain(&error));
-                return None;
-            }
-        };
-        self.inner
-            .admit(socket)
-            .inspect_err(|_| {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
-            })
-            .ok()
-    }
-}
-
-impl AsFd for Listener {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.inner.as_fd()
-    }
 }
 
 /// One peer's connection on tokio: [`Connection::receive`] waits for the next
@@ -267,7 +135,7 @@ impl Connection {
     }
 
     /// Serves a connection admitted by its listener or on its own.
-    fn admitted(admission: Admission) -> Result<Connection, ServeError> {
+    pub(super) fn admitted(admission: Admission) -> Result<Connection, ServeError> {
         let opened = Opened::from(admission);
         fdpass::set_nonblocking(opened.socket.as_fd()).map_err(ServeError::SetTimeout)?;
         let socket = register(opened.socket)
@@ -672,304 +540,6 @@ async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Opt
                     return;
                 }
             }
-        }
-    }
-}
-
-/// A verified transfer as the async [`Service`]'s handler gets it: owned,
-/// segments and all. The service answers it by the handler's result.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct Delivery {
-    /// The sender, as the kernel recorded it at `connect`.
-    pub peer: PeerCredentials,
-    /// The connection's number, from 1 in accept order.
-    pub connection: u64,
-    /// The transfer's id (unique on its connection).
-    pub id: u64,
-    /// The sender's protocol version.
-    pub version: Version,
-    /// The segments, mapped read-only, each counted in the memory budgets
-    /// until dropped (the handler may keep them).
-    pub segments: Vec<VerifiedSegment>,
-}
-
-/// Stops a running async [`Service`].
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle {
-    stop: Arc<watch::Sender<bool>>,
-}
-
-impl ShutdownHandle {
-    /// Asks the service to stop: it stops accepting, answers what peers
-    /// already sent, removes its socket and returns. Any thread, any time.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-}
-
-/// A receiving service on one tokio runtime: every connection a task, with
-/// the limits, access rules and shutdown of the blocking
-/// [`Service`](crate::Service).
-///
-/// ```
-/// use sealpass_receiver::tokio::{Listener, Service};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// # let dir = tempfile::tempdir()?;
-/// # let socket = dir.path().join("service.sock");
-/// let service = Service::new(Listener::bind(&socket)?);
-/// let shutdown = service.shutdown_handle();
-/// let running = tokio::spawn(service.run(|delivery| async move {
-///     let bytes: usize = delivery.segments.iter().map(|s| s.bytes().len()).sum();
-///     println!("connection {}: {bytes} bytes", delivery.connection);
-///     Ok::<(), String>(()) // Err(..) or a panic: Reject(ApplicationRejected)
-/// }));
-/// let mut sender = sealpass_sender::tokio::Sender::connect(&socket).await?;
-/// let frame = sealpass_sender::SealedSegment::from_bytes("frame", b"hi", sealpass_sender::Seals::SENDER_DEFAULT)?;
-/// assert!(sender.send(&[frame]).await?.is_accepted());
-/// shutdown.shutdown();
-/// running.await??;
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Debug)]
-pub struct Service {
-    listener: Listener,
-    budget: Arc<MappedBudget>,
-    stats: Arc<ServiceStats>,
-    stop: Arc<watch::Sender<bool>>,
-}
-
-/// Counts a connection as served while it lives.
-struct Active(Arc<ServiceStats>);
-
-impl Active {
-    fn new(stats: &Arc<ServiceStats>) -> Active {
-        stats.active_connections.fetch_add(1, Ordering::AcqRel);
-        Active(Arc::clone(stats))
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active_connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Service {
-    /// A service on `listener`, whose [`Config`] supplies the policy, the
-    /// limits and who may connect.
-    pub fn new(listener: Listener) -> Service {
-        let budget = listener.inner.shared_budget();
-        Service {
-            listener,
-            budget,
-            stats: Arc::default(),
-            stop: Arc::new(watch::channel(false).0),
-        }
-    }
-
-    /// A handle that stops [`Service::run`].
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            stop: Arc::clone(&self.stop),
-        }
-    }
-
-    /// Counters, updated while the service runs.
-    pub fn stats(&self) -> Arc<ServiceStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// The bytes mapped by all connections right now.
-    pub fn mapped_budget(&self) -> Arc<MappedBudget> {
-        Arc::clone(&self.budget)
-    }
-
-    /// Serves until shut down: each verified transfer goes to `handler`, and
-    /// the peer gets `Ack` once its future returns `Ok`, or
-    /// `Reject(ApplicationRejected)` with its error (a panic included).
-    /// Returns once every connection has finished; the socket file is gone.
-    pub async fn run<H, F, E>(self, handler: H) -> io::Result<()>
-    where
-        H: Fn(Delivery) -> F + Send + Sync + 'static,
-        F: Future<Output = Result<(), E>> + Send + 'static,
-        E: Display + 'static,
-    {
-        let Service {
-            listener,
-            budget: _,
-            stats,
-            stop,
-        } = self;
-        let handler = Arc::new(handler);
-        let mut connections = JoinSet::new();
-        let mut stopping = stop.subscribe();
-        let mut number = 0u64;
-        loop {
-            let admitted = ::tokio::select! {
-                admitted = listener.accept_admitted(&stats) => admitted,
-                _ = stopping.wait_for(|stop| *stop) => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            };
-            let Some(admitted) = admitted else {
-                continue;
-            };
-            let peer = admitted.peer;
-            number += 1;
-            let connection = match Connection::admitted(listener.inner.admission(admitted)) {
-                Ok(connection) => connection,
-                Err(error) => {
-                    tracing::warn!(%peer, "cannot serve the connection: {}", ErrorChain(&error));
-                    continue;
-                }
-            };
-            connections.spawn(serve(
-                connection,
-                peer,
-                number,
-                Arc::clone(&handler),
-                Active::new(&stats),
-                stop.subscribe(),
-            ));
-        }
-        // Stop accepting first: the socket file goes with the listener.
-        drop(listener);
-        if !connections.is_empty() {
-            tracing::info!(
-                "stopping: finishing {} connection(s): answering what they read (at most {} s)",
-                connections.len(),
-                SHUTDOWN_GRACE.as_secs()
-            );
-        }
-        let grace = ::tokio::time::sleep(SHUTDOWN_GRACE);
-        ::tokio::pin!(grace);
-        loop {
-            ::tokio::select! {
-                next = connections.join_next() => if next.is_none() { break },
-                () = &mut grace => {
-                    tracing::warn!(
-                        "stopping: {} connection(s) still not done after {} s (a peer that does \
-                         not read its answers?): closing them",
-                        connections.len(),
-                        SHUTDOWN_GRACE.as_secs()
-                    );
-                    connections.abort_all();
-                    while connections.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Serves one connection until it ends; on shutdown, stops reading and
-/// answers what was already queued.
-async fn serve<H, F, E>(
-    mut connection: Connection,
-    peer: PeerCredentials,
-    number: u64,
-    handler: Arc<H>,
-    active: Active,
-    mut stop: watch::Receiver<bool>,
-) where
-    H: Fn(Delivery) -> F + Send + Sync + 'static,
-    F: Future<Output = Result<(), E>> + Send + 'static,
-    E: Display + 'static,
-{
-    let stats = Arc::clone(&active.0);
-    let mut stopping = false;
-    loop {
-        let event = if stopping {
-            connection.next_event().await
-        } else {
-            ::tokio::select! {
-                event = connection.next_event() => event,
-                _ = stop.wait_for(|stop| *stop) => {
-                    connection.stop_reading();
-                    stopping = true;
-                    continue;
-                }
-            }
-        };
-        let started = Instant::now();
-        let transfer = match event {
-            Ok(Event::Transfer(transfer)) => transfer,
-            Ok(Event::Refused(reject)) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, id = reject.id, verdict = %reject.reason, "transfer rejected: {}", reject.message);
-                continue;
-            }
-            Ok(Event::Closed) => break,
-            Err(error) => {
-                tracing::info!(%peer, "connection ended: {}", ErrorChain(&error));
-                break;
-            }
-        };
-        let (id, version, bytes) = (transfer.id(), transfer.version(), transfer.total_bytes());
-        let (segments, responder) = transfer.into_parts();
-        let count = segments.len();
-        let delivery = Delivery {
-            peer,
-            connection: number,
-            id,
-            version,
-            segments,
-        };
-        let handled = CatchUnwind(Box::pin(handler(delivery))).await;
-        let answered = match handled {
-            Ok(Ok(())) => responder.accept().map(|()| RejectReason::Unknown(0)),
-            Ok(Err(error)) => responder
-                .reject(error)
-                .map(|()| RejectReason::ApplicationRejected),
-            Err(panic) => {
-                tracing::error!(%peer, id, "the handler panicked: {panic}");
-                responder
-                    .reject(format_args!(
-                        "the receiving application failed (it panicked: {panic})"
-                    ))
-                    .map(|()| RejectReason::ApplicationRejected)
-            }
-        };
-        let micros = started.elapsed().as_micros() as u64;
-        match answered {
-            Ok(RejectReason::ApplicationRejected) => {
-                stats.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, id, verdict = "ApplicationRejected", micros, "transfer rejected");
-            }
-            Ok(_) => {
-                stats.accepted.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, id, segments = count, bytes, verdict = "Ack", micros, "transfer");
-            }
-            Err(error) => {
-                tracing::info!(%peer, "connection ended: {}", ErrorChain(&error));
-                break;
-            }
-        }
-    }
-    drop(active);
-}
-
-/// A handler's future, with a panic caught as an error (the peer is answered
-/// `ApplicationRejected`, the connection goes on).
-struct CatchUnwind<F>(Pin<Box<F>>);
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, String>;
-
-    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
-        let future = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(context))) {
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(payload) => Poll::Ready(Err(payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string payload".to_owned()))),
         }
     }
 }
