@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+mod budget;
 pub mod codec;
 pub mod config;
 #[cfg(feature = "fuzzing")]

@@ -67,133 +67,16 @@
 use std::collections::VecDeque;
 use std::fmt::Display;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+pub use crate::budget::{MappedBudget, Reservation};
 use crate::codec::{Version, decode};
 use crate::config::Config;
-use crate::config::PeerCredentials;
 use crate::limits::MAX_MESSAGE_LEN;
 use crate::message::{Ack, Message, Reject, RejectReason, Segment, Transfer};
 use crate::seals::Seals;
+pub use crate::verify::admit;
 use crate::verify::{FdFacts, FileKind, check_fd_count, check_segment};
-
-/// A count of mapped bytes against a limit, shared by whoever maps under it
-/// (one connection, or every connection of a service).
-#[derive(Debug)]
-pub struct MappedBudget {
-    limit: u64,
-    in_use: AtomicU64,
-}
-
-impl MappedBudget {
-    /// A budget of `limit` bytes.
-    pub fn new(limit: u64) -> Arc<MappedBudget> {
-        Arc::new(MappedBudget {
-            limit,
-            in_use: AtomicU64::new(0),
-        })
-    }
-
-    /// Bytes held right now.
-    pub fn in_use(&self) -> u64 {
-        self.in_use.load(Ordering::Acquire)
-    }
-
-    /// The limit.
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
-    /// Takes `bytes` from the budget until the reservation drops, or `None`
-    /// if they do not fit.
-    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
-        self.take(bytes)?;
-        Some(Reservation {
-            budgets: [Some(Arc::clone(self)), None],
-            bytes,
-        })
-    }
-
-    fn take(&self, bytes: u64) -> Option<()> {
-        self.in_use
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&total| total <= self.limit)
-            })
-            .ok()
-            .map(drop)
-    }
-
-    fn give_back(&self, bytes: u64) {
-        self.in_use.fetch_sub(bytes, Ordering::AcqRel);
-    }
-}
-
-/// Bytes held from one or two [`MappedBudget`]s; given back on drop.
-#[derive(Debug)]
-pub struct Reservation {
-    budgets: [Option<Arc<MappedBudget>>; 2],
-    bytes: u64,
-}
-
-impl Reservation {
-    /// The bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// Moves `bytes` of this reservation (at most all of it) into a new
-    /// one, from the same budgets, so parts can be given back separately.
-    pub fn split_off(&mut self, bytes: u64) -> Reservation {
-        let bytes = bytes.min(self.bytes);
-        self.bytes -= bytes;
-        Reservation {
-            budgets: self.budgets.clone(),
-            bytes,
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        for budget in self.budgets.iter().flatten() {
-            budget.give_back(self.bytes);
-        }
-    }
-}
-
-/// Decides whether to serve a new connection: the peer's credentials
-/// against [`Config::access`] (`NotAllowed`), then the connections already
-/// served against [`Config::max_connections`] (`TooManyConnections`).
-/// `peer` is `None` where the kernel did not say who it is. A refusal is
-/// the `Reject` to send before closing.
-pub fn admit(config: &Config, peer: Option<&PeerCredentials>, active: usize) -> Result<(), Reject> {
-    let Some(peer) = peer else {
-        return Err(Reject::new(
-            0,
-            RejectReason::NotAllowed,
-            "peer credentials unavailable; this receiver admits only peers it can identify",
-        ));
-    };
-    if !config.access().allows(peer) {
-        return Err(Reject::new(
-            0,
-            RejectReason::NotAllowed,
-            format!("{peer} is not allowed to send to this receiver"),
-        ));
-    }
-    if active >= config.max_connections() {
-        return Err(Reject::new(
-            0,
-            RejectReason::TooManyConnections,
-            format!(
-                "the receiver serves its limit of {} connections; try again later",
-                config.max_connections()
-            ),
-        ));
-    }
-    Ok(())
-}
 
 /// What one `recvmsg` returned, as far as the session needs to know.
 #[derive(Debug, Clone, Copy)]

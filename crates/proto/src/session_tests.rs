@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::codec::encode;
-use crate::config::Access;
+use crate::config::{Access, PeerCredentials};
 use crate::limits::{MAX_BODY_LEN, MAX_SEGMENTS};
 use crate::message::Transfer;
 

@@ -6,7 +6,8 @@
 //! and GROW are read as set, the size read after them is final.
 #![forbid(unsafe_code)]
 
-use crate::message::{RejectReason, Segment};
+use crate::config::{Config, PeerCredentials};
+use crate::message::{Reject, RejectReason, Segment};
 use crate::seals::Seals;
 
 /// The type of file an fd refers to, from `fstat`'s `st_mode`.
@@ -376,6 +377,39 @@ pub fn check_fd_count(fds: usize, segments: usize) -> Result<(), FdCountMismatch
     } else {
         Err(FdCountMismatch { fds, segments })
     }
+}
+
+/// Decides whether to serve a new connection: the peer's credentials
+/// against [`Config::access`] (`NotAllowed`), then the connections already
+/// served against [`Config::max_connections`] (`TooManyConnections`).
+/// `peer` is `None` where the kernel did not say who it is. A refusal is
+/// the `Reject` to send before closing.
+pub fn admit(config: &Config, peer: Option<&PeerCredentials>, active: usize) -> Result<(), Reject> {
+    let Some(peer) = peer else {
+        return Err(Reject::new(
+            0,
+            RejectReason::NotAllowed,
+            "peer credentials unavailable; this receiver admits only peers it can identify",
+        ));
+    };
+    if !config.access().allows(peer) {
+        return Err(Reject::new(
+            0,
+            RejectReason::NotAllowed,
+            format!("{peer} is not allowed to send to this receiver"),
+        ));
+    }
+    if active >= config.max_connections() {
+        return Err(Reject::new(
+            0,
+            RejectReason::TooManyConnections,
+            format!(
+                "the receiver serves its limit of {} connections; try again later",
+                config.max_connections()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
