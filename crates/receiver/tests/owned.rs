@@ -605,3 +605,48 @@ fn a_hugetlb_memfd_with_nothing_reserved_is_mapped_with_room_or_refused_without(
 
 /// A verdict: `None` for `Ack`, the reason of a `Reject`.
 type RejectReasonOrAck = Option<RejectReason>;
+
+/// `receive` skips what it refuses (each refusal answered with its reason),
+/// and `refused()` counts them.
+#[test]
+fn receive_skips_refused_messages_and_counts_them() {
+    use sealpass_kernel::fdpass;
+    use sealpass_proto::{Message, Transfer, encode};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("refused.sock");
+    let listener = Listener::bind(&socket).unwrap();
+    let path = socket.clone();
+    let peer = std::thread::spawn(move || {
+        let connection = fdpass::connect(&path).unwrap();
+        for garbage in [
+            &b"not a message"[..],
+            b"SLPX\x01\x00\x00\x00\x00\x00\x00\x00",
+        ] {
+            fdpass::send(connection.as_fd(), garbage, &[]).unwrap();
+        }
+        let frame = SealedSegment::from_bytes("frame", b"hi", Seals::SENDER_DEFAULT).unwrap();
+        let header = encode(&Message::Transfer(Transfer::new(
+            1,
+            vec![frame.declaration().clone()],
+        )))
+        .unwrap();
+        fdpass::send(connection.as_fd(), &header, &[frame.fd()]).unwrap();
+        (0..3)
+            .map(|_| match support::answer_to(&connection) {
+                Some(Message::Ack(ack)) => format!("Ack {}", ack.id),
+                Some(Message::Reject(reject)) => format!("Reject {} {}", reject.id, reject.reason),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut connection = listener.accept().unwrap();
+    assert_eq!(connection.refused(), 0);
+    let transfer = connection.receive().unwrap().unwrap();
+    assert_eq!(connection.refused(), 2, "the two messages before it");
+    transfer.accept().unwrap();
+    assert_eq!(
+        peer.join().unwrap(),
+        ["Reject 0 BadMagic", "Reject 0 BadMagic", "Ack 1"]
+    );
+}

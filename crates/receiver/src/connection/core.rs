@@ -97,6 +97,9 @@ pub(crate) struct Core {
     /// The messages of the last `recvmmsg` (`serve_batch`), with its
     /// buffers; made by the first batch, or lent per batch by its driver.
     pub(crate) batch: Option<ReceiveBatch>,
+    /// Messages refused on this connection so far (each answered with its
+    /// reason), for an application that only sees the transfers.
+    pub(crate) refused: u64,
     /// Where big mappings are released, off the async runtime's threads.
     #[cfg(feature = "tokio")]
     pub(crate) release: Option<tokio::runtime::Handle>,
@@ -136,6 +139,7 @@ impl Core {
             scratch: unknown_fd_facts(),
             gathered: Vec::new(),
             batch: None,
+            refused: 0,
             #[cfg(feature = "tokio")]
             release: None,
         }
@@ -172,6 +176,7 @@ impl Core {
         let mut state = self.link.lock();
         let reject = state.session.handle_timeout(now);
         if reject.is_some() {
+            self.refused += 1;
             self.link.flush(&mut state)?;
         }
         Ok(reject)
@@ -420,6 +425,7 @@ impl Core {
     ) -> Result<Event, ServeError> {
         fds.clear();
         self.spare_fds = fds;
+        self.refused += 1;
         self.link.flush(state)?;
         Ok(Event::Refused(reject))
     }

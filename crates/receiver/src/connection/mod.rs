@@ -28,6 +28,48 @@ pub(crate) use self::core::{Core, Opened, admit_alone, answer_by};
 pub(crate) use self::core::{Gathered, Inspecting, Judging, Mapping, gather_facts, map_all};
 pub(crate) use self::link::{Link, Releasing, Socket};
 
+/// The accessors both drivers' `Connection`s have, over their `Core`.
+macro_rules! connection_accessors {
+    () => {
+        /// The configuration it is served under.
+        pub fn config(&self) -> &Config {
+            &self.core.config
+        }
+
+        /// The peer, as the kernel recorded it at `connect`, where known.
+        pub fn peer(&self) -> Option<PeerCredentials> {
+            self.core.peer
+        }
+
+        /// A pidfd for the peer (`SO_PEERPIDFD`, Linux 6.5+; `None` before,
+        /// or when it could not be had): see
+        /// [`IncomingTransfer::peer_pidfd`](crate::IncomingTransfer::peer_pidfd).
+        pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
+            self.core.peer_pidfd.as_deref().map(AsFd::as_fd)
+        }
+
+        /// Whether more messages may come: false once the peer closed, or
+        /// after a reject that ends the connection (unsupported version,
+        /// timeout).
+        pub fn is_open(&self) -> bool {
+            self.core.is_open()
+        }
+
+        /// Bytes this connection's transfers hold mapped right now.
+        pub fn mapped(&self) -> u64 {
+            self.core.mapped()
+        }
+
+        /// Messages refused on this connection so far, each answered with
+        /// its reason: what `receive`, which skips them, does not show.
+        pub fn refused(&self) -> u64 {
+            self.core.refused
+        }
+    };
+}
+#[cfg(feature = "tokio")]
+pub(crate) use connection_accessors;
+
 /// Why serving a connection stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,32 +208,7 @@ impl Connection {
         })
     }
 
-    /// The configuration it is served under.
-    pub fn config(&self) -> &Config {
-        &self.core.config
-    }
-
-    /// The peer, as the kernel recorded it at `connect`, where known.
-    pub fn peer(&self) -> Option<PeerCredentials> {
-        self.core.peer
-    }
-
-    /// A pidfd for the peer (`SO_PEERPIDFD`, Linux 6.5+; `None` before, or
-    /// when it could not be had): see [`IncomingTransfer::peer_pidfd`].
-    pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
-        self.core.peer_pidfd.as_deref().map(AsFd::as_fd)
-    }
-
-    /// Whether more messages may come: false once the peer closed, or after
-    /// a reject that ends the connection (unsupported version, timeout).
-    pub fn is_open(&self) -> bool {
-        self.core.is_open()
-    }
-
-    /// Bytes this connection's transfers hold mapped right now.
-    pub fn mapped(&self) -> u64 {
-        self.core.mapped()
-    }
+    connection_accessors!();
 
     /// The next verified transfer, waiting for it; messages refused on the
     /// way are answered and skipped. `None` once nothing more will come.

@@ -159,31 +159,7 @@ impl Connection {
         })
     }
 
-    /// The configuration it is served under.
-    pub fn config(&self) -> &Config {
-        &self.core.config
-    }
-
-    /// The peer, as the kernel recorded it at `connect`, where known.
-    pub fn peer(&self) -> Option<PeerCredentials> {
-        self.core.peer
-    }
-
-    /// A pidfd for the peer (`SO_PEERPIDFD`, Linux 6.5+): see
-    /// [`IncomingTransfer::peer_pidfd`](crate::IncomingTransfer::peer_pidfd).
-    pub fn peer_pidfd(&self) -> Option<BorrowedFd<'_>> {
-        self.core.peer_pidfd.as_deref().map(AsFd::as_fd)
-    }
-
-    /// Whether more messages may come.
-    pub fn is_open(&self) -> bool {
-        self.core.is_open()
-    }
-
-    /// Bytes this connection's transfers hold mapped right now.
-    pub fn mapped(&self) -> u64 {
-        self.core.mapped()
-    }
+    crate::connection::connection_accessors!();
 
     /// The next verified transfer, waiting for it; messages refused on the
     /// way are answered and skipped. `None` once nothing more will come.
