@@ -152,17 +152,17 @@ pub(crate) fn store_all(dir: &Path, items: &[Item<'_>]) -> anyhow::Result<()> {
         linked.0.push((temporary, target));
     }
     let count = linked.0.len();
-    let mut published = 0;
-    while let Some((temporary, target)) = linked.0.first() {
+    for (published, (temporary, target)) in linked.0.iter().enumerate() {
+        // On failure the guard removes every temporary name; those already
+        // renamed into place are gone from it, so that touches only the rest.
         fs::rename(temporary, target).with_context(|| {
             format!(
                 "renaming into {} ({published} of {count} segments published)",
                 target.display()
             )
         })?;
-        linked.0.remove(0);
-        published += 1;
     }
+    linked.0.clear();
     Ok(())
 }
 
