@@ -462,10 +462,11 @@ impl IncomingTransfer {
     /// filling it did. A message the connection reads meanwhile is judged
     /// only after they are gone, so against budgets that no longer count
     /// them. When it has read on (as it may while this runs on another
-    /// thread), the segments are dropped first, then it answers. Either way, nothing the
-    /// connection judges after this call counts these segments (except on
-    /// tokio, where a mapping of 4 MiB or more is released on the blocking
-    /// pool and stays counted until that is done).
+    /// thread), the segments are dropped first, then it answers. Either
+    /// way, nothing the connection judges after this call counts these
+    /// segments (except on tokio, where a transfer of 4 MiB or 16 segments
+    /// is released on the blocking pool and stays counted until that is
+    /// done). No lock is held while they are unmapped.
     pub fn accept(self) -> Result<(), AnswerError> {
         let (segments, responder) = self.into_parts();
         responder.answer_releasing(Ok(()), segments)

@@ -9,9 +9,9 @@
 //! Answers are sent without blocking. Those the peer has no room for wait in
 //! the connection (at most one batch of them), and a small task per
 //! connection sends them, in order, once there is room (at most the idle
-//! timeout; then the connection ends). Big
-//! mappings (4 MiB and more) are released on the runtime's blocking pool:
-//! unmapping resident pages costs milliseconds.
+//! timeout; then the connection ends). A message of 16 fds or more is
+//! inspected and mapped, and a transfer of 4 MiB or 16 segments unmapped,
+//! on the runtime's blocking pool: those system calls cost milliseconds.
 //!
 //! ```
 //! use sealpass_receiver::tokio::Listener;
