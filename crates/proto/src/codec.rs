@@ -60,8 +60,18 @@ pub enum EncodeError {
     #[error(transparent)]
     Field(#[from] FieldError),
     /// The encoded body is over the limit.
-    #[error("encoded message would be over the {MAX_MESSAGE_LEN}-byte limit: {0}")]
-    TooLarge(bincode::error::EncodeError),
+    #[error(
+        "the encoded message would be over the {MAX_MESSAGE_LEN}-byte limit \
+         (its body: more than {MAX_BODY_LEN} bytes)"
+    )]
+    TooLarge,
+    /// The encoder failed for another reason. It never does for a valid
+    /// message: this is a bug, reported rather than hidden.
+    #[error("encoding failed: {detail}")]
+    Encoder {
+        /// What the encoder said.
+        detail: String,
+    },
 }
 
 /// Why bytes received are not a message of this protocol. Each variant keeps
@@ -253,18 +263,17 @@ fn encode_body(body: &impl serde::Serialize, out: &mut Vec<u8>) -> Result<(), En
     out.extend_from_slice(&VERSION.major.to_le_bytes());
     out.extend_from_slice(&VERSION.minor.to_le_bytes());
     out.extend_from_slice(&[0; 4]); // body_len, patched below
-    bincode::serde::encode_into_std_write(body, out, body_config())
-        .map_err(EncodeError::TooLarge)?;
+    // The pinned bincode's own error type stays behind this module.
+    bincode::serde::encode_into_std_write(body, out, body_config()).map_err(|error| {
+        EncodeError::Encoder {
+            detail: error.to_string(),
+        }
+    })?;
     let body_len = out.len() - PREAMBLE_LEN;
-    let too_large = || {
-        EncodeError::TooLarge(bincode::error::EncodeError::Other(
-            "body over the protocol's limit",
-        ))
-    };
     if body_len > MAX_BODY_LEN {
-        return Err(too_large());
+        return Err(EncodeError::TooLarge);
     }
-    let body_len = u32::try_from(body_len).map_err(|_| too_large())?;
+    let body_len = u32::try_from(body_len).map_err(|_| EncodeError::TooLarge)?;
     if let Some(field) = out.get_mut(8..PREAMBLE_LEN) {
         field.copy_from_slice(&body_len.to_le_bytes());
     }

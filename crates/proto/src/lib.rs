@@ -34,6 +34,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod limits;
 pub mod message;
+mod outbox;
 pub mod seals;
 pub mod session;
 pub mod size;

@@ -23,6 +23,10 @@ pub const MAX_REJECT_MESSAGE_LEN: usize = 1024;
 /// minor version may append.
 pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
 
+/// Most messages a receiver reads with one `recvmmsg` or answers with one
+/// `sendmmsg`: not a rule of the protocol, the size of a driver's batch.
+pub const MAX_BATCH: usize = 32;
+
 /// Most bytes of the body, after the preamble.
 pub const MAX_BODY_LEN: usize = MAX_MESSAGE_LEN - PREAMBLE_LEN;
 

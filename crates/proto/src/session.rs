@@ -16,7 +16,8 @@
 //!   mmap with the Grant ───────────────▶  map_failed, or deliver
 //!          ◀──────────────────── Ticket: the answer's place in wire order
 //!   the application decides ───────────▶  answer(ticket, verdict)
-//!   poll_transmit ◀──── Ack / Reject, in the order the messages came
+//!   poll_send ◀──────── Ack / Reject encoded, in the order the messages
+//!   sent / send_failed   came; held for a batch, in runs of MAX_BATCH
 //!   poll_timeout / handle_timeout: first-message deadline, idle timeout
 //! ```
 //!
@@ -74,6 +75,8 @@ use crate::codec::{Version, decode};
 use crate::config::Config;
 use crate::limits::MAX_MESSAGE_LEN;
 use crate::message::{Ack, Message, Reject, RejectReason, Segment, Transfer};
+use crate::outbox::Outbox;
+pub use crate::outbox::UnencodableAnswer;
 use crate::seals::Seals;
 pub use crate::verify::admit;
 use crate::verify::{FdFacts, FileKind, check_fd_count, check_segment};
@@ -190,6 +193,8 @@ impl Verified {
 pub struct Ticket {
     sequence: u64,
     id: u64,
+    /// Datagrams the session had handled when it delivered the transfer.
+    handled: u64,
 }
 
 impl Ticket {
@@ -262,6 +267,10 @@ pub struct Session {
     next_sequence: u64,
     /// Delivered transfers whose answer the application still owes.
     owed: usize,
+    /// Datagrams handled so far ([`Session::read_since`]).
+    handled: u64,
+    /// The answers taken from `answers`, encoded, on their way out.
+    pub(crate) outbox: Outbox,
 }
 
 impl Session {
@@ -286,6 +295,8 @@ impl Session {
             answers: VecDeque::new(),
             next_sequence: 0,
             owed: 0,
+            handled: 0,
+            outbox: Outbox::default(),
         }
     }
 
@@ -308,9 +319,20 @@ impl Session {
     /// Whether the connection is over: closed after a closing answer or a
     /// failed one, or the peer closed and every answer it is owed went out.
     pub fn is_done(&self) -> bool {
-        self.phase == Phase::Closed
-            || (self.peer_closed && self.owed == 0 && self.answers.is_empty())
-            || (self.phase == Phase::Closing && self.answers.is_empty())
+        (self.phase == Phase::Closed && self.outbox.is_empty())
+            || (self.peer_closed
+                && self.owed == 0
+                && self.answers.is_empty()
+                && self.outbox.is_empty())
+            || (self.phase == Phase::Closing && self.answers.is_empty() && self.outbox.is_empty())
+    }
+
+    /// Whether a datagram was handled since `ticket`'s transfer was
+    /// delivered. If not, a driver may answer it and release its mappings
+    /// before the next message is judged (which then meets budgets that no
+    /// longer count them); if so, it releases them first.
+    pub fn read_since(&self, ticket: &Ticket) -> bool {
+        self.handled != ticket.handled
     }
 
     /// Answers the application still owes (delivered, not answered).
@@ -361,6 +383,7 @@ impl Session {
     /// Judges one datagram, up to what needs the fds themselves. Call it
     /// only while [`Session::wants_to_read`].
     pub fn handle_datagram(&mut self, now: Instant, datagram: &Datagram<'_>) -> Received {
+        self.handled += 1;
         if !self.wants_to_read() {
             return Received::End;
         }
@@ -563,6 +586,7 @@ impl Session {
             ticket: Ticket {
                 sequence,
                 id: verified.id,
+                handled: self.handled,
             },
             id: verified.id,
             version: verified.version,
@@ -627,6 +651,7 @@ impl Session {
     pub fn abort(&mut self) {
         self.phase = Phase::Closed;
         self.answers.clear();
+        self.outbox.clear();
     }
 
     fn queue_refusal(&mut self, reject: Reject, closes: bool) {

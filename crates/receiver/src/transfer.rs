@@ -277,17 +277,13 @@ impl AsFd for VerifiedSegment {
 pub struct Responder {
     ticket: Option<Ticket>,
     link: Arc<Link>,
-    /// The connection's count of judged messages when this transfer was
-    /// delivered (`LinkState::judged`).
-    judged: u64,
 }
 
 impl Responder {
-    pub(crate) fn new(ticket: Ticket, link: Arc<Link>, judged: u64) -> Responder {
+    pub(crate) fn new(ticket: Ticket, link: Arc<Link>) -> Responder {
         Responder {
             ticket: Some(ticket),
             link,
-            judged,
         }
     }
 
@@ -321,13 +317,10 @@ impl Responder {
         segments: Vec<VerifiedSegment>,
     ) -> Result<(), AnswerError> {
         match self.ticket.take() {
-            Some(ticket) => self.link.answer_then_release(
-                ticket,
-                verdict,
-                self.judged,
-                segments,
-                Instant::now(),
-            ),
+            Some(ticket) => {
+                self.link
+                    .answer_then_release(ticket, verdict, segments, Instant::now())
+            }
             None => {
                 drop(segments);
                 Ok(())

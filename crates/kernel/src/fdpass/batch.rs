@@ -13,8 +13,8 @@ use sealpass_proto::limits::MAX_SEGMENTS;
 use super::*;
 
 /// Most messages one [`receive_batch`] takes, and one [`send_batch`] call
-/// hands the kernel at a time.
-pub const MAX_BATCH: usize = 32;
+/// hands the kernel at a time: the session's run of answers.
+pub use sealpass_proto::limits::MAX_BATCH;
 
 /// Most receives a [`ReceiveBatch`] makes one message wide after a run of
 /// full-width receives that brought one message each.

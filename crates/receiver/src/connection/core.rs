@@ -19,7 +19,6 @@ use crate::transfer::{IncomingTransfer, Responder, VerifiedSegment};
 use crate::{inspect, mapping};
 
 use super::link::AnswerHold;
-use super::link::LinkState;
 use super::{Event, Link, Outcome, ServeError, Socket};
 
 /// An admitted connection's parts, its session begun: what either driver
@@ -147,7 +146,7 @@ impl Core {
 
     /// Whether more messages may come.
     pub(crate) fn is_open(&self) -> bool {
-        self.link.lock().session.wants_to_read()
+        self.link.lock().wants_to_read()
     }
 
     /// Bytes the connection's transfers hold mapped.
@@ -158,33 +157,30 @@ impl Core {
         if matches!(self.link.socket, Socket::Blocking(_)) {
             self.link.wait_released();
         }
-        self.link.lock().session.mapped()
+        self.link.lock().mapped()
     }
 
     /// The deadline to wait to (`Some(None)`: none), or `None` when nothing
     /// more is to be read.
     pub(crate) fn deadline(&self) -> Option<Option<Instant>> {
-        let state = self.link.lock();
-        state
-            .session
-            .wants_to_read()
-            .then(|| state.session.poll_timeout())
+        let session = self.link.lock();
+        session.wants_to_read().then(|| session.poll_timeout())
     }
 
     /// The deadline passed: the session may answer `Timeout` and close.
     pub(crate) fn timed_out(&mut self, now: Instant) -> Result<Option<Reject>, ServeError> {
-        let mut state = self.link.lock();
-        let reject = state.session.handle_timeout(now);
+        let mut session = self.link.lock();
+        let reject = session.handle_timeout(now);
         if reject.is_some() {
             self.refused += 1;
-            self.link.flush(&mut state)?;
+            self.link.flush(&mut session)?;
         }
         Ok(reject)
     }
 
     /// Reading failed: the connection is over.
     pub(crate) fn receive_failed(&self, error: TransportError) -> ServeError {
-        self.link.lock().session.abort();
+        self.link.lock().abort();
         ServeError::Receive(error)
     }
 
@@ -246,17 +242,15 @@ impl Core {
             control_truncated: received.control_truncated,
         };
         let link = Arc::clone(&self.link);
-        let mut state = link.lock();
-        state.judged += 1;
-        let judged = state.judged;
-        let unverified = match state.session.handle_datagram(now, &datagram) {
+        let mut session = link.lock();
+        let unverified = match session.handle_datagram(now, &datagram) {
             Received::End => return Judging::Done(Ok(Event::Closed)),
             Received::Refused(reject) => {
-                return Judging::Done(self.refused(fds, &mut state, reject));
+                return Judging::Done(self.refused(fds, &mut session, reject));
             }
             Received::Inspect(unverified) => unverified,
         };
-        drop(state);
+        drop(session);
         // A transfer answered before this message was counted may still be
         // unmapping: this message is judged against budgets without it. (On
         // tokio, big ones are released on the blocking pool and stay
@@ -264,11 +258,7 @@ impl Core {
         if matches!(link.socket, Socket::Blocking(_)) {
             link.wait_released();
         }
-        Judging::Inspect(Inspecting {
-            fds,
-            unverified,
-            judged,
-        })
+        Judging::Inspect(Inspecting { fds, unverified })
     }
 
     /// The second phase: the session judges the facts gathered into
@@ -277,30 +267,20 @@ impl Core {
         &mut self,
         inspecting: Inspecting,
     ) -> Result<Mapping, Result<Event, ServeError>> {
-        let Inspecting {
-            fds,
-            unverified,
-            judged,
-        } = inspecting;
+        let Inspecting { fds, unverified } = inspecting;
         let gathered = &mut self.gathered;
         let link = Arc::clone(&self.link);
-        let mut state = link.lock();
-        let verified = state
-            .session
-            .judge(unverified, &mut self.scratch, |index, facts| {
-                let (known, inspected) = gathered.get_mut(index).ok_or(nix::errno::Errno::EBADF)?;
-                // Swapped, not cloned: no allocation for the link's bytes;
-                // the next message's facts overwrite what is left here.
-                std::mem::swap(facts, known);
-                *inspected
-            });
+        let mut session = link.lock();
+        let verified = session.judge(unverified, &mut self.scratch, |index, facts| {
+            let (known, inspected) = gathered.get_mut(index).ok_or(nix::errno::Errno::EBADF)?;
+            // Swapped, not cloned: no allocation for the link's bytes;
+            // the next message's facts overwrite what is left here.
+            std::mem::swap(facts, known);
+            *inspected
+        });
         match verified {
-            Ok(verified) => Ok(Mapping {
-                fds,
-                verified,
-                judged,
-            }),
-            Err(reject) => Err(self.refused(fds, &mut state, reject)),
+            Ok(verified) => Ok(Mapping { fds, verified }),
+            Err(reject) => Err(self.refused(fds, &mut session, reject)),
         }
     }
 
@@ -312,21 +292,17 @@ impl Core {
         mut mappings: Vec<Option<mapping::Mapping>>,
         failed: Option<(usize, std::io::Error)>,
     ) -> Result<Event, ServeError> {
-        let Mapping {
-            mut fds,
-            verified,
-            judged,
-        } = mapping;
+        let Mapping { mut fds, verified } = mapping;
         let link = Arc::clone(&self.link);
-        let mut state = link.lock();
+        let mut session = link.lock();
         if let Some((index, error)) = failed {
             mappings.clear();
             self.spare_mappings = mappings;
-            let reject = state.session.map_failed(verified, index, &error);
-            return self.refused(fds, &mut state, reject);
+            let reject = session.map_failed(verified, index, &error);
+            return self.refused(fds, &mut session, reject);
         }
-        let delivered = state.session.deliver(verified);
-        drop(state);
+        let delivered = session.deliver(verified);
+        drop(session);
         let mut reservation = delivered.reservation;
         let segments = delivered
             .segments
@@ -343,7 +319,7 @@ impl Core {
             .collect();
         self.spare_mappings = mappings;
         self.spare_fds = fds;
-        let responder = Responder::new(delivered.ticket, link, judged);
+        let responder = Responder::new(delivered.ticket, link);
         Ok(Event::Transfer(IncomingTransfer::new(
             delivered.version,
             self.peer,
@@ -420,13 +396,13 @@ impl Core {
     fn refused(
         &mut self,
         mut fds: Vec<OwnedFd>,
-        state: &mut LinkState,
+        session: &mut Session,
         reject: Reject,
     ) -> Result<Event, ServeError> {
         fds.clear();
         self.spare_fds = fds;
         self.refused += 1;
-        self.link.flush(state)?;
+        self.link.flush(session)?;
         Ok(Event::Refused(reject))
     }
 }
@@ -498,7 +474,6 @@ pub(crate) type Gathered = Vec<(FdFacts, Result<(), nix::errno::Errno>)>;
 pub(crate) struct Inspecting {
     pub(crate) fds: Vec<OwnedFd>,
     unverified: Unverified,
-    judged: u64,
 }
 
 /// A message whose fds the session verified, still to be mapped
@@ -507,7 +482,6 @@ pub(crate) struct Inspecting {
 pub(crate) struct Mapping {
     fds: Vec<OwnedFd>,
     verified: Verified,
-    judged: u64,
 }
 
 /// Where judging a message stands after its header.

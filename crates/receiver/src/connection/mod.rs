@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
-use sealpass_proto::{Config, EncodeError, Reject, RejectReason};
+use sealpass_proto::session::UnencodableAnswer;
+use sealpass_proto::{Config, Reject, RejectReason};
 
 use crate::listener::Admission;
 use crate::transfer::IncomingTransfer;
@@ -96,14 +97,9 @@ pub enum ServeError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AnswerError {
-    /// Encoding the answer failed.
-    #[error("encoding the {answer} failed")]
-    Encode {
-        /// `Ack` or `Reject`.
-        answer: &'static str,
-        /// The failure.
-        source: EncodeError,
-    },
+    /// Encoding the answer failed (a bug; the connection is over).
+    #[error(transparent)]
+    Encode(#[from] UnencodableAnswer),
     /// Sending it failed: the peer is gone, or did not make room within the
     /// idle timeout. The connection is over.
     #[error("answering {answer} to the peer failed")]

@@ -283,7 +283,7 @@ impl Connection {
             // No reading while an answer waits for room in the peer's queue:
             // a peer that does not read its answers must not make this side
             // queue answers without bound.
-            if Link::has_pending(&self.core.link.lock()) {
+            if self.core.link.lock().has_unsent() {
                 self.wait_for_room(socket).await?;
                 continue;
             }
@@ -426,7 +426,7 @@ impl Connection {
     /// A job on the blocking pool failed (it panicked, or the runtime is
     /// shutting down): the message it held is lost, so the connection ends.
     fn job_failed(&self, error: ::tokio::task::JoinError) -> ServeError {
-        self.core.link.lock().session.abort();
+        self.core.link.lock().abort();
         ServeError::Receive(transport(
             &io::Error::other(format!("judging a message off the runtime failed: {error}")),
             fdpass::Op::Receive,
@@ -439,14 +439,14 @@ impl Connection {
         match room_in(socket, self.core.config.idle_timeout()).await {
             Ok(mut ready) => {
                 ready.clear_ready();
-                let mut state = self.core.link.lock();
-                self.core.link.flush(&mut state)?;
+                let mut session = self.core.link.lock();
+                self.core.link.flush(&mut session)?;
                 Ok(())
             }
             Err(error) => {
-                self.core.link.lock().session.abort();
+                let answer = self.core.link.lock().send_failed();
                 Err(ServeError::Answer(crate::AnswerError::Send {
-                    answer: "answer",
+                    answer,
                     source: transport(&error, fdpass::Op::Send),
                 }))
             }
@@ -501,8 +501,8 @@ async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Opt
                 return;
             };
             {
-                let mut state = link.lock();
-                if link.flush(&mut state).is_err() || !Link::has_pending(&state) {
+                let mut session = link.lock();
+                if link.flush(&mut session).is_err() || !session.has_unsent() {
                     break;
                 }
             }
@@ -512,7 +512,7 @@ async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Opt
             match room_in(socket, idle).await {
                 Ok(mut ready) => ready.clear_ready(),
                 Err(_) => {
-                    link.lock().session.abort();
+                    link.lock().send_failed();
                     return;
                 }
             }
