@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyFrozenSet, PyTuple};
 use sealpass_proto::Seals;
 use sealpass_receiver::{
-    Config, Connection, Event, IncomingTransfer, Listener, PeerCredentials, Responder,
+    Config, Connection, IncomingTransfer, Listener, PeerCredentials, Responder, ServeError,
     VerifiedSegment,
 };
 
@@ -500,18 +500,14 @@ impl PyConnection {
                 .is_closed()
                 .then(|| self.inner.closed_error("receive()"))
         };
-        let refused = &self.refused;
         let received = crate::wait_in_slices(py, timeout, &stopped, |slice| {
-            Ok::<_, sealpass_receiver::ServeError>(match connection.next_event_within(slice)? {
-                Some(Event::Transfer(transfer)) => Some(Some(transfer)),
-                Some(Event::Closed) => Some(None),
-                Some(Event::Refused(_)) => {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-                Some(_) | None => None,
-            })
+            match connection.receive_within(slice) {
+                Ok(received) => Ok(Some(received)),
+                Err(ServeError::NothingWithin(_)) => Ok(None),
+                Err(error) => Err(error),
+            }
         });
+        self.refused.store(connection.refused(), Ordering::Relaxed);
         drop(connection);
         match received? {
             Some(Some(transfer)) => Ok(Some(Transfer::new(py, transfer)?)),

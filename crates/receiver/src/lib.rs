@@ -5,11 +5,11 @@
 //! The decisions are [`sealpass_proto::Session`]'s, a state machine without
 //! I/O; this crate drives it with blocking calls: [`Listener`] and
 //! [`Connection`] for one peer at a time, [`Service`] for many at once.
-//! [`Connection::receive`] hands out owned [`IncomingTransfer`]s, and
-//! [`Connection::serve_one`] runs a handler on one:
+//! [`Connection::receive`] hands out owned [`IncomingTransfer`]s, one per
+//! call, reading whatever the peer queued with one `recvmmsg`:
 //!
 //! ```
-//! use sealpass_receiver::{Listener, Outcome};
+//! use sealpass_receiver::Listener;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
@@ -22,26 +22,22 @@
 //! # });
 //! let listener = Listener::bind(&socket)?;
 //! let mut connection = listener.accept()?;
-//! while connection.is_open() {
-//!     let outcome = connection.serve_one(|transfer| {
-//!         for segment in transfer.segments() {
-//!             // Sealed against writes and shrinking: these bytes cannot change.
-//!             println!("{}: {} bytes", segment.name(), segment.bytes().len());
-//!         }
-//!         Ok::<(), std::io::Error>(()) // an Err here becomes Reject(ApplicationRejected)
-//!     })?;
-//!     if let Outcome::Rejected { reason, message, .. } = outcome {
-//!         eprintln!("refused: {reason}: {message}");
+//! while let Some(transfer) = connection.receive()? {
+//!     for segment in transfer.segments() {
+//!         // Sealed against writes and shrinking: these bytes cannot change.
+//!         println!("{}: {} bytes", segment.name(), segment.bytes().len());
 //!     }
+//!     transfer.accept()?; // or reject(why), or drop it: Reject(ApplicationRejected)
 //! }
+//! eprintln!("{} message(s) refused", connection.refused());
 //! # assert!(sender.join().expect("sender")?.is_accepted());
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! [`Connection::serve_batch`] does the same for every message already
-//! queued, read in one `recvmmsg` and answered in one `sendmmsg`: what a
-//! pipelining sender's receiver wants. [`Service`] serves that way.
+//! [`Service::run`] serves many peers with a handler, each connection on a
+//! thread of its own, and answers the messages it read together in one
+//! `sendmmsg`: what a pipelining sender's receiver wants.
 
 pub mod compat;
 #[cfg(feature = "conformance")]
@@ -55,7 +51,7 @@ pub mod service;
 pub mod tokio;
 mod transfer;
 
-pub use connection::{AnswerError, Connection, Event, Outcome, ServeError};
+pub use connection::{AnswerError, Connection, ServeError};
 pub use listener::{BindError, Listener};
 pub use sealpass_proto::PeerCredentials;
 pub use sealpass_proto::{

@@ -1,8 +1,9 @@
 //! Waits with a limit, for callers that must stay responsive (a signal, a
 //! stop flag, a binding that runs Python's signal handlers between waits):
-//! `Listener::accept_within`, `Connection::next_event_within` and
-//! `Sender::next_verdict_within` return `None` when the limit passes, and
-//! what came otherwise; the connection's own deadlines still hold.
+//! `Listener::accept_within` and `Sender::next_verdict_within` return `None`
+//! when the limit passes, `Connection::receive_within` the error
+//! `NothingWithin`, and what came otherwise; the connection's own deadlines
+//! still hold.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -12,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use sealpass_receiver::{Config, Event, Listener, RejectReason};
+use sealpass_receiver::{Config, Listener, ServeError};
 use sealpass_sender::{SealedSegment, Seals, Sender, Verdict};
 
 const SLICE: Duration = Duration::from_millis(50);
@@ -46,7 +47,10 @@ fn each_bounded_wait_returns_none_at_its_limit_and_what_came_otherwise() {
         .expect("a connection");
 
     let started = Instant::now();
-    assert!(connection.next_event_within(SLICE).unwrap().is_none());
+    assert!(matches!(
+        connection.receive_within(SLICE),
+        Err(ServeError::NothingWithin(limit)) if limit == SLICE
+    ));
     waited_about(started, SLICE);
 
     let segment = SealedSegment::from_bytes("a", b"bounded", Seals::SENDER_DEFAULT).unwrap();
@@ -60,12 +64,10 @@ fn each_bounded_wait_returns_none_at_its_limit_and_what_came_otherwise() {
         "a wait that timed out keeps the transfer in flight"
     );
 
-    let Some(Event::Transfer(transfer)) = connection
-        .next_event_within(Duration::from_secs(10))
+    let transfer = connection
+        .receive_within(Duration::from_secs(10))
         .unwrap()
-    else {
-        panic!("expected the transfer");
-    };
+        .expect("the transfer");
     assert_eq!(transfer.segments()[0].bytes(), b"bounded");
     transfer.accept().unwrap();
     assert_eq!(
@@ -74,12 +76,13 @@ fn each_bounded_wait_returns_none_at_its_limit_and_what_came_otherwise() {
     );
 
     drop(sender);
-    assert!(matches!(
+    assert!(
         connection
-            .next_event_within(Duration::from_secs(10))
-            .unwrap(),
-        Some(Event::Closed)
-    ));
+            .receive_within(Duration::from_secs(10))
+            .unwrap()
+            .is_none(),
+        "the end"
+    );
 }
 
 #[test]
@@ -99,19 +102,19 @@ fn a_bounded_wait_still_ends_a_silent_connection_at_its_idle_timeout() {
         .unwrap()
         .unwrap();
     let started = Instant::now();
-    let event = loop {
-        // Slices shorter than the timeout: the deadline is the connection's.
-        if let Some(event) = connection.next_event_within(SLICE).unwrap() {
-            break event;
+    loop {
+        // Slices shorter than the timeout: the deadline is the connection's,
+        // which answers Reject(Timeout) and ends the connection.
+        match connection.receive_within(SLICE) {
+            Err(ServeError::NothingWithin(_)) => {}
+            Ok(None) => break,
+            other => panic!("expected the end at the idle timeout, got {other:?}"),
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "never timed out"
         );
-    };
-    let Event::Refused(reject) = event else {
-        panic!("expected Reject(Timeout), got {event:?}");
-    };
-    assert_eq!(reject.reason, RejectReason::Timeout);
+    }
+    assert_eq!(connection.refused(), 1, "the Timeout counts as refused");
     waited_about(started, Duration::from_millis(300));
 }

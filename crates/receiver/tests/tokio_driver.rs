@@ -8,7 +8,7 @@
     clippy::indexing_slicing
 )]
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -475,11 +475,11 @@ fn one_current_thread_runtime_serves_1000_connections() {
 }
 
 #[test]
-fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
+fn async_answers_wait_for_room_in_order_and_reading_waits_for_them() {
     let _serial = serial();
     let runtime = current_thread_runtime();
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("async-batch.sock");
+    let socket = dir.path().join("async-room.sock");
     const MESSAGES: u64 = 64;
     runtime.block_on(async {
         let (peer, mut connection) = raw_peer_and_connection(&socket).await;
@@ -496,24 +496,14 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             .unwrap();
             fdpass::send(peer.as_fd(), &header, &[]).unwrap();
         }
-        let mut outcomes = Vec::new();
-        let mut batches = vec![
-            connection
-                .serve_batch(|_| Ok::<(), String>(()), &mut outcomes)
-                .await
-                .unwrap(),
-        ];
-        assert_eq!(
-            batches[0],
-            (MESSAGES as usize).min(fdpass::batch_slots()),
-            "one recvmmsg takes what is queued ({batches:?})"
+        nix::sys::socket::shutdown(peer.as_raw_fd(), nix::sys::socket::Shutdown::Write).unwrap();
+        // The peer reads nothing yet: the receiver answers what has room,
+        // then waits for room before it reads on (cancelled here).
+        let waited = tokio::time::timeout(Duration::from_millis(300), connection.receive()).await;
+        assert!(
+            waited.is_err(),
+            "receive() waits while answers wait for room"
         );
-        // The first batch is answered and the peer has read nothing yet:
-        // what its queue holds now is all that had room. It is read here,
-        // without waiting and without letting the runtime run, so the
-        // answers that wait cannot go out meanwhile. They go out, in order,
-        // as the peer reads on, on its own thread.
-        let first_batch = batches[0] as u64;
         let mut buffer = vec![0u8; sealpass_proto::limits::MAX_MESSAGE_LEN];
         let mut control = fdpass::ControlBuffer::new();
         let mut ids = Vec::new();
@@ -529,6 +519,11 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             }
         }
         let had_room = ids.len() as u64;
+        assert!(
+            had_room > 0 && had_room < MESSAGES,
+            "{had_room} of {MESSAGES} answers had room before the peer read: the rest waited"
+        );
+        // The rest go out, in order, as the peer reads on its own thread.
         let reader = tokio::task::spawn_blocking(move || {
             while (ids.len() as u64) < MESSAGES {
                 match fixtures::answer(&peer).unwrap() {
@@ -541,32 +536,10 @@ fn an_async_batch_answers_in_order_even_when_answers_wait_for_room() {
             }
             ids
         });
-        while (outcomes.len() as u64) < MESSAGES {
-            let count = connection
-                .serve_batch(|_| Ok::<(), String>(()), &mut outcomes)
-                .await
-                .unwrap();
-            batches.push(count);
-        }
+        assert!(connection.receive().await.unwrap().is_none(), "the end");
+        assert_eq!(connection.refused(), MESSAGES);
         let expected: Vec<u64> = (1..=MESSAGES).collect();
-        let served: Vec<u64> = outcomes
-            .iter()
-            .map(|outcome| match outcome {
-                sealpass_receiver::Outcome::Rejected { id, reason, .. } => {
-                    assert_eq!(*reason, RejectReason::FdCountMismatch);
-                    *id
-                }
-                other => panic!("expected a refusal; got {other:?}"),
-            })
-            .collect();
-        assert_eq!(served, expected);
-        let ids = reader.await.unwrap();
-        assert!(
-            had_room > 0 && had_room < first_batch,
-            "{had_room} of the first batch's {first_batch} answers had room before the peer \
-             read: the rest waited"
-        );
-        assert_eq!(ids, expected, "every answer, in order");
+        assert_eq!(reader.await.unwrap(), expected, "every answer, in order");
     });
 }
 

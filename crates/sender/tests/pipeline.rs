@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sealpass_proto::{RejectReason, Seals};
-use sealpass_receiver::{Listener, Outcome};
+use sealpass_receiver::Listener;
 use sealpass_sender::{SealedSegment, SendError, Sender, Verdict};
 
 /// A receiver serving one connection until the sender closes it; returns
@@ -24,12 +24,9 @@ fn receiver(socket: &Path) -> JoinHandle<Vec<u64>> {
     std::thread::spawn(move || {
         let mut connection = listener.accept().unwrap();
         let mut accepted = Vec::new();
-        while connection.is_open() {
-            if let Outcome::Accepted { id, .. } =
-                connection.serve_one(|_| Ok::<(), String>(())).unwrap()
-            {
-                accepted.push(id);
-            }
+        while let Some(transfer) = connection.receive().unwrap() {
+            accepted.push(transfer.id());
+            transfer.accept().unwrap();
         }
         accepted
     })

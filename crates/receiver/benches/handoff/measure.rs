@@ -251,7 +251,7 @@ pub(crate) fn receiver_memory(size: usize, read: bool) -> HashMap<String, f64> {
 /// Messages per second through one connection, each carrying `segments`
 /// pre-sealed 4 KiB segments, with up to `window` transfers in flight.
 pub(crate) fn pipelined_rate(segments: usize, messages: usize, window: usize) -> f64 {
-    pipelined_rate_against("sealpass", segments, messages, window)
+    pipelined_rate_against("sealpass-service", segments, messages, window)
 }
 
 /// [`pipelined_rate`] against the receiver `role` of the peer process.

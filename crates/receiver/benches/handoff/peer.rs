@@ -32,11 +32,10 @@ pub(crate) fn run(role: &str) {
         // Bare one-way sink: receive (and close) every fd, answer one byte
         // per batch of `parameter` messages so the sender can time a batch.
         "floor-sink" => bare_peer(&socket, parameter, &[1]),
-        // The real receiver: every kernel check, mapping, Ack, serving what
-        // is queued in batches (`serve_batch`). With "read", the handler
-        // also reads every byte; "sealpass-one" serves one message at a time
-        // (`serve_one`), for comparison.
-        "sealpass" | "sealpass-one" | "sealpass-read" | "sealpass-read-populate" => {
+        // The real receiver: every kernel check, mapping, Ack, one owned
+        // transfer per `receive()` (reading what is queued with one
+        // `recvmmsg`). With "read", it also reads every byte.
+        "sealpass" | "sealpass-read" | "sealpass-read-populate" => {
             let mut listener = Listener::bind(&socket).unwrap();
             listener.set_config(
                 Config::builder()
@@ -47,57 +46,69 @@ pub(crate) fn run(role: &str) {
             );
             let mut connection = listener.accept().unwrap();
             let read = role.starts_with("sealpass-read");
-            let handler = |transfer: &sealpass_receiver::IncomingTransfer| {
+            let mut messages = 0u64;
+            let before = allocations();
+            while let Some(transfer) = connection.receive().unwrap() {
                 if read {
                     for segment in transfer.segments() {
                         black_box(checksum(segment.bytes()));
                     }
                 }
-                Ok::<(), String>(())
-            };
-            let accepted = |outcome: &sealpass_receiver::Outcome| {
-                matches!(outcome, sealpass_receiver::Outcome::Accepted { .. })
-            };
-            let mut messages = 0u64;
-            let mut outcomes = Vec::new();
-            let before = allocations();
-            while connection.is_open() {
-                if role == "sealpass-one" {
-                    messages += u64::from(accepted(&connection.serve_one(handler).unwrap()));
-                } else {
-                    outcomes.clear();
-                    connection.serve_batch(handler, &mut outcomes).unwrap();
-                    messages += outcomes.iter().filter(|o| accepted(o)).count() as u64;
-                }
+                transfer.accept().unwrap();
+                messages += 1;
             }
             let allocated = allocations() - before;
             println!("messages={messages}");
             println!("allocations={allocated}");
         }
+        // The same checks served by a `Service`: the messages read together
+        // are answered together, in one `sendmmsg`. Serves one connection.
+        "sealpass-service" => {
+            let mut listener = Listener::bind(&socket).unwrap();
+            listener.set_config(Config::builder().timeouts(None).build().unwrap());
+            let service = sealpass_receiver::Service::new(listener).unwrap();
+            let (stats, stop) = (service.stats(), service.shutdown_handle());
+            let serving = std::thread::spawn(move || {
+                service.run(|_transfer| Ok::<(), String>(())).unwrap();
+            });
+            let count = |stats: &sealpass_receiver::ServiceStats| {
+                stats
+                    .active_connections
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            };
+            while count(&stats) == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            while count(&stats) > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            stop.shutdown();
+            serving.join().unwrap();
+            let accepted = stats.accepted.load(std::sync::atomic::Ordering::Relaxed);
+            println!("messages={accepted}");
+        }
         // One message, then the memory figures: peak RSS (VmHWM), and the
-        // resident anonymous and shared-memory pages while the handler holds
-        // the mapping.
+        // resident anonymous and shared-memory pages while the application
+        // holds the mapping.
         "memory" | "memory-read" => {
             let mut listener = Listener::bind(&socket).unwrap();
             listener.set_config(Config::builder().timeouts(None).build().unwrap());
             let mut connection = listener.accept().unwrap();
             println!("idle_hwm_kib={}", status_kib("VmHWM"));
-            connection
-                .serve_one(|transfer| {
-                    if role == "memory-read" {
-                        for segment in transfer.segments() {
-                            black_box(checksum(segment.bytes()));
-                        }
+            if let Some(transfer) = connection.receive().unwrap() {
+                if role == "memory-read" {
+                    for segment in transfer.segments() {
+                        black_box(checksum(segment.bytes()));
                     }
-                    println!("held_anon_kib={}", status_kib("RssAnon"));
-                    println!("held_shmem_kib={}", status_kib("RssShmem"));
-                    Ok::<(), String>(())
-                })
-                .unwrap();
+                }
+                println!("held_anon_kib={}", status_kib("RssAnon"));
+                println!("held_shmem_kib={}", status_kib("RssShmem"));
+                transfer.accept().unwrap();
+            }
             println!("peak_hwm_kib={}", status_kib("VmHWM"));
         }
-        // The async receiver: the same session and checks, served in
-        // batches as the blocking one is, on a tokio current_thread runtime.
+        // The async receiver: the same session and checks, one owned
+        // transfer per `receive().await`, on a tokio current_thread runtime.
         "sealpass-async" => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -108,17 +119,9 @@ pub(crate) fn run(role: &str) {
                 listener.set_config(Config::builder().timeouts(None).build().unwrap());
                 let mut connection = listener.accept().await.unwrap();
                 let mut messages = 0u64;
-                let mut outcomes = Vec::new();
-                while connection.is_open() {
-                    outcomes.clear();
-                    connection
-                        .serve_batch(|_transfer| Ok::<(), String>(()), &mut outcomes)
-                        .await
-                        .unwrap();
-                    messages += outcomes
-                        .iter()
-                        .filter(|o| matches!(o, sealpass_receiver::Outcome::Accepted { .. }))
-                        .count() as u64;
+                while let Some(transfer) = connection.receive().await.unwrap() {
+                    transfer.accept().unwrap();
+                    messages += 1;
                 }
                 println!("messages={messages}");
             });

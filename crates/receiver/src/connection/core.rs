@@ -407,23 +407,11 @@ impl Core {
     }
 }
 
-/// Answers a transfer by `handled`, as [`Connection::serve_one`] does, then
-/// drops its mappings. The answer goes first: an `Ack` promises nothing
-/// about the mappings (PROTOCOL.md section 6), and unmapping big segments
-/// takes milliseconds the sender need not wait for. The connection reads
-/// its next message only after they are gone, so that message is judged
-/// against a budget that no longer counts them.
-pub(crate) fn answer_by<E: Display>(
-    transfer: IncomingTransfer,
-    handled: Result<(), E>,
-) -> Result<Outcome, ServeError> {
-    let (outcome, mappings) = answer_keeping_mappings(transfer, handled);
-    drop(mappings);
-    outcome
-}
-
-/// [`answer_by`], handing back the transfer's mappings for the caller to
-/// drop when it is time.
+/// Answers a transfer by `handled` (`Ack` for `Ok`, otherwise
+/// `Reject(ApplicationRejected)` with the error's text), handing back its
+/// mappings for the caller to drop when it is time: after the answers went
+/// out, or before the next message is judged. An `Ack` promises nothing
+/// about the mappings (PROTOCOL.md section 6).
 fn answer_keeping_mappings<E: Display>(
     transfer: IncomingTransfer,
     handled: Result<(), E>,

@@ -7,6 +7,9 @@
 //! leave in protocol order.
 #![forbid(unsafe_code)]
 
+#[cfg(all(test, feature = "conformance"))]
+#[path = "batch_tests.rs"]
+mod batch_tests;
 mod core;
 mod link;
 
@@ -23,7 +26,7 @@ use sealpass_proto::{Config, Reject, RejectReason};
 use crate::listener::Admission;
 use crate::transfer::IncomingTransfer;
 
-pub(crate) use self::core::{Core, Opened, admit_alone, answer_by};
+pub(crate) use self::core::{Core, Opened, admit_alone};
 // The async driver's off-runtime judging.
 #[cfg(feature = "tokio")]
 pub(crate) use self::core::{Gathered, Inspecting, Judging, Mapping, gather_facts, map_all};
@@ -91,6 +94,10 @@ pub enum ServeError {
     /// answered so, and its connection closed.
     #[error("refused the connection: {0}")]
     Refused(Reject),
+    /// [`Connection::receive_within`]: no transfer came within the limit.
+    /// The connection is as it was; call again.
+    #[error("no transfer came within {0:?}")]
+    NothingWithin(Duration),
 }
 
 /// Why an answer did not reach the peer.
@@ -111,10 +118,9 @@ pub enum AnswerError {
     },
 }
 
-/// What became of one message, for [`Connection::serve_one`].
+/// What became of one message a batch served (the [`crate::Service`]'s way).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Verified, handled and acknowledged.
     Accepted {
         /// The transfer's id.
@@ -147,10 +153,9 @@ impl Outcome {
     }
 }
 
-/// What the next message brought, for [`Connection::next_event`].
+/// What the next message brought.
 #[derive(Debug)]
-#[non_exhaustive]
-pub enum Event {
+pub(crate) enum Event {
     /// A verified transfer, for the application to answer.
     Transfer(IncomingTransfer),
     /// A message the receiver refused; its fds are closed and the peer has
@@ -163,8 +168,10 @@ pub enum Event {
 
 /// One peer's connection, served message by message on the calling thread.
 ///
-/// [`Connection::receive`] returns owned transfers; [`Connection::serve_one`]
-/// runs a handler on one and answers for it. Dropping the connection closes
+/// [`Connection::receive`] returns owned transfers, each answered when the
+/// application says ([`IncomingTransfer::accept`], `reject`, or dropping it);
+/// [`crate::Service::run`] is the way to serve many peers with a handler.
+/// Dropping the connection closes
 /// the socket once every transfer it handed out has been answered: writing
 /// stops first, then messages already queued are discarded, so the peer
 /// reads every answer it was sent and then the end of the connection.
@@ -199,7 +206,7 @@ impl Connection {
         let socket = Socket::Blocking(opened.socket);
         let link = Arc::new(Link::new(socket, opened.session, opened.admission));
         Ok(Connection {
-            core: Core::new(link, opened.config, opened.peer, true),
+            core: Core::new(link, opened.config, opened.peer, false),
             receive_timeout: None,
         })
     }
@@ -235,29 +242,58 @@ impl Connection {
         }
     }
 
-    /// Receives one message, verifies it and hands a valid transfer to
-    /// `handler`; then answers and drops its mappings: `Ack` once `handler`
-    /// returns `Ok`, `Reject(ApplicationRejected)` with its error otherwise.
-    /// The mappings are gone when it returns.
-    /// A refused message is answered and reported as such.
-    pub fn serve_one<E: Display>(
+    /// [`Connection::receive`], waiting at most `limit`:
+    /// [`ServeError::NothingWithin`] when no transfer came within it, and
+    /// the connection is as it was. Its own deadlines still apply. A caller
+    /// that must stay responsive (to a signal, a stop flag) waits in
+    /// slices; an interrupted wait restarts, so a signal is noticed within
+    /// two slices.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = tempfile::tempdir()?;
+    /// # let socket = dir.path().join("doc.sock");
+    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
+    /// # let mut connection = listener.accept()?;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::time::Duration;
+    /// use sealpass_receiver::ServeError;
+    ///
+    /// let stop = AtomicBool::new(false);
+    /// while !stop.load(Ordering::Relaxed) {
+    ///     match connection.receive_within(Duration::from_millis(100)) {
+    ///         Ok(Some(transfer)) => transfer.accept()?,
+    ///         Ok(None) => break, // the sender closed
+    ///         Err(ServeError::NothingWithin(_)) => continue,
+    ///         Err(error) => return Err(error.into()),
+    ///     }
+    /// }
+    /// # assert!(sender.join().expect("sender")?.is_accepted());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn receive_within(
         &mut self,
-        handler: impl FnOnce(&IncomingTransfer) -> Result<(), E>,
-    ) -> Result<Outcome, ServeError> {
-        let transfer = match self.next_event()? {
-            Event::Transfer(transfer) => transfer,
-            Event::Refused(reject) => return Ok(Outcome::refused(reject)),
-            Event::Closed => return Ok(Outcome::Closed),
-        };
-        let handled = handler(&transfer);
-        answer_by(transfer, handled)
+        limit: Duration,
+    ) -> Result<Option<IncomingTransfer>, ServeError> {
+        let started = Instant::now();
+        loop {
+            let left = limit.saturating_sub(started.elapsed());
+            match self.next_event_within(left)? {
+                Some(Event::Transfer(transfer)) => return Ok(Some(transfer)),
+                Some(Event::Refused(_)) => {}
+                Some(Event::Closed) => return Ok(None),
+                None => return Err(ServeError::NothingWithin(limit)),
+            }
+        }
     }
 
     /// What the next message brings, waiting for it: a transfer, a refusal
     /// (already answered), or the end. A peer that stays silent past the
     /// deadline or the idle timeout gets `Reject(Timeout)` and the
     /// connection closes.
-    pub fn next_event(&mut self) -> Result<Event, ServeError> {
+    pub(crate) fn next_event(&mut self) -> Result<Event, ServeError> {
         loop {
             if let Some(event) = self.next_event_within(None)? {
                 return Ok(event);
@@ -266,113 +302,34 @@ impl Connection {
     }
 
     /// [`Connection::next_event`], waiting at most `limit`: `Ok(None)` when
-    /// no message came within it. The connection's own deadlines still
-    /// apply. A caller that must stay responsive (to a signal, a stop flag)
-    /// waits in slices. (An interrupted wait restarts, so a signal is noticed
-    /// within two slices.)
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let socket = dir.path().join("doc.sock");
-    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
-    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
-    /// # let mut connection = listener.accept()?;
-    /// use std::time::Duration;
-    /// use sealpass_receiver::Event;
-    ///
-    /// let stop = std::sync::atomic::AtomicBool::new(false);
-    /// let event = loop {
-    ///     if stop.load(std::sync::atomic::Ordering::Relaxed) {
-    ///         return Ok(());
-    ///     }
-    ///     if let Some(event) = connection.next_event_within(Duration::from_millis(100))? {
-    ///         break event;
-    ///     }
-    /// };
-    /// let Event::Transfer(transfer) = event else { panic!("expected a transfer") };
-    /// transfer.accept()?;
-    /// # assert!(sender.join().expect("sender")?.is_accepted());
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn next_event_within(
+    /// no message came within it. Messages are read with `recvmmsg`, as
+    /// many as are queued (up to a batch), and judged one per call.
+    pub(crate) fn next_event_within(
         &mut self,
         limit: impl Into<Option<Duration>>,
     ) -> Result<Option<Event>, ServeError> {
-        // Messages a panicking `serve_batch` handler left come first.
+        // Messages read with an earlier one come first (and those a
+        // panicking batch handler left).
         if let Some(event) = self.core.judge_next_in_batch() {
             return event.map(Some);
         }
-        let received = self.wait_for(limit.into(), |connection| {
-            let core = &mut connection.core;
-            fdpass::receive_reusing(
-                core.link.socket.fd(),
-                &mut core.incoming,
-                &mut core.control,
-                std::mem::take(&mut core.spare_fds),
-            )
-        })?;
-        match received {
+        match self.wait_for(limit.into(), Connection::read_batch)? {
             None => Ok(None),
             Some(Err(event)) => Ok(Some(event)),
-            Some(Ok(received)) => self.core.judge(received, Instant::now()).map(Some),
+            Some(Ok(_)) => match self.core.judge_next_in_batch() {
+                Some(event) => event.map(Some),
+                None => Ok(None),
+            },
         }
     }
 
-    /// Serves every message already queued, up to a batch, as
-    /// [`Connection::serve_one`] serves one, and answers them together.
-    ///
-    /// It waits for the first message as `serve_one` does, then takes those
-    /// already queued behind it in the same `recvmmsg` (up to
-    /// [`fdpass::MAX_BATCH`], fewer where `RLIMIT_NOFILE` is low: see
-    /// [`fdpass::batch_slots`]; after batches of one message, a few receives
-    /// ask for one only: see [`fdpass::NARROW_AFTER_SINGLES`]). Each is judged on its own, in order, and a
-    /// valid one is handed to `handler` and its mappings dropped before the
-    /// next is judged, so each is judged against a budget that no longer
-    /// counts the last (the batch's last transfer is unmapped after the
-    /// answers are sent, off the sender's path). The answers wait until the
-    /// batch is done and then leave in order in one `sendmmsg`, waking the
-    /// sender once rather than once per message; every answer is sent
-    /// before it returns, so none waits on a later call. A handler that
-    /// takes long delays the answers of the messages before it in the
-    /// batch: such an application serves one at a time.
-    ///
-    /// Appends each message's outcome to `outcomes`, in order
-    /// ([`Outcome::Closed`] at the end), and returns how many it appended: a
-    /// caller that clears and reuses one list allocates nothing per batch.
-    /// An error sending the answers ends the connection, and is returned
-    /// instead; outcomes appended before it stand for messages whose answers
-    /// may not have reached the peer.
-    ///
-    /// ```
-    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let dir = tempfile::tempdir()?;
-    /// # let socket = dir.path().join("doc.sock");
-    /// # let listener = sealpass_receiver::Listener::bind(&socket)?;
-    /// # let sender = std::thread::spawn(move || sealpass_sender::send_bytes(&socket, "frame", b"hello"));
-    /// # let mut connection = listener.accept()?;
-    /// use sealpass_receiver::Outcome;
-    ///
-    /// let mut outcomes = Vec::new();
-    /// let mut accepted = 0;
-    /// while connection.is_open() {
-    ///     outcomes.clear();
-    ///     connection.serve_batch(
-    ///         |transfer| {
-    ///             let bytes: usize = transfer.segments().iter().map(|s| s.bytes().len()).sum();
-    ///             if bytes == 0 { Err("empty") } else { Ok(()) }
-    ///         },
-    ///         &mut outcomes,
-    ///     )?;
-    ///     accepted += outcomes.iter().filter(|o| matches!(o, Outcome::Accepted { .. })).count();
-    /// }
-    /// assert_eq!(accepted, 1);
-    /// # assert!(sender.join().expect("sender")?.is_accepted());
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn serve_batch<E: Display>(
+    /// Serves every message already queued, up to a batch (the
+    /// [`crate::Service`]'s way): waits for the first, judges each in order
+    /// and hands each valid transfer to `handler`, dropping its mappings
+    /// before the next is judged; the answers wait until the batch is done
+    /// and then leave in one `sendmmsg`. Appends each message's outcome to
+    /// `outcomes` and returns how many it appended.
+    pub(crate) fn serve_batch<E: Display>(
         &mut self,
         handler: impl FnMut(&IncomingTransfer) -> Result<(), E>,
         outcomes: &mut Vec<Outcome>,
@@ -380,13 +337,7 @@ impl Connection {
         // A handler that panicked part-way through the last batch left the
         // rest of it: that is served before anything more is read.
         if !self.core.has_untaken() {
-            match self.wait_for(None, |connection| {
-                let core = &mut connection.core;
-                let batch = core.batch.get_or_insert_with(|| {
-                    ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN)
-                });
-                fdpass::receive_batch(core.link.socket.fd(), batch)
-            })? {
+            match self.wait_for(None, Connection::read_batch)? {
                 Some(Ok(_)) => {}
                 Some(Err(Event::Refused(reject))) => {
                     outcomes.push(Outcome::refused(reject));
@@ -399,6 +350,15 @@ impl Connection {
             }
         }
         self.core.serve_received(handler, outcomes)
+    }
+
+    /// Reads the messages queued, up to a batch, with one `recvmmsg`.
+    fn read_batch(&mut self) -> Result<usize, TransportError> {
+        let core = &mut self.core;
+        let batch = core
+            .batch
+            .get_or_insert_with(|| ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN));
+        fdpass::receive_batch(core.link.socket.fd(), batch)
     }
 
     /// Waits under the connection's deadlines, and at most `limit`, for

@@ -41,7 +41,6 @@ mod listener;
 mod service;
 
 use std::cell::Cell;
-use std::fmt::Display;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Weak};
@@ -51,13 +50,13 @@ use ::tokio::io::Interest;
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::sync::Notify;
 use nix::errno::Errno;
-use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
+use sealpass_kernel::fdpass::{self, PeerCredentials, TransportError};
 use sealpass_proto::Config;
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 
 use crate::connection::{
-    Core, Event, Gathered, Inspecting, Judging, Link, Mapping as JudgedMapping, Opened, Outcome,
-    ServeError, Socket, admit_alone, answer_by, gather_facts, map_all,
+    Core, Event, Gathered, Inspecting, Judging, Link, Mapping as JudgedMapping, Opened, ServeError,
+    Socket, admit_alone, gather_facts, map_all,
 };
 use crate::listener::Admission;
 use crate::transfer::IncomingTransfer;
@@ -85,10 +84,6 @@ fn transport(error: &io::Error, op: fdpass::Op) -> TransportError {
 thread_local! {
     /// The receive buffer of the connections served on this thread.
     static RECEIVE_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-    /// `serve_batch`'s buffers (a payload buffer per slot), lent the same
-    /// way: taken after readiness and given back once the batch is served,
-    /// with no await between.
-    static RECEIVE_BATCH: Cell<Option<ReceiveBatch>> = const { Cell::new(None) };
 }
 
 /// One peer's connection on tokio: [`Connection::receive`] waits for the next
@@ -180,99 +175,6 @@ impl Connection {
         }
     }
 
-    /// Receives one message, hands a valid transfer to `handler`, drops its
-    /// mappings and answers by the handler's result, as the blocking
-    /// [`Connection::serve_one`](crate::Connection::serve_one) does.
-    pub async fn serve_one<E: Display>(
-        &mut self,
-        handler: impl FnOnce(&IncomingTransfer) -> Result<(), E>,
-    ) -> Result<Outcome, ServeError> {
-        match self.next_event().await? {
-            Event::Transfer(transfer) => {
-                let handled = handler(&transfer);
-                answer_by(transfer, handled)
-            }
-            Event::Refused(reject) => Ok(Outcome::refused(reject)),
-            Event::Closed => Ok(Outcome::Closed),
-        }
-    }
-
-    /// Serves every message already queued, up to a batch, and answers them
-    /// together, as the blocking
-    /// [`Connection::serve_batch`](crate::Connection::serve_batch) does:
-    /// one `recvmmsg` once the socket is readable, each message judged on
-    /// its own and in order, `handler` deciding each valid transfer, and
-    /// the answers sent in one `sendmmsg` (those the peer has no room for
-    /// go out, in order, as room comes). Appends each outcome to `outcomes`
-    /// and returns how many it appended.
-    ///
-    /// Cancel-safe as [`Connection::next_event`] is: the messages are
-    /// received, judged and answered within one poll. (Messages of 16 fds
-    /// or more that `next_event` receives are inspected and mapped on the
-    /// blocking pool, across polls; one a cancelled call left is finished
-    /// first, here or by the next `next_event`.)
-    pub async fn serve_batch<E: Display>(
-        &mut self,
-        mut handler: impl FnMut(&IncomingTransfer) -> Result<(), E>,
-        outcomes: &mut Vec<Outcome>,
-    ) -> Result<usize, ServeError> {
-        // A message a cancelled `next_event` left half judged keeps its
-        // place: it is served before anything more is read.
-        if let Some(event) = self.finish_off_runtime().await {
-            outcomes.push(match event? {
-                Event::Transfer(transfer) => {
-                    let handled = handler(&transfer);
-                    answer_by(transfer, handled)?
-                }
-                Event::Refused(reject) => Outcome::refused(reject),
-                Event::Closed => Outcome::Closed,
-            });
-            return Ok(1);
-        }
-        // A handler that panicked part-way through the last batch left the
-        // rest of it: that is served before anything more is read.
-        if !self.core.has_untaken() {
-            let link = Arc::clone(&self.core.link);
-            let socket = async_socket(&link)?;
-            loop {
-                let mut ready = match self.readable(socket).await? {
-                    Ok(ready) => ready,
-                    Err(event) => {
-                        outcomes.push(match event {
-                            Event::Refused(reject) => Outcome::refused(reject),
-                            _ => Outcome::Closed,
-                        });
-                        return Ok(1);
-                    }
-                };
-                let mut batch = RECEIVE_BATCH
-                    .with(Cell::take)
-                    .unwrap_or_else(|| ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN));
-                match fdpass::try_receive_batch(socket.get_ref().as_fd(), &mut batch) {
-                    Ok(Some(_)) => {
-                        self.core.batch = Some(batch);
-                        break;
-                    }
-                    Ok(None) => {
-                        RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
-                        ready.clear_ready();
-                    }
-                    Err(error) => {
-                        RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
-                        return Err(self.core.receive_failed(error));
-                    }
-                }
-            }
-        }
-        let served = self.core.serve_received(handler, outcomes);
-        if !self.core.has_untaken() {
-            if let Some(batch) = self.core.batch.take() {
-                RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
-            }
-        }
-        served
-    }
-
     /// Waits until the socket is readable with no answer pending, under the
     /// session's deadline: `Err(_)` a deadline's refusal, or the end.
     async fn readable<'a>(
@@ -315,13 +217,9 @@ impl Connection {
     /// the end. A silent peer gets `Reject(Timeout)` at the session's
     /// deadline, on the runtime's timer. Cancel-safe as
     /// [`Connection::receive`] is.
-    pub async fn next_event(&mut self) -> Result<Event, ServeError> {
-        // A message a cancelled call left half judged comes first, then the
-        // messages a panicking `serve_batch` handler left.
+    pub(crate) async fn next_event(&mut self) -> Result<Event, ServeError> {
+        // A message a cancelled call left half judged comes first.
         if let Some(event) = self.finish_off_runtime().await {
-            return event;
-        }
-        if let Some(event) = self.core.judge_next_in_batch() {
             return event;
         }
         let link = Arc::clone(&self.core.link);

@@ -105,7 +105,7 @@ impl Drop for Active {
 }
 
 impl Service {
-    /// A service on `listener`, whose [`Config`] supplies the policy, the
+    /// A service on `listener`, whose [`Config`](crate::Config) supplies the policy, the
     /// limits and who may connect.
     pub fn new(listener: Listener) -> Service {
         let budget = listener.inner.shared_budget();

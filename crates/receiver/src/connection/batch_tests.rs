@@ -1,7 +1,7 @@
-//! `Connection::serve_batch`: messages already queued are served in one
-//! `recvmmsg`, each judged on its own and in order, and every answer is sent
-//! before it returns, whatever the batch held: refusals, a closing reject,
-//! the end of the stream, a handler's panic.
+//! `Connection::serve_batch`, the `Service`'s way: messages already queued
+//! are served in one `recvmmsg`, each judged on its own and in order, and
+//! every answer is sent before it returns, whatever the batch held:
+//! refusals, a closing reject, the end of the stream, a handler's panic.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,14 +13,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::conformance::fixtures::{SEALED, framed_exact, memfd, segment, transfer_bytes};
+use crate::{Connection, Listener};
 use nix::errno::Errno;
 use sealpass_kernel::fdpass::{self, ControlBuffer};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Message, RejectReason, Seals, decode};
-use sealpass_receiver::conformance::fixtures::{
-    SEALED, framed_exact, memfd, segment, transfer_bytes,
-};
-use sealpass_receiver::{Connection, Listener, Outcome};
+
+use super::Outcome;
 
 /// A listener, a sender's raw connection to it, and the accepted side.
 fn connected(dir: &Path) -> (Connection, OwnedFd) {
@@ -81,8 +81,8 @@ type Sent = (Vec<u8>, Vec<OwnedFd>);
 /// One `serve_batch`, its outcomes as a list.
 fn serve_batch<E: std::fmt::Display>(
     connection: &mut Connection,
-    handler: impl FnMut(&sealpass_receiver::IncomingTransfer) -> Result<(), E>,
-) -> Result<Vec<Outcome>, sealpass_receiver::ServeError> {
+    handler: impl FnMut(&crate::IncomingTransfer) -> Result<(), E>,
+) -> Result<Vec<Outcome>, crate::ServeError> {
     let mut outcomes = vec![Outcome::Closed]; // appended to, never cleared
     let count = connection.serve_batch(handler, &mut outcomes)?;
     assert_eq!(count, outcomes.len() - 1);
