@@ -48,4 +48,4 @@ pub use message::{
 pub use seals::{ParseSealsError, Seals};
 pub use session::{MappedBudget, Reservation, Session};
 pub use size::{ParseSizeError, parse_size};
-pub use verify::{FdFacts, FileKind, Policy, SegmentError};
+pub use verify::{FdCheckError, FdFacts, FileKind, Policy};

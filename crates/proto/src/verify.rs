@@ -136,7 +136,7 @@ impl Default for Policy {
 /// what was expected and what was found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum SegmentError {
+pub enum FdCheckError {
     /// Not a regular file, so not a memfd.
     #[error("segment {index} ({name:?}): fd is a {found}; expected a memfd")]
     NotRegularFile {
@@ -225,17 +225,17 @@ pub enum SegmentError {
     },
 }
 
-impl SegmentError {
+impl FdCheckError {
     /// The reason a receiver gives for this failure.
     pub fn reject_reason(&self) -> RejectReason {
         match self {
-            SegmentError::NotRegularFile { .. }
-            | SegmentError::NotSealable { .. }
-            | SegmentError::NotMemfdLink { .. } => RejectReason::NotMemfd,
-            SegmentError::NameMismatch { .. } => RejectReason::NameMismatch,
-            SegmentError::SizeMismatch { .. } => RejectReason::SizeMismatch,
-            SegmentError::MissingSeals { .. } => RejectReason::MissingSeals,
-            SegmentError::Sparse { .. } => RejectReason::Sparse,
+            FdCheckError::NotRegularFile { .. }
+            | FdCheckError::NotSealable { .. }
+            | FdCheckError::NotMemfdLink { .. } => RejectReason::NotMemfd,
+            FdCheckError::NameMismatch { .. } => RejectReason::NameMismatch,
+            FdCheckError::SizeMismatch { .. } => RejectReason::SizeMismatch,
+            FdCheckError::MissingSeals { .. } => RejectReason::MissingSeals,
+            FdCheckError::Sparse { .. } => RejectReason::Sparse,
         }
     }
 }
@@ -247,22 +247,22 @@ fn check_memfd<'f>(
     index: usize,
     label: &str,
     facts: &'f FdFacts,
-) -> Result<(Seals, &'f [u8]), SegmentError> {
+) -> Result<(Seals, &'f [u8]), FdCheckError> {
     if facts.kind != FileKind::Regular {
-        return Err(SegmentError::NotRegularFile {
+        return Err(FdCheckError::NotRegularFile {
             index,
             name: label.to_owned(),
             found: facts.kind,
         });
     }
     let Some(seals) = facts.seals else {
-        return Err(SegmentError::NotSealable {
+        return Err(FdCheckError::NotSealable {
             index,
             name: label.to_owned(),
         });
     };
     let Some(name) = facts.memfd_name() else {
-        return Err(SegmentError::NotMemfdLink {
+        return Err(FdCheckError::NotMemfdLink {
             index,
             name: label.to_owned(),
             link: String::from_utf8_lossy(&facts.link).into_owned(),
@@ -280,18 +280,18 @@ pub fn check_segment(
     declared: &Segment,
     facts: &FdFacts,
     policy: &Policy,
-) -> Result<(), SegmentError> {
+) -> Result<(), FdCheckError> {
     let name = || declared.name.clone();
     let (found_seals, found_name) = check_memfd(index, &declared.name, facts)?;
     if found_name != declared.name.as_bytes() {
-        return Err(SegmentError::NameMismatch {
+        return Err(FdCheckError::NameMismatch {
             index,
             declared: name(),
             found: String::from_utf8_lossy(found_name).into_owned(),
         });
     }
     if facts.size != declared.size {
-        return Err(SegmentError::SizeMismatch {
+        return Err(FdCheckError::SizeMismatch {
             index,
             name: name(),
             declared: declared.size,
@@ -300,7 +300,7 @@ pub fn check_segment(
     }
     let missing = (declared.seals | policy.required()) - found_seals;
     if !missing.is_empty() {
-        return Err(SegmentError::MissingSeals {
+        return Err(FdCheckError::MissingSeals {
             index,
             name: name(),
             declared: declared.seals,
@@ -310,7 +310,7 @@ pub fn check_segment(
         });
     }
     if policy.refuses_sparse() && facts.allocated < facts.size {
-        return Err(SegmentError::Sparse {
+        return Err(FdCheckError::Sparse {
             index,
             name: name(),
             size: facts.size,
@@ -339,12 +339,12 @@ pub fn check_bare_fd(
     index: usize,
     facts: &FdFacts,
     required: Seals,
-) -> Result<BareMemfd, SegmentError> {
+) -> Result<BareMemfd, FdCheckError> {
     let (seals, name) = check_memfd(index, &format!("fd {index}"), facts)?;
     let name = String::from_utf8_lossy(name).into_owned();
     let missing = required - seals;
     if !missing.is_empty() {
-        return Err(SegmentError::MissingSeals {
+        return Err(FdCheckError::MissingSeals {
             index,
             name,
             declared: Seals::empty(),

@@ -283,7 +283,7 @@ impl Transfer {
         Ok(Transfer {
             id,
             version: (version.major, version.minor),
-            peer,
+            peer: Some(peer),
             peer_pidfd: Mutex::new(peer_pidfd),
             segments,
             responder: Mutex::new(Some(responder)),
@@ -477,7 +477,7 @@ impl PyConnection {
     fn new(connection: Connection) -> PyConnection {
         let socket = connection.as_fd().try_clone_to_owned().ok();
         PyConnection {
-            peer: connection.peer(),
+            peer: Some(connection.peer()),
             inner: Slot::new("connection", connection, socket.as_ref()),
             refused: AtomicU64::new(0),
         }

@@ -22,7 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("sealpass-example-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("async.sock");
-    let service = Service::new(Listener::bind(&socket)?);
+    let service = Service::new(Listener::bind(&socket)?)?;
     let shutdown = service.shutdown_handle();
     let stats = service.stats();
     let running = tokio::spawn(service.run(|delivery| async move {
@@ -67,7 +67,7 @@ async fn serve(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let service = Service::new(Listener::bind(socket)?);
+    let service = Service::new(Listener::bind(socket)?)?;
     let shutdown = service.shutdown_handle();
     tokio::spawn(async move {
         tokio::select! {

@@ -86,7 +86,7 @@ fn destination(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "{:?} from pid {:?}: {} bytes, all 42: {whole}, sealed {}",
         segment.name(),
-        transfer.peer().map(|peer| peer.pid),
+        transfer.peer().pid,
         segment.size(),
         segment.seals()
     );

@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         segment.name(),
         segment.size(),
         segment.seals(),
-        transfer.peer().map(|peer| peer.pid),
+        transfer.peer().pid,
         started.elapsed()
     );
     assert_eq!(sum, SIZE * u64::from(b'A'));

@@ -17,7 +17,7 @@ use std::path::Path;
 use sealpass_kernel::fdpass::{self, ControlBuffer, TransportError};
 use sealpass_proto::Seals;
 use sealpass_proto::session::unknown_fd_facts;
-use sealpass_proto::verify::{BareMemfd, SegmentError, check_bare_fd};
+use sealpass_proto::verify::{BareMemfd, FdCheckError, check_bare_fd};
 
 use crate::connection::ServeError;
 use crate::inspect;
@@ -153,7 +153,7 @@ impl BareSegment {
 }
 
 /// Judges one bare fd; on success it keeps the fd to read from.
-pub fn judge(index: usize, fd: OwnedFd, required: Seals) -> Result<BareSegment, SegmentError> {
+pub fn judge(index: usize, fd: OwnedFd, required: Seals) -> Result<BareSegment, FdCheckError> {
     let facts = inspect::facts(fd.as_fd()).unwrap_or_else(|_| unknown_fd_facts());
     let memfd = check_bare_fd(index, &facts, required)?;
     Ok(BareSegment {
@@ -171,7 +171,7 @@ pub struct BareConnection {
 }
 
 /// What the peer's bytes carried: one result per fd, in order.
-pub type Batch = Vec<Result<BareSegment, SegmentError>>;
+pub type Batch = Vec<Result<BareSegment, FdCheckError>>;
 
 impl BareConnection {
     /// Serves a connected socket (normally `SOCK_STREAM`).

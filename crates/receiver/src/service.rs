@@ -42,18 +42,48 @@ pub struct Delivery<'a> {
     pub transfer: &'a IncomingTransfer,
 }
 
-/// Stops a running [`Service`]: it stops accepting, lets every connection
-/// finish (or reject) what it has received, answers, and returns.
+/// Stops a running [`Service`] (blocking or async): it stops accepting,
+/// lets every connection finish (or reject) what it has received, answers,
+/// and returns.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     writer: Arc<UnixStream>,
+    /// The async service's stop flag, which its tasks wait on.
+    #[cfg(feature = "tokio")]
+    stop: Option<Arc<::tokio::sync::watch::Sender<bool>>>,
 }
 
 impl ShutdownHandle {
+    /// The handle of a service woken through `writer` (the write end of
+    /// its wake-up pair).
+    pub(crate) fn new(writer: UnixStream) -> io::Result<ShutdownHandle> {
+        writer.set_nonblocking(true)?;
+        Ok(ShutdownHandle {
+            writer: Arc::new(writer),
+            #[cfg(feature = "tokio")]
+            stop: None,
+        })
+    }
+
+    /// The same, also setting `stop` (the async service's).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn with_stop(
+        writer: UnixStream,
+        stop: Arc<::tokio::sync::watch::Sender<bool>>,
+    ) -> io::Result<ShutdownHandle> {
+        let mut handle = ShutdownHandle::new(writer)?;
+        handle.stop = Some(stop);
+        Ok(handle)
+    }
+
     /// Asks the service to stop. Safe to call from any thread, many times.
     pub fn shutdown(&self) {
         // A full buffer already holds a wake-up: nothing is lost.
         let _ = (&*self.writer).write(&[1]);
+        #[cfg(feature = "tokio")]
+        if let Some(stop) = &self.stop {
+            stop.send_replace(true);
+        }
     }
 
     /// An fd that a signal handler may write to (signal-hook's
@@ -169,7 +199,6 @@ impl Service {
         // Made with the listener, before its socket: a receiver's fds are
         // all open by the time it listens.
         let (wake_reader, writer) = listener.take_wake_pair()?;
-        writer.set_nonblocking(true)?;
         wake_reader.set_nonblocking(true)?;
         let budget = listener.shared_budget();
         Ok(Service {
@@ -177,9 +206,7 @@ impl Service {
             budget,
             stats: Arc::default(),
             wake_reader,
-            shutdown: ShutdownHandle {
-                writer: Arc::new(writer),
-            },
+            shutdown: ShutdownHandle::new(writer)?,
         })
     }
 

@@ -380,7 +380,7 @@ impl Drop for Responder {
 pub struct IncomingTransfer {
     id: u64,
     version: Version,
-    peer: Option<PeerCredentials>,
+    peer: PeerCredentials,
     peer_pidfd: Option<Arc<OwnedFd>>,
     segments: Vec<VerifiedSegment>,
     responder: Responder,
@@ -389,7 +389,7 @@ pub struct IncomingTransfer {
 impl IncomingTransfer {
     pub(crate) fn new(
         version: Version,
-        peer: Option<PeerCredentials>,
+        peer: PeerCredentials,
         peer_pidfd: Option<Arc<OwnedFd>>,
         segments: Vec<VerifiedSegment>,
         responder: Responder,
@@ -414,9 +414,10 @@ impl IncomingTransfer {
         self.version
     }
 
-    /// The sender, as the kernel recorded it at `connect` (`SO_PEERCRED`),
-    /// where known.
-    pub fn peer(&self) -> Option<PeerCredentials> {
+    /// The sender, as the kernel recorded it at `connect` (`SO_PEERCRED`).
+    /// Always known: a connection whose peer the kernel cannot name is
+    /// refused before it serves anything.
+    pub fn peer(&self) -> PeerCredentials {
         self.peer
     }
 

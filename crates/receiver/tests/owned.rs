@@ -169,7 +169,7 @@ fn peer_roles() {
                 "peer: got {} ({} bytes) from pid {}",
                 segment.name(),
                 segment.size(),
-                transfer.peer().unwrap().pid
+                transfer.peer().pid
             );
             transfer.accept().unwrap();
         }
@@ -467,7 +467,7 @@ fn a_transfer_names_its_sender_by_pidfd_where_the_kernel_can() {
     let sender_pid = sender.0.as_ref().unwrap().id();
     let mut connection = listener.accept().unwrap();
     let transfer = connection.receive().unwrap().unwrap();
-    assert_eq!(transfer.peer().unwrap().pid as u32, sender_pid);
+    assert_eq!(transfer.peer().pid as u32, sender_pid);
     let fdinfo_pid = |transfer: &sealpass_receiver::IncomingTransfer| {
         let pidfd = transfer.peer_pidfd()?;
         let info =

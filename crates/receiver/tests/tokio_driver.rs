@@ -74,7 +74,7 @@ fn start(config: Config) -> Running {
         runtime.block_on(async move {
             let mut listener = Listener::bind(&path).unwrap();
             listener.set_config(config);
-            let service = Service::new(listener);
+            let service = Service::new(listener).unwrap();
             handles
                 .send((
                     service.stats(),
@@ -438,7 +438,9 @@ fn one_current_thread_runtime_serves_1000_connections() {
                 let mut sender = sealpass_sender::tokio::Sender::connect(&socket)
                     .await
                     .unwrap();
-                sender.set_answer_timeout(Some(Duration::from_secs(30)));
+                sender
+                    .set_answer_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
                 let mut accepted = 0;
                 for round in 0..2 {
                     let frame = segment(&format!("c{n}-{round}"), 4096);

@@ -123,8 +123,12 @@ impl Sender {
 
     /// How long to wait for each answer (`None`: forever, the default); also
     /// how long [`Sender::submit`] waits for room in the receiver's queue.
-    pub fn set_answer_timeout(&mut self, timeout: Option<Duration>) {
+    /// The same signature as the blocking sender's, which sets socket
+    /// options and can fail; this one waits on the runtime's timer and
+    /// always returns `Ok`.
+    pub fn set_answer_timeout(&mut self, timeout: Option<Duration>) -> Result<(), SendError> {
         self.answer_timeout = timeout;
+        Ok(())
     }
 
     /// Transfers submitted whose verdict has not been taken yet.

@@ -39,7 +39,7 @@ pub struct ReceiveBatch {
     pub(super) narrow: u32,
     payload_len: usize,
     buffers: Buffers,
-    received: Vec<Option<Received>>,
+    received: Vec<Option<Incoming>>,
     /// The index of the next message to take.
     next: usize,
     /// fd lists handed back, so receiving allocates none per message.
@@ -154,7 +154,7 @@ impl ReceiveBatch {
     /// Takes the next message of the last receive, in order: what `recvmsg`
     /// would have said of it, and its payload bytes. `None` once all are
     /// taken.
-    pub fn take_next(&mut self) -> Option<(Received, &[u8])> {
+    pub fn take_next(&mut self) -> Option<(Incoming, &[u8])> {
         let index = self.next;
         let received = self.received.get_mut(index)?.take()?;
         self.next += 1;
@@ -347,7 +347,7 @@ fn receive_slots<const N: usize>(
         // SAFETY: recvmsg or recvmmsg filled this entry; its control buffer
         // is in `batch`, alive and untouched since.
         unsafe { collect_fds(&header.msg_hdr, &mut fds) };
-        batch.received.push(Some(Received {
+        batch.received.push(Some(Incoming {
             len: header.msg_len as usize,
             fds,
             payload_truncated: header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,

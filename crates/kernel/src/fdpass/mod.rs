@@ -261,7 +261,7 @@ impl ControlBuffer {
 
 /// One message as `recvmsg` returned it.
 #[derive(Debug)]
-pub struct Received {
+pub struct Incoming {
     /// Payload bytes written to the buffer.
     pub len: usize,
     /// Every fd the kernel installed, in order, each owned exactly once.
@@ -273,7 +273,7 @@ pub struct Received {
     pub control_truncated: bool,
 }
 
-impl Received {
+impl Incoming {
     /// A zero-byte read with no fds: the peer closed the connection.
     pub fn is_end_of_stream(&self) -> bool {
         self.len == 0 && self.fds.is_empty() && !self.payload_truncated
@@ -385,7 +385,7 @@ pub fn receive(
     sock: BorrowedFd<'_>,
     buffer: &mut [u8],
     control: &mut ControlBuffer,
-) -> Result<Received, TransportError> {
+) -> Result<Incoming, TransportError> {
     receive_reusing(sock, buffer, control, Vec::new())
 }
 
@@ -397,7 +397,7 @@ pub fn receive_reusing(
     buffer: &mut [u8],
     control: &mut ControlBuffer,
     fds: Vec<OwnedFd>,
-) -> Result<Received, TransportError> {
+) -> Result<Incoming, TransportError> {
     receive_with_flags(sock, buffer, control, fds, libc::MSG_CMSG_CLOEXEC)
 }
 
@@ -409,7 +409,7 @@ pub fn try_receive_reusing(
     buffer: &mut [u8],
     control: &mut ControlBuffer,
     fds: Vec<OwnedFd>,
-) -> Result<Option<Received>, TransportError> {
+) -> Result<Option<Incoming>, TransportError> {
     match receive_with_flags(
         sock,
         buffer,
@@ -491,7 +491,7 @@ fn receive_with_flags(
     control: &mut ControlBuffer,
     mut fds: Vec<OwnedFd>,
     flags: libc::c_int,
-) -> Result<Received, TransportError> {
+) -> Result<Incoming, TransportError> {
     fds.clear();
     let mut iov = libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
@@ -517,7 +517,7 @@ fn receive_with_flags(
     // SAFETY: recvmsg succeeded on `header`, so its control fields describe
     // what the kernel wrote into `control`, which is still alive.
     unsafe { collect_fds(&header, &mut fds) };
-    Ok(Received {
+    Ok(Incoming {
         len,
         fds,
         payload_truncated: header.msg_flags & libc::MSG_TRUNC != 0,

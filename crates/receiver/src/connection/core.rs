@@ -27,7 +27,7 @@ pub(crate) struct Opened {
     pub(crate) socket: OwnedFd,
     pub(crate) session: Session,
     pub(crate) config: Arc<Config>,
-    pub(crate) peer: Option<PeerCredentials>,
+    pub(crate) peer: PeerCredentials,
     pub(crate) admission: Option<AdmissionTicket>,
 }
 
@@ -43,7 +43,7 @@ impl From<Admission> for Opened {
             ),
             socket: admission.socket,
             config: admission.config,
-            peer: Some(admission.peer),
+            peer: admission.peer,
             admission: admission.ticket,
         }
     }
@@ -79,7 +79,7 @@ pub(crate) fn admit_alone(socket: OwnedFd, config: Config) -> Result<Admission, 
 pub(crate) struct Core {
     pub(crate) link: Arc<Link>,
     pub(crate) config: Arc<Config>,
-    pub(crate) peer: Option<PeerCredentials>,
+    pub(crate) peer: PeerCredentials,
     /// The peer's pidfd (`SO_PEERPIDFD`, Linux 6.5+), shared with the
     /// transfers it delivers.
     pub(crate) peer_pidfd: Option<Arc<OwnedFd>>,
@@ -110,7 +110,7 @@ impl Core {
     pub(crate) fn new(
         link: Arc<Link>,
         config: Arc<Config>,
-        peer: Option<PeerCredentials>,
+        peer: PeerCredentials,
         own_buffer: bool,
     ) -> Core {
         let peer_pidfd = match fdpass::peer_pidfd(link.socket.fd()) {
@@ -189,7 +189,7 @@ impl Core {
     /// before its `Reject` goes out.
     pub(crate) fn judge(
         &mut self,
-        received: fdpass::Received,
+        received: fdpass::Incoming,
         now: Instant,
     ) -> Result<Event, ServeError> {
         let incoming = std::mem::take(&mut self.incoming);
@@ -204,7 +204,7 @@ impl Core {
     /// on this thread.
     pub(crate) fn judge_bytes(
         &mut self,
-        received: fdpass::Received,
+        received: fdpass::Incoming,
         bytes: &[u8],
         now: Instant,
     ) -> Result<Event, ServeError> {
@@ -230,7 +230,7 @@ impl Core {
     /// ([`map_all`]), on this thread or (async) off the runtime's.
     pub(crate) fn judge_header(
         &mut self,
-        received: fdpass::Received,
+        received: fdpass::Incoming,
         bytes: &[u8],
         now: Instant,
     ) -> Judging {

@@ -40,8 +40,8 @@ macro_rules! connection_accessors {
             &self.core.config
         }
 
-        /// The peer, as the kernel recorded it at `connect`, where known.
-        pub fn peer(&self) -> Option<PeerCredentials> {
+        /// The peer, as the kernel recorded it at `connect` (`SO_PEERCRED`).
+        pub fn peer(&self) -> PeerCredentials {
             self.core.peer
         }
 

@@ -62,7 +62,8 @@ use crate::listener::Admission;
 use crate::transfer::IncomingTransfer;
 
 pub use self::listener::Listener;
-pub use self::service::{Delivery, Service, ShutdownHandle};
+pub use self::service::{OwnedDelivery, Service};
+pub use crate::service::ShutdownHandle;
 
 /// Registers `fd` with the runtime's reactor, for reading and writing.
 #[allow(unsafe_code)]

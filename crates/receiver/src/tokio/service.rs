@@ -17,7 +17,7 @@ use sealpass_proto::{MappedBudget, RejectReason, Version};
 
 use crate::ErrorChain;
 use crate::connection::Event;
-use crate::service::{SHUTDOWN_GRACE, ServiceStats};
+use crate::service::{SHUTDOWN_GRACE, ServiceStats, ShutdownHandle};
 use crate::transfer::VerifiedSegment;
 
 use super::{Connection, Listener};
@@ -26,7 +26,7 @@ use super::{Connection, Listener};
 /// segments and all. The service answers it by the handler's result.
 #[derive(Debug)]
 #[non_exhaustive]
-pub struct Delivery {
+pub struct OwnedDelivery {
     /// The sender, as the kernel recorded it at `connect`.
     pub peer: PeerCredentials,
     /// The connection's number, from 1 in accept order.
@@ -40,20 +40,6 @@ pub struct Delivery {
     pub segments: Vec<VerifiedSegment>,
 }
 
-/// Stops a running async [`Service`].
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle {
-    stop: Arc<watch::Sender<bool>>,
-}
-
-impl ShutdownHandle {
-    /// Asks the service to stop: it stops accepting, answers what peers
-    /// already sent, removes its socket and returns. Any thread, any time.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-}
-
 /// A receiving service on one tokio runtime: every connection a task, with
 /// the limits, access rules and shutdown of the blocking
 /// [`Service`](crate::Service).
@@ -65,7 +51,7 @@ impl ShutdownHandle {
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// # let dir = tempfile::tempdir()?;
 /// # let socket = dir.path().join("service.sock");
-/// let service = Service::new(Listener::bind(&socket)?);
+/// let service = Service::new(Listener::bind(&socket)?)?;
 /// let shutdown = service.shutdown_handle();
 /// let running = tokio::spawn(service.run(|delivery| async move {
 ///     let bytes: usize = delivery.segments.iter().map(|s| s.bytes().len()).sum();
@@ -86,6 +72,19 @@ pub struct Service {
     budget: Arc<MappedBudget>,
     stats: Arc<ServiceStats>,
     stop: Arc<watch::Sender<bool>>,
+    shutdown: ShutdownHandle,
+    /// Read end of the wake-up pair: a byte written to
+    /// [`ShutdownHandle::signal_fd`] (from a signal handler) stops it too.
+    wake_reader: std::os::unix::net::UnixStream,
+}
+
+/// Ends a task when dropped, on every path out of `run`.
+struct AbortOnDrop(::tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Counts a connection as served while it lives.
@@ -107,21 +106,26 @@ impl Drop for Active {
 impl Service {
     /// A service on `listener`, whose [`Config`](crate::Config) supplies the policy, the
     /// limits and who may connect.
-    pub fn new(listener: Listener) -> Service {
+    /// Fails as the blocking one does, when the wake-up pair made with the
+    /// listener cannot be set up.
+    pub fn new(mut listener: Listener) -> io::Result<Service> {
+        let (wake_reader, writer) = listener.inner.take_wake_pair()?;
+        wake_reader.set_nonblocking(true)?;
         let budget = listener.inner.shared_budget();
-        Service {
+        let stop = Arc::new(watch::channel(false).0);
+        Ok(Service {
             listener,
             budget,
             stats: Arc::default(),
-            stop: Arc::new(watch::channel(false).0),
-        }
+            shutdown: ShutdownHandle::with_stop(writer, Arc::clone(&stop))?,
+            stop,
+            wake_reader,
+        })
     }
 
     /// A handle that stops [`Service::run`].
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            stop: Arc::clone(&self.stop),
-        }
+        self.shutdown.clone()
     }
 
     /// Counters, updated while the service runs.
@@ -140,7 +144,7 @@ impl Service {
     /// Returns once every connection has finished; the socket file is gone.
     pub async fn run<H, F, E>(self, handler: H) -> io::Result<()>
     where
-        H: Fn(Delivery) -> F + Send + Sync + 'static,
+        H: Fn(OwnedDelivery) -> F + Send + Sync + 'static,
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: Display + 'static,
     {
@@ -149,7 +153,18 @@ impl Service {
             budget: _,
             stats,
             stop,
+            shutdown: _,
+            wake_reader,
         } = self;
+        // A byte on the wake-up pair (ShutdownHandle::signal_fd) stops it too.
+        let woken = Arc::clone(&stop);
+        let wake_reader = super::register(std::os::fd::OwnedFd::from(wake_reader))?;
+        let watching = ::tokio::spawn(async move {
+            if wake_reader.readable().await.is_ok() {
+                woken.send_replace(true);
+            }
+        });
+        let _watching = AbortOnDrop(watching);
         let handler = Arc::new(handler);
         let mut connections = JoinSet::new();
         let mut stopping = stop.subscribe();
@@ -222,7 +237,7 @@ async fn serve<H, F, E>(
     active: Active,
     mut stop: watch::Receiver<bool>,
 ) where
-    H: Fn(Delivery) -> F + Send + Sync + 'static,
+    H: Fn(OwnedDelivery) -> F + Send + Sync + 'static,
     F: Future<Output = Result<(), E>> + Send + 'static,
     E: Display + 'static,
 {
@@ -258,7 +273,7 @@ async fn serve<H, F, E>(
         let (id, version, bytes) = (transfer.id(), transfer.version(), transfer.total_bytes());
         let (segments, responder) = transfer.into_parts();
         let count = segments.len();
-        let delivery = Delivery {
+        let delivery = OwnedDelivery {
             peer,
             connection: number,
             id,
