@@ -136,10 +136,16 @@ pub fn session(data: &[u8]) {
                     Received::Refused(reject) => expected.push_back(Some(reject.id)),
                     Received::Inspect(unverified) => {
                         let id = unverified.id();
-                        let judged = session.judge(unverified, &mut scratch, |index, facts| {
-                            *facts = fd_facts(&mut script, declared.get(index));
-                            Ok::<(), &str>(())
-                        });
+                        let mut handles = vec![(); fds];
+                        let judged = session.judge(
+                            unverified,
+                            &mut handles,
+                            &mut scratch,
+                            |index, facts| {
+                                *facts = fd_facts(&mut script, declared.get(index));
+                                Ok::<(), &str>(())
+                            },
+                        );
                         match judged {
                             Err(reject) => {
                                 assert_eq!(reject.id, id, "a refusal after decoding names the id");

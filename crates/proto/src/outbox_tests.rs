@@ -65,16 +65,21 @@ fn delivered_transfer(session: &mut Session, now: Instant, id: u64) -> Ticket {
         panic!("transfer {id} was not taken");
     };
     let verified = session
-        .judge(unverified, &mut unknown_fd_facts(), |_, facts| {
-            *facts = FdFacts {
-                kind: FileKind::Regular,
-                seals: Some(Seals::SENDER_DEFAULT),
-                size: 4096,
-                allocated: 4096,
-                link: format!("/memfd:{name} (deleted)").into_bytes(),
-            };
-            Ok::<(), std::io::Error>(())
-        })
+        .judge(
+            unverified,
+            &mut vec![()],
+            &mut unknown_fd_facts(),
+            |_, facts| {
+                *facts = FdFacts {
+                    kind: FileKind::Regular,
+                    seals: Some(Seals::SENDER_DEFAULT),
+                    size: 4096,
+                    allocated: 4096,
+                    link: format!("/memfd:{name} (deleted)").into_bytes(),
+                };
+                Ok::<(), std::io::Error>(())
+            },
+        )
         .expect("transfer verified");
     let delivered = session.deliver(verified);
     drop(delivered.reservation);

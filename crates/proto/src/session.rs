@@ -43,7 +43,9 @@
 //! let datagram = Datagram { bytes: &bytes, fds: 1, payload_truncated: false, control_truncated: false };
 //! let Received::Inspect(unverified) = session.handle_datagram(now, &datagram) else { panic!() };
 //! // What the kernel says of the fd (a driver asks fstat, F_GET_SEALS, readlink).
-//! let verified = session.judge(unverified, &mut unknown_fd_facts(), |_index, facts| {
+//! // The message's fds (here stand-ins): a verified transfer holds them.
+//! let mut fds = vec![()];
+//! let verified = session.judge(unverified, &mut fds, &mut unknown_fd_facts(), |_index, facts| {
 //!     *facts = FdFacts {
 //!         kind: FileKind::Regular,
 //!         seals: Some(Seals::SENDER_DEFAULT),
@@ -136,18 +138,20 @@ impl Unverified {
     }
 }
 
-/// One segment the kernel vouched for: the proof a driver must show to map
-/// an fd. Only a [`Verified`] transfer hands them out, and only
-/// [`Session::judge`] makes one of those.
-#[derive(Debug, Clone, Copy)]
-pub struct Grant<'a> {
+/// One fd the kernel vouched for, with the segment it was judged as: the
+/// proof a driver must show to map it. Only a [`Verified`] transfer hands
+/// them out, and only [`Session::judge`] makes one of those, so the fd a
+/// grant carries is the one its facts were judged from.
+#[derive(Debug)]
+pub struct Grant<'a, F> {
     confirmed: &'a Segment,
+    fd: &'a F,
 }
 
-impl Grant<'_> {
+impl<'a, F> Grant<'a, F> {
     /// The segment as the kernel reported it: its name, its size (the bytes
     /// to map, final since SHRINK and GROW are sealed) and all its seals.
-    pub fn segment(&self) -> &Segment {
+    pub fn segment(&self) -> &'a Segment {
         self.confirmed
     }
 
@@ -155,20 +159,28 @@ impl Grant<'_> {
     pub fn size(&self) -> u64 {
         self.confirmed.size
     }
+
+    /// The fd (or whatever handle the driver judged), to map.
+    pub fn fd(&self) -> &'a F {
+        self.fd
+    }
 }
 
-/// A transfer whose every fd the kernel vouched for, its bytes reserved in
-/// the budgets. Map each fd with its [`Grant`], then [`Session::deliver`],
-/// or report a mapping failure with [`Session::map_failed`].
+/// A transfer whose every fd the kernel vouched for, holding those fds
+/// (`F`: the driver's handle, an `OwnedFd`), its bytes reserved in the
+/// budgets. Map each fd with its [`Grant`], then [`Session::deliver`], or
+/// report a mapping failure with [`Session::map_failed`]; dropped, it
+/// closes the fds and gives the bytes back.
 #[derive(Debug)]
-pub struct Verified {
+pub struct Verified<F> {
     id: u64,
     version: Version,
     confirmed: Vec<Segment>,
+    fds: Vec<F>,
     reservation: Reservation,
 }
 
-impl Verified {
+impl<F> Verified<F> {
     /// The transfer's id.
     pub fn id(&self) -> u64 {
         self.id
@@ -180,8 +192,11 @@ impl Verified {
     }
 
     /// One grant per fd, in order.
-    pub fn grants(&self) -> impl ExactSizeIterator<Item = Grant<'_>> {
-        self.confirmed.iter().map(|confirmed| Grant { confirmed })
+    pub fn grants(&self) -> impl ExactSizeIterator<Item = Grant<'_, F>> {
+        self.confirmed
+            .iter()
+            .zip(&self.fds)
+            .map(|(confirmed, fd)| Grant { confirmed, fd })
     }
 }
 
@@ -207,7 +222,7 @@ impl Ticket {
 /// What a delivered transfer is made of, for the driver to pair with its
 /// mappings.
 #[derive(Debug)]
-pub struct Delivered {
+pub struct Delivered<F> {
     /// Where its answer goes.
     pub ticket: Ticket,
     /// Its id.
@@ -216,6 +231,8 @@ pub struct Delivered {
     pub version: Version,
     /// The segments as the kernel reported them, in order.
     pub segments: Vec<Segment>,
+    /// Their fds, in the same order.
+    pub fds: Vec<F>,
     /// The transfer's bytes in the budgets; split it per segment
     /// ([`Reservation::split_off`]) so each is given back with its mapping.
     pub reservation: Reservation,
@@ -465,29 +482,41 @@ impl Session {
     /// Step 8 and 9: judges each fd, in order, from the facts `inspect`
     /// gathers for it from the kernel into the `FdFacts` it is given (its
     /// `link` buffer is reused from fd to fd), then reserves the transfer's
-    /// bytes in the budgets. A refusal is queued; the driver then closes
-    /// the fds and transmits.
-    pub fn judge<E: Display>(
+    /// bytes in the budgets. `fds` are the message's fds, in order (the
+    /// facts of fd `index` are `inspect`'s for that index): a verified
+    /// transfer takes them, and a refused one closes them (`fds` is left
+    /// empty, its capacity kept) before the refusal is queued for the
+    /// driver to transmit.
+    pub fn judge<F, E: Display>(
         &mut self,
         unverified: Unverified,
+        fds: &mut Vec<F>,
         scratch: &mut FdFacts,
         mut inspect: impl FnMut(usize, &mut FdFacts) -> Result<(), E>,
-    ) -> Result<Verified, Reject> {
-        let result = self.check(unverified, scratch, &mut inspect);
-        result.inspect_err(|reject| self.queue_refusal(reject.clone(), false))
+    ) -> Result<Verified<F>, Reject> {
+        let result = self.check(unverified, fds, scratch, &mut inspect);
+        result.inspect_err(|reject| {
+            fds.clear();
+            self.queue_refusal(reject.clone(), false);
+        })
     }
 
-    fn check<E: Display>(
+    fn check<F, E: Display>(
         &self,
         unverified: Unverified,
+        fds: &mut Vec<F>,
         scratch: &mut FdFacts,
         inspect: &mut impl FnMut(usize, &mut FdFacts) -> Result<(), E>,
-    ) -> Result<Verified, Reject> {
+    ) -> Result<Verified<F>, Reject> {
         let Unverified {
             id,
             version,
             segments,
         } = unverified;
+        // The datagram's fd count was checked against the header; the fds
+        // given here must be those, one per segment.
+        check_fd_count(fds.len(), segments.len())
+            .map_err(|error| Reject::new(id, RejectReason::FdCountMismatch, error.to_string()))?;
         let policy = self.config.policy();
         let mut total = 0u64;
         let mut confirmed = segments;
@@ -511,6 +540,7 @@ impl Session {
             id,
             version,
             confirmed,
+            fds: std::mem::take(fds),
             reservation,
         })
     }
@@ -542,9 +572,9 @@ impl Session {
     /// Step 10 failed: segment `index` of `verified` could not be mapped.
     /// Queues the refusal (`ResourceExhausted` when memory or address space
     /// ran out, `MapFailed` otherwise) and gives the reservation back.
-    pub fn map_failed(
+    pub fn map_failed<F>(
         &mut self,
-        verified: Verified,
+        verified: Verified<F>,
         index: usize,
         error: &std::io::Error,
     ) -> Reject {
@@ -573,7 +603,7 @@ impl Session {
 
     /// Step 11: every fd is mapped; the transfer goes to the application,
     /// whose answer takes the next place in the answer order.
-    pub fn deliver(&mut self, verified: Verified) -> Delivered {
+    pub fn deliver<F>(&mut self, verified: Verified<F>) -> Delivered<F> {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         self.answers.push_back(Slot {
@@ -591,6 +621,7 @@ impl Session {
             id: verified.id,
             version: verified.version,
             segments: verified.confirmed,
+            fds: verified.fds,
             reservation: verified.reservation,
         }
     }

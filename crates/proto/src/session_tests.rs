@@ -75,26 +75,30 @@ fn offer(
     now: Instant,
     bytes: &[u8],
     facts: &[Option<FdFacts>],
-) -> Result<Delivered, Reject> {
+) -> Result<Delivered<()>, Reject> {
     let unverified = match session.handle_datagram(now, &datagram(bytes, facts.len())) {
         Received::Inspect(unverified) => unverified,
         Received::Refused(reject) => return Err(reject),
         Received::End => panic!("unexpected end"),
     };
     let mut scratch = unknown_fd_facts();
-    let verified = session.judge(unverified, &mut scratch, |index, into| {
-        match &facts[index] {
+    let mut fds = vec![(); facts.len()];
+    let verified = session.judge(
+        unverified,
+        &mut fds,
+        &mut scratch,
+        |index, into| match &facts[index] {
             Some(facts) => {
                 *into = facts.clone();
                 Ok(())
             }
             None => Err("EBADF: Bad file descriptor"),
-        }
-    })?;
+        },
+    )?;
     Ok(session.deliver(verified))
 }
 
-fn expect_rejected(result: Result<Delivered, Reject>) -> Reject {
+fn expect_rejected(result: Result<Delivered<()>, Reject>) -> Reject {
     match result {
         Err(reject) => reject,
         Ok(delivered) => panic!("expected a reject, got delivery of {}", delivered.id),
@@ -412,10 +416,15 @@ fn every_reason_code_comes_from_the_state_machine() {
             panic!("valid")
         };
         let verified = session
-            .judge(unverified, &mut unknown_fd_facts(), |_, into| {
-                *into = memfd("seg", 4096);
-                Ok::<(), &str>(())
-            })
+            .judge(
+                unverified,
+                &mut vec![()],
+                &mut unknown_fd_facts(),
+                |_, into| {
+                    *into = memfd("seg", 4096);
+                    Ok::<(), &str>(())
+                },
+            )
             .unwrap();
         assert_eq!(session.mapped(), 4096, "reserved before mapping");
         assert_eq!(
@@ -799,4 +808,41 @@ fn a_session_without_a_shared_budget_still_holds_max_mapped_total() {
         "{}",
         reject.message
     );
+}
+
+#[test]
+fn a_verified_transfer_holds_exactly_the_fds_it_was_judged_from() {
+    let now = Instant::now();
+    let bytes = transfer(3, vec![segment("a", 4096), segment("b", 4096)]);
+    for (given, expected) in [
+        (2, Ok(vec![10, 11])),
+        (1, Err(RejectReason::FdCountMismatch)),
+        (3, Err(RejectReason::FdCountMismatch)),
+    ] {
+        let mut session = Session::new(Arc::new(Config::default()), None, now);
+        let Received::Inspect(unverified) = session.handle_datagram(now, &datagram(&bytes, 2))
+        else {
+            panic!("valid header")
+        };
+        let mut fds: Vec<u32> = (10..10 + given).collect();
+        let judged = session.judge(
+            unverified,
+            &mut fds,
+            &mut unknown_fd_facts(),
+            |index, into| {
+                *into = memfd(["a", "b"][index.min(1)], 4096);
+                Ok::<(), &str>(())
+            },
+        );
+        let got = judged
+            .map(|verified| {
+                verified
+                    .grants()
+                    .map(|grant| *grant.fd())
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|reject| reject.reason);
+        assert_eq!(got, expected, "{given} fds given for 2 segments");
+        assert!(fds.is_empty(), "taken when verified, closed when refused");
+    }
 }

@@ -2,7 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -98,18 +98,18 @@ static SHARED_READ_ONLY: AtomicBool = AtomicBool::new(true);
 /// Maps a verified memfd read-only, `grant.size()` bytes; `None` for size 0,
 /// which mmap refuses.
 ///
-/// The [`Grant`] is the proof: only `Session::judge` makes one, after the
-/// kernel reported that the memfd is that size and carries `F_SEAL_SHRINK`
-/// and `F_SEAL_WRITE` ([`sealpass_proto::Seals::MAPPING_FLOOR`], which every
-/// policy includes). `fd` must be the fd the grant was judged for.
+/// The [`Grant`] is the proof, and carries the fd: only `Session::judge`
+/// makes one, from the fd it was given, after the kernel reported that the
+/// memfd is that size and carries `F_SEAL_SHRINK` and `F_SEAL_WRITE`
+/// ([`sealpass_proto::Seals::MAPPING_FLOOR`], which every policy includes).
 /// With `populate`, the kernel faults every page in during the `mmap` call
 /// (`MAP_POPULATE`): one batch instead of a fault per 4 KiB page on first
 /// touch, for readers that read every byte.
 pub(crate) fn map_verified(
-    fd: BorrowedFd<'_>,
-    grant: Grant<'_>,
+    grant: Grant<'_, OwnedFd>,
     populate: bool,
 ) -> io::Result<Option<Mapping>> {
+    let fd = grant.fd().as_fd();
     if grant.size() == 0 {
         return Ok(None);
     }
@@ -206,7 +206,7 @@ mod tests {
     use super::*;
 
     /// A memfd of `size` bytes of `byte`, sealed against writes and shrinking.
-    fn sealed(size: usize, byte: u8) -> std::os::fd::OwnedFd {
+    fn sealed(size: usize, byte: u8) -> OwnedFd {
         use nix::fcntl::{FcntlArg, SealFlag, fcntl};
         use std::os::unix::fs::FileExt;
         let fd = nix::sys::memfd::memfd_create(

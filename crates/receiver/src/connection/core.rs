@@ -267,11 +267,14 @@ impl Core {
         &mut self,
         inspecting: Inspecting,
     ) -> Result<Mapping, Result<Event, ServeError>> {
-        let Inspecting { fds, unverified } = inspecting;
+        let Inspecting {
+            mut fds,
+            unverified,
+        } = inspecting;
         let gathered = &mut self.gathered;
         let link = Arc::clone(&self.link);
         let mut session = link.lock();
-        let verified = session.judge(unverified, &mut self.scratch, |index, facts| {
+        let verified = session.judge(unverified, &mut fds, &mut self.scratch, |index, facts| {
             let (known, inspected) = gathered.get_mut(index).ok_or(nix::errno::Errno::EBADF)?;
             // Swapped, not cloned: no allocation for the link's bytes;
             // the next message's facts overwrite what is left here.
@@ -279,7 +282,7 @@ impl Core {
             *inspected
         });
         match verified {
-            Ok(verified) => Ok(Mapping { fds, verified }),
+            Ok(verified) => Ok(Mapping { verified }),
             Err(reject) => Err(self.refused(fds, &mut session, reject)),
         }
     }
@@ -292,17 +295,19 @@ impl Core {
         mut mappings: Vec<Option<mapping::Mapping>>,
         failed: Option<(usize, std::io::Error)>,
     ) -> Result<Event, ServeError> {
-        let Mapping { mut fds, verified } = mapping;
+        let Mapping { verified } = mapping;
         let link = Arc::clone(&self.link);
         let mut session = link.lock();
         if let Some((index, error)) = failed {
             mappings.clear();
             self.spare_mappings = mappings;
+            // Closes the transfer's fds before the refusal is queued.
             let reject = session.map_failed(verified, index, &error);
-            return self.refused(fds, &mut session, reject);
+            return self.refused(Vec::new(), &mut session, reject);
         }
         let delivered = session.deliver(verified);
         drop(session);
+        let mut fds = delivered.fds;
         let mut reservation = delivered.reservation;
         let segments = delivered
             .segments
@@ -468,8 +473,8 @@ pub(crate) struct Inspecting {
 /// ([`map_all`]).
 #[derive(Debug)]
 pub(crate) struct Mapping {
-    fds: Vec<OwnedFd>,
-    verified: Verified,
+    /// Holds the fds: each grant carries the fd it was judged for.
+    verified: Verified<OwnedFd>,
 }
 
 /// Where judging a message stands after its header.
@@ -497,8 +502,8 @@ pub(crate) fn map_all(
     mappings: &mut Vec<Option<mapping::Mapping>>,
 ) -> Option<(usize, std::io::Error)> {
     mappings.clear();
-    for (index, (grant, fd)) in mapping.verified.grants().zip(&mapping.fds).enumerate() {
-        match mapping::map_verified(fd.as_fd(), grant, populate) {
+    for (index, grant) in mapping.verified.grants().enumerate() {
+        match mapping::map_verified(grant, populate) {
             Ok(mapped) => mappings.push(mapped),
             Err(error) => return Some((index, error)),
         }
