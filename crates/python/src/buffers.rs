@@ -126,10 +126,15 @@ impl Borrowed {
         let start = self.view.buf.cast::<u8>().cast_const();
         // SAFETY: the view keeps its `len` bytes at `start` allocated and in
         // place until it is released (`drop`, after this returns); other
-        // threads may write them meanwhile, which `from_shared_bytes_in`
-        // allows: it reads them only through the kernel and
-        // `copy_nonoverlapping`, never through a reference.
-        unsafe { SealedSegment::from_shared_bytes_in(name, start, len, seals, pages) }
+        // threads may write them meanwhile, which `shared_bytes` allows: it
+        // reads them only through the kernel and `copy_nonoverlapping`,
+        // never through a reference.
+        unsafe {
+            SealedSegment::builder(name)
+                .seals(seals)
+                .pages(pages)
+                .shared_bytes(start, len)
+        }
     }
 }
 

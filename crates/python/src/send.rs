@@ -98,7 +98,12 @@ impl Segment {
     ) -> PyResult<Segment> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
         let segment = py
-            .detach(|| SealedSegment::from_file_in(name, &path, seals, pages(hugetlb)))
+            .detach(|| {
+                SealedSegment::builder(name)
+                    .seals(seals)
+                    .pages(pages(hugetlb))
+                    .file(&path)
+            })
             .map_err(Error)?;
         Ok(Segment::new(segment))
     }
@@ -288,7 +293,11 @@ impl Writer {
     #[pyo3(signature = (name, size, *, hugetlb = false))]
     fn new(py: Python<'_>, name: &str, size: u64, hugetlb: bool) -> PyResult<Writer> {
         let writer = py
-            .detach(|| SegmentWriter::new_in(name, size, pages(hugetlb)))
+            .detach(|| {
+                SealedSegment::builder(name)
+                    .pages(pages(hugetlb))
+                    .writer(size)
+            })
             .map_err(Error)?;
         let hugetlb = writer.pages() == Pages::HugeTlb;
         Ok(Writer {

@@ -40,7 +40,7 @@ pub mod tokio;
 
 pub use client::{SendError, Sender, Verdict, send_bytes};
 pub use compat::{BARE_PAYLOAD_LEN, send_bare};
-pub use memfd::{Pages, SealedSegment, SegmentError, SegmentWriter};
+pub use memfd::{Pages, SealedSegment, SegmentBuilder, SegmentError, SegmentWriter};
 pub use sealpass_proto::size::{ParseSizeError, parse_size};
 pub use sealpass_proto::{RejectReason, Seals};
 

@@ -186,9 +186,10 @@ pub(crate) fn end_to_end(size: usize, iterations: usize, cpu: Option<usize>, pag
     let peer = Peer::start("sealpass-read", 0, cpu);
     let mut sender = Sender::connect(&peer.socket).unwrap();
     per_op(iterations, || {
-        let segment =
-            SealedSegment::filled_in("e2e", b'x', size as u64, Seals::SENDER_DEFAULT, pages)
-                .unwrap();
+        let segment = SealedSegment::builder("e2e")
+            .pages(pages)
+            .filled(b'x', size as u64)
+            .unwrap();
         assert!(
             pages != Pages::HugeTlb || segment.pages() == Pages::HugeTlb,
             "a {size}-byte segment got no hugetlb pages: the pool (vm.nr_hugepages) is too small"

@@ -277,17 +277,14 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     };
     let mut segments = Vec::new();
     for (name, source) in sources {
+        let builder = SealedSegment::builder(&name)
+            .seals(cli.seals)
+            .pages(pages)
+            .stream_limit(cli.max_stream_size);
         let segment = match source {
-            Source::File(path) => SealedSegment::from_file_in(&name, &path, cli.seals, pages)?,
-            Source::Fill { byte, size } => {
-                SealedSegment::filled_in(&name, byte, size, cli.seals, pages)?
-            }
-            Source::Stdin => SealedSegment::from_reader_at_most(
-                &name,
-                &mut io::stdin().lock(),
-                cli.max_stream_size,
-                cli.seals,
-            )?,
+            Source::File(path) => builder.file(&path)?,
+            Source::Fill { byte, size } => builder.filled(byte, size)?,
+            Source::Stdin => builder.reader(&mut io::stdin().lock())?,
         };
         segments.push(segment);
     }

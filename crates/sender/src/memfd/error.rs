@@ -104,7 +104,7 @@ pub enum SegmentError {
     /// A stream yielded more than the bound set for it.
     #[error(
         "segment {name:?}: the source yielded more than {limit} bytes, the bound for a stream; \
-         raise it if that is expected (from_reader_at_most; sealpass-send --max-stream-size)"
+         raise it if that is expected (SegmentBuilder::stream_limit; sealpass-send --max-stream-size)"
     )]
     TooLong {
         /// The name.

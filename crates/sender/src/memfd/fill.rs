@@ -73,7 +73,7 @@ impl Source<'_> {
             Source::Shared { start, len } => {
                 let len = len.min(destination.len());
                 // SAFETY: `start` is readable for `len` bytes until the
-                // constructor returns (`from_shared_bytes_in`'s contract);
+                // constructor returns (`SegmentBuilder::shared_bytes`'s contract);
                 // `destination` is this process's own fresh mapping, which
                 // cannot overlap memory the caller handed in.
                 unsafe { std::ptr::copy_nonoverlapping(start, destination.as_mut_ptr(), len) }
@@ -92,7 +92,7 @@ impl Source<'_> {
             let offset = nix::libc::off_t::try_from(written)
                 .map_err(|_| io::Error::from_raw_os_error(nix::libc::EFBIG))?;
             // SAFETY: the `len - written` bytes at `start + written` are
-            // readable (`from_shared_bytes_in`'s contract); the kernel reads
+            // readable (`SegmentBuilder::shared_bytes`'s contract); the kernel reads
             // them, and no Rust reference to them is made.
             let done = unsafe {
                 nix::libc::pwrite(
@@ -226,7 +226,7 @@ pub(super) fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWrit
 /// takes from a stream (a pipe, a device, stdin), whose length is not known
 /// up front: past it the fill fails ([`SegmentError::TooLong`]) rather than
 /// grow a memfd until memory runs out.
-/// [`SealedSegment::from_reader_at_most`](crate::SealedSegment::from_reader_at_most)
+/// [`SegmentBuilder::stream_limit`](crate::SegmentBuilder::stream_limit)
 /// sets another.
 pub const DEFAULT_STREAM_LIMIT: u64 = 1 << 30;
 

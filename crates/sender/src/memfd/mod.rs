@@ -6,6 +6,7 @@
 //! under a receiver that trusts the seal.
 #![allow(unsafe_code)]
 
+mod builder;
 mod error;
 mod fill;
 mod writer;
@@ -21,6 +22,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use sealpass_kernel::host::ShmemHugePages;
 use sealpass_proto::{Seals, Segment};
 
+pub use builder::SegmentBuilder;
 pub use error::SegmentError;
 pub use fill::DEFAULT_STREAM_LIMIT;
 pub use writer::SegmentWriter;
@@ -73,11 +75,9 @@ pub struct SealedSegment {
 
 /// Where a segment's pages come from.
 ///
-/// Ask for [`Pages::HugeTlb`] with [`SegmentWriter::new_in`],
-/// [`SealedSegment::from_bytes_in`], [`SealedSegment::filled_in`] or
-/// [`SealedSegment::from_file_in`]; `pages()` on the result says what the
-/// kernel gave, since the request falls back to [`Pages::Shmem`] rather than
-/// fail.
+/// Ask for [`Pages::HugeTlb`] with [`SegmentBuilder::pages`]; `pages()` on
+/// the result says what the kernel gave, since the request falls back to
+/// [`Pages::Shmem`] rather than fail.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Pages {
@@ -165,7 +165,7 @@ impl SealedSegment {
     ///
     /// The `len` bytes at `start` stay allocated and readable, at that
     /// address, until this returns.
-    pub unsafe fn from_shared_bytes_in(
+    pub(super) unsafe fn from_shared_bytes_in(
         name: &str,
         start: *const u8,
         len: usize,
@@ -180,7 +180,7 @@ impl SealedSegment {
     /// the machine gives one (hugetlbfs takes no `write`), else as
     /// [`SealedSegment::from_bytes`] does. [`SealedSegment::pages`] says
     /// which.
-    pub fn from_bytes_in(
+    pub(super) fn from_bytes_in(
         name: &str,
         bytes: &[u8],
         seals: Seals,
@@ -255,7 +255,7 @@ impl SealedSegment {
     /// [`Pages::HugeTlb`], a hugetlb memfd where the machine gives one (its
     /// pages reserved in the pool, and written unless `byte` is 0), else as
     /// [`SealedSegment::filled`] does.
-    pub fn filled_in(
+    pub(super) fn filled_in(
         name: &str,
         byte: u8,
         size: u64,
@@ -311,7 +311,7 @@ impl SealedSegment {
     }
 
     /// [`SealedSegment::from_reader`], taking at most `limit` bytes.
-    pub fn from_reader_at_most(
+    pub(super) fn from_reader_at_most(
         name: &str,
         reader: &mut impl Read,
         limit: u64,
@@ -416,8 +416,9 @@ impl SealedSegment {
     /// [`Pages::HugeTlb`], the file's bytes read into a mapping of a hugetlb
     /// memfd of the file's length, where the machine gives one, else as
     /// [`SealedSegment::from_file`] does. A file that grows or shrinks while
-    /// it is read is an error ([`SegmentError::Copy`]), not a short segment.
-    pub fn from_file_in(
+    /// it is read is read again as `from_file` reads it, so the result is
+    /// the same whatever the pages: a segment of what was read.
+    pub(super) fn from_file_in(
         name: &str,
         path: impl AsRef<Path>,
         seals: Seals,
@@ -438,14 +439,19 @@ impl SealedSegment {
                     name: name.to_owned(),
                     source,
                 };
-                source.read_exact(writer.bytes_mut()).map_err(copy_error)?;
-                if source.read(&mut [0u8; 1]).map_err(copy_error)? != 0 {
-                    return Err(copy_error(io::Error::other(format!(
-                        "{} grew past {length} bytes while it was copied",
-                        path.display()
-                    ))));
+                let whole = match source.read_exact(writer.bytes_mut()) {
+                    Ok(()) => source.read(&mut [0u8; 1]).map_err(copy_error)? == 0,
+                    Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => false,
+                    Err(error) => return Err(copy_error(error)),
+                };
+                if whole {
+                    return writer.seal(seals);
                 }
-                return writer.seal(seals);
+                // It changed size while read: what from_file makes of it.
+                drop(writer);
+                source.seek(SeekFrom::Start(0)).map_err(copy_error)?;
+                let expected = source.metadata().map_or(0, |metadata| metadata.len());
+                return Self::from_file_expecting(name, &mut source, expected, seals, huge_pages());
             }
         }
         Self::from_file(name, path, seals)

@@ -111,7 +111,10 @@ fn unbounded_sources_are_refused_or_bounded_and_signals_end_them() {
     ] {
         for result in [
             SealedSegment::from_file("s", path, seals),
-            SealedSegment::from_file_in("s", path, seals, Pages::HugeTlb),
+            SealedSegment::builder("s")
+                .seals(seals)
+                .pages(Pages::HugeTlb)
+                .file(path),
         ] {
             match result {
                 Err(error @ SegmentError::NotAFile { .. }) => {
@@ -124,20 +127,22 @@ fn unbounded_sources_are_refused_or_bounded_and_signals_end_them() {
     }
     // An endless stream stops at the bound, with advice.
     let mut zeros = File::open("/dev/zero").unwrap();
-    match SealedSegment::from_reader_at_most("z", &mut zeros, 1 << 20, seals) {
+    match SealedSegment::builder("z")
+        .seals(seals)
+        .stream_limit(1 << 20)
+        .reader(&mut zeros)
+    {
         Err(error @ SegmentError::TooLong { limit: 1048576, .. }) => {
             assert!(error.to_string().contains("--max-stream-size"), "{error}");
         }
         other => panic!("expected TooLong, got {other:?}"),
     }
     // Exactly the bound is taken.
-    let exact = SealedSegment::from_reader_at_most(
-        "x",
-        &mut Read::by_ref(&mut zeros).take(4096),
-        4096,
-        seals,
-    )
-    .unwrap();
+    let exact = SealedSegment::builder("x")
+        .seals(seals)
+        .stream_limit(4096)
+        .reader(&mut Read::by_ref(&mut zeros).take(4096))
+        .unwrap();
     assert_eq!(exact.size(), 4096);
     // A read a signal interrupts ends the fill.
     struct Interrupting;
@@ -227,7 +232,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             Box::new(move || {
                 let bytes = pattern(huge);
                 Ok((
-                    SealedSegment::from_bytes_in("h1", &bytes, seals, Pages::HugeTlb)?,
+                    SealedSegment::builder("h1")
+                        .seals(seals)
+                        .pages(Pages::HugeTlb)
+                        .bytes(&bytes)?,
                     bytes,
                 ))
             }),
@@ -236,8 +244,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             "filled, two huge pages",
             2 * huge,
             Box::new(move || {
-                let segment =
-                    SealedSegment::filled_in("h2", b'H', 2 * huge, seals, Pages::HugeTlb)?;
+                let segment = SealedSegment::builder("h2")
+                    .seals(seals)
+                    .pages(Pages::HugeTlb)
+                    .filled(b'H', 2 * huge)?;
                 Ok((segment, vec![b'H'; 2 * huge as usize]))
             }),
         ),
@@ -245,7 +255,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             "zeros, reserved, not written",
             huge,
             Box::new(move || {
-                let segment = SealedSegment::filled_in("h0", 0, huge, seals, Pages::HugeTlb)?;
+                let segment = SealedSegment::builder("h0")
+                    .seals(seals)
+                    .pages(Pages::HugeTlb)
+                    .filled(0, huge)?;
                 Ok((segment, vec![0; huge as usize]))
             }),
         ),
@@ -253,7 +266,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             "a file of two huge pages",
             2 * huge,
             Box::new(move || {
-                let segment = SealedSegment::from_file_in("hf", &path, seals, Pages::HugeTlb)?;
+                let segment = SealedSegment::builder("hf")
+                    .seals(seals)
+                    .pages(Pages::HugeTlb)
+                    .file(&path)?;
                 Ok((segment, pattern(2 * huge)))
             }),
         ),
@@ -261,8 +277,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             "not whole pages",
             huge + 4096,
             Box::new(move || {
-                let segment =
-                    SealedSegment::filled_in("hx", b'x', huge + 4096, seals, Pages::HugeTlb)?;
+                let segment = SealedSegment::builder("hx")
+                    .seals(seals)
+                    .pages(Pages::HugeTlb)
+                    .filled(b'x', huge + 4096)?;
                 Ok((segment, vec![b'x'; huge as usize + 4096]))
             }),
         ),
@@ -272,7 +290,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             Box::new(move || {
                 let bytes = pattern(4096);
                 Ok((
-                    SealedSegment::from_bytes_in("hs", &bytes, seals, Pages::HugeTlb)?,
+                    SealedSegment::builder("hs")
+                        .seals(seals)
+                        .pages(Pages::HugeTlb)
+                        .bytes(&bytes)?,
                     bytes,
                 ))
             }),
@@ -282,7 +303,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
             0,
             Box::new(move || {
                 Ok((
-                    SealedSegment::filled_in("he", b'e', 0, seals, Pages::HugeTlb)?,
+                    SealedSegment::builder("he")
+                        .seals(seals)
+                        .pages(Pages::HugeTlb)
+                        .filled(b'e', 0)?,
                     Vec::new(),
                 ))
             }),
@@ -306,7 +330,10 @@ fn hugetlb_is_taken_where_the_pool_has_room_and_falls_back_otherwise() {
         );
     }
     // The writer reports what it got, and a plain request never uses the pool.
-    let writer = SegmentWriter::new_in("w", huge, Pages::Shmem).unwrap();
+    let writer = SealedSegment::builder("w")
+        .pages(Pages::Shmem)
+        .writer(huge)
+        .unwrap();
     assert_eq!(writer.pages(), Pages::Shmem);
 }
 

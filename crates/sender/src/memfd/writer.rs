@@ -99,7 +99,11 @@ impl SegmentWriter {
     /// `pages`: for [`Pages::HugeTlb`], a hugetlb memfd where the machine
     /// gives one (see [`Pages::HugeTlb`] for when), else as
     /// [`SegmentWriter::new`] makes it. [`SegmentWriter::pages`] says which.
-    pub fn new_in(name: &str, size: u64, pages: Pages) -> Result<SegmentWriter, SegmentError> {
+    pub(super) fn new_in(
+        name: &str,
+        size: u64,
+        pages: Pages,
+    ) -> Result<SegmentWriter, SegmentError> {
         if pages == Pages::HugeTlb {
             if let Some(writer) = hugetlb_writer(name, size)? {
                 return Ok(writer);
