@@ -68,7 +68,7 @@ pub struct HugeTlbPool {
 impl HugeTlbPool {
     /// The pool as `/proc/meminfo`'s text states it; `None` when it names
     /// none (a kernel without hugetlbfs).
-    pub fn from_meminfo(text: &str) -> Option<HugeTlbPool> {
+    pub(crate) fn from_meminfo(text: &str) -> Option<HugeTlbPool> {
         Some(HugeTlbPool {
             total: meminfo(text, "HugePages_Total")?,
             free: meminfo(text, "HugePages_Free")?,
@@ -125,7 +125,7 @@ pub enum ShmemHugePages {
 impl ShmemHugePages {
     /// The mode from the two sysfs lists (`always within_size advise [never]
     /// deny force`), the per-size one first where the kernel has it.
-    pub fn from_sysfs(global: Option<&str>, pmd_size: Option<&str>) -> ShmemHugePages {
+    pub(crate) fn from_sysfs(global: Option<&str>, pmd_size: Option<&str>) -> ShmemHugePages {
         let chosen = match pmd_size.and_then(selected) {
             Some(mode) if mode != "inherit" => Some(mode),
             _ => global.and_then(selected),

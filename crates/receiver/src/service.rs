@@ -42,6 +42,29 @@ pub struct Delivery<'a> {
     pub transfer: &'a IncomingTransfer,
 }
 
+/// The accessors both services have, written once: each service holds
+/// `shutdown`, `stats` and `budget`.
+macro_rules! service_accessors {
+    () => {
+        /// A handle that stops [`Service::run`].
+        pub fn shutdown_handle(&self) -> ShutdownHandle {
+            self.shutdown.clone()
+        }
+
+        /// Counters, updated while the service runs.
+        pub fn stats(&self) -> Arc<ServiceStats> {
+            Arc::clone(&self.stats)
+        }
+
+        /// The bytes mapped by all connections right now.
+        pub fn mapped_budget(&self) -> Arc<MappedBudget> {
+            Arc::clone(&self.budget)
+        }
+    };
+}
+#[cfg(feature = "tokio")]
+pub(crate) use service_accessors;
+
 /// Stops a running [`Service`] (blocking or async): it stops accepting,
 /// lets every connection finish (or reject) what it has received, answers,
 /// and returns.
@@ -210,20 +233,7 @@ impl Service {
         })
     }
 
-    /// A handle that stops [`Service::run`].
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        self.shutdown.clone()
-    }
-
-    /// Counters, updated while the service runs.
-    pub fn stats(&self) -> Arc<ServiceStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// The bytes mapped by all connections right now.
-    pub fn mapped_budget(&self) -> Arc<MappedBudget> {
-        Arc::clone(&self.budget)
-    }
+    service_accessors!();
 
     /// Serves until shut down. Each verified transfer goes to `handler` on
     /// its connection's thread; the peer gets `Ack` once it returns `Ok`,

@@ -18,7 +18,7 @@ pub use sealpass_proto::limits::MAX_BATCH;
 
 /// Most receives a [`ReceiveBatch`] makes one message wide after a run of
 /// full-width receives that brought one message each.
-pub const NARROW_AFTER_SINGLES: u32 = 7;
+pub(crate) const NARROW_AFTER_SINGLES: u32 = 7;
 
 /// Buffers for up to `slots` messages received by one `recvmmsg`
 /// ([`receive_batch`]): a payload buffer and a control buffer per slot, and
@@ -216,7 +216,7 @@ pub fn batch_slots() -> usize {
 }
 
 /// [`batch_slots`] for a soft `RLIMIT_NOFILE` of `soft`.
-pub fn batch_slots_for(soft: u64) -> usize {
+pub(crate) fn batch_slots_for(soft: u64) -> usize {
     let slots = soft / 2 / MAX_SEGMENTS as u64;
     usize::try_from(slots)
         .unwrap_or(MAX_BATCH)
@@ -227,7 +227,7 @@ pub fn batch_slots_for(soft: u64) -> usize {
 /// `MSG_CMSG_CLOEXEC`: it waits for the first as [`receive`] does (the
 /// socket's receive timeout applies) and then takes only those already
 /// queued (`MSG_WAITFORONE`). After receives that each found one message,
-/// a few ask for one only (see [`NARROW_AFTER_SINGLES`]). Returns how many came, at least 1; each is in
+/// a few ask for one only (up to 7 after 7 such). Returns how many came, at least 1; each is in
 /// the batch, its fds owned, whatever else is wrong with it. An end of
 /// stream is a message of its own, as with [`receive`].
 pub fn receive_batch(

@@ -392,7 +392,7 @@ pub fn receive(
 /// [`receive`], collecting the fds into `fds` (emptied first, which closes
 /// any left in it), so a receiver that hands the list back after each
 /// message allocates it once.
-pub fn receive_reusing(
+pub(crate) fn receive_reusing(
     sock: BorrowedFd<'_>,
     buffer: &mut [u8],
     control: &mut ControlBuffer,
@@ -401,7 +401,7 @@ pub fn receive_reusing(
     receive_with_flags(sock, buffer, control, fds, libc::MSG_CMSG_CLOEXEC)
 }
 
-/// [`receive_reusing`] without blocking (`MSG_DONTWAIT`): `Ok(None)` when
+/// [`receive`] into reused buffers, without blocking (`MSG_DONTWAIT`): `Ok(None)` when
 /// nothing is queued. For drivers that wait for readiness themselves (an
 /// async runtime's reactor).
 pub fn try_receive_reusing(

@@ -36,7 +36,7 @@ static PASSRIGHTS_KNOWN: AtomicBool = AtomicBool::new(true);
 /// ever reaches this process. Returns whether the kernel took it; on older
 /// kernels (`false`) fds can still arrive, and [`receive`] hands them over
 /// as `OwnedFd`s for the caller to close.
-pub fn refuse_fds(sock: BorrowedFd<'_>) -> Result<bool, TransportError> {
+pub(crate) fn refuse_fds(sock: BorrowedFd<'_>) -> Result<bool, TransportError> {
     refuse_fds_with(sock, &PASSRIGHTS_KNOWN, SO_PASSRIGHTS)
 }
 
@@ -77,7 +77,9 @@ pub(super) fn refuse_fds_with(
 
 /// Whether fds sent to `sock` reach it (`SO_PASSRIGHTS`): `None` where the
 /// kernel does not know the option (before 6.16), and they always do.
-pub fn passes_fds(sock: BorrowedFd<'_>) -> Result<Option<bool>, TransportError> {
+/// The tests' way to see what `refuse_fds` did.
+#[cfg(test)]
+pub(crate) fn passes_fds(sock: BorrowedFd<'_>) -> Result<Option<bool>, TransportError> {
     let mut value: libc::c_int = 0;
     let mut length = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `sock` is open for the call; `value` and `length` are live

@@ -8,8 +8,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use sealpass_kernel::fdpass::{self, ControlBuffer, PeerCredentials, ReceiveBatch, TransportError};
-use sealpass_proto::limits::MAX_MESSAGE_LEN;
+#[cfg(feature = "tokio")]
+use sealpass_kernel::fdpass::ControlBuffer;
+use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::session::{Datagram, Received, Unverified, Verified, admit, unknown_fd_facts};
 use sealpass_proto::verify::FdFacts;
 use sealpass_proto::{Config, Reject, RejectReason, Session};
@@ -83,7 +84,11 @@ pub(crate) struct Core {
     /// The peer's pidfd (`SO_PEERPIDFD`, Linux 6.5+), shared with the
     /// transfers it delivers.
     pub(crate) peer_pidfd: Option<Arc<OwnedFd>>,
+    /// The async driver's receive buffer, lent per message by its thread
+    /// (the blocking driver reads into its batch).
+    #[cfg(feature = "tokio")]
     pub(crate) incoming: Vec<u8>,
+    #[cfg(feature = "tokio")]
     pub(crate) control: Box<ControlBuffer>,
     // Reused from message to message, so serving one allocates only what the
     // transfer it delivers owns.
@@ -105,14 +110,8 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// A core whose receive buffer is its own (`own_buffer`), or lent per
-    /// message by its driver.
-    pub(crate) fn new(
-        link: Arc<Link>,
-        config: Arc<Config>,
-        peer: PeerCredentials,
-        own_buffer: bool,
-    ) -> Core {
+    /// A core for `link`'s connection.
+    pub(crate) fn new(link: Arc<Link>, config: Arc<Config>, peer: PeerCredentials) -> Core {
         let peer_pidfd = match fdpass::peer_pidfd(link.socket.fd()) {
             Ok(pidfd) => pidfd.map(Arc::new),
             Err(error) => {
@@ -127,11 +126,9 @@ impl Core {
             config,
             peer,
             peer_pidfd,
-            incoming: if own_buffer {
-                vec![0; MAX_MESSAGE_LEN]
-            } else {
-                Vec::new()
-            },
+            #[cfg(feature = "tokio")]
+            incoming: Vec::new(),
+            #[cfg(feature = "tokio")]
             control: ControlBuffer::new(),
             spare_fds: Vec::new(),
             spare_mappings: Vec::new(),
@@ -187,6 +184,7 @@ impl Core {
     /// Takes one received message through the session: header, each fd's
     /// facts, mapping, delivery. Every fd of a refused message is closed
     /// before its `Reject` goes out.
+    #[cfg(feature = "tokio")]
     pub(crate) fn judge(
         &mut self,
         received: fdpass::Incoming,

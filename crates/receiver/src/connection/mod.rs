@@ -206,7 +206,7 @@ impl Connection {
         let socket = Socket::Blocking(opened.socket);
         let link = Arc::new(Link::new(socket, opened.session, opened.admission));
         Ok(Connection {
-            core: Core::new(link, opened.config, opened.peer, false),
+            core: Core::new(link, opened.config, opened.peer),
             receive_timeout: None,
         })
     }

@@ -123,20 +123,7 @@ impl Service {
         })
     }
 
-    /// A handle that stops [`Service::run`].
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        self.shutdown.clone()
-    }
-
-    /// Counters, updated while the service runs.
-    pub fn stats(&self) -> Arc<ServiceStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// The bytes mapped by all connections right now.
-    pub fn mapped_budget(&self) -> Arc<MappedBudget> {
-        Arc::clone(&self.budget)
-    }
+    crate::service::service_accessors!();
 
     /// Serves until shut down: each verified transfer goes to `handler`, and
     /// the peer gets `Ack` once its future returns `Ok`, or
