@@ -545,6 +545,63 @@ fn async_answers_wait_for_room_in_order_and_reading_waits_for_them() {
     });
 }
 
+#[test]
+fn answers_held_for_a_batch_go_once_the_task_waits_on_anything() {
+    let _serial = serial();
+    let runtime = current_thread_runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("async-held.sock");
+    runtime.block_on(async {
+        let (peer, mut connection) = raw_peer_and_connection(&socket).await;
+        // The peer's reads end by themselves: a failure here is a failed
+        // test, not a runtime that waits forever for its blocking tasks.
+        fdpass::set_timeouts(peer.as_fd(), Some(Duration::from_secs(10)), None).unwrap();
+        // Queued before the receiver reads: one recvmmsg takes all three.
+        for id in 1..=3 {
+            let (header, fds) = fixtures::valid_transfer(id, &[("s", 4096)]).unwrap();
+            fixtures::send(&peer, &header, &fds).unwrap();
+        }
+        let first = connection.receive().await.unwrap().expect("transfer 1");
+        first.accept().unwrap();
+        // The application now waits for its peer, which waits for Ack 1,
+        // before it takes the next transfer: the held answer must go.
+        let reader = tokio::task::spawn_blocking(move || {
+            let answer = fixtures::answer(&peer).unwrap();
+            (answer, peer)
+        });
+        let (answer, peer) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("Ack 1 went out while the receiving task waited")
+            .unwrap();
+        assert!(
+            matches!(answer, Answer::Message(Message::Ack(ack)) if ack.id == 1),
+            "{answer:?}"
+        );
+        for id in 2..=3 {
+            let transfer = connection.receive().await.unwrap().expect("the next");
+            assert_eq!(transfer.id(), id);
+            transfer.accept().unwrap();
+        }
+        let later = tokio::task::spawn_blocking(move || {
+            (2..=3)
+                .map(|_| fixtures::answer(&peer).unwrap())
+                .collect::<Vec<_>>()
+        });
+        let answers = tokio::time::timeout(Duration::from_secs(10), later)
+            .await
+            .expect("the rest were answered")
+            .unwrap();
+        let ids: Vec<u64> = answers
+            .iter()
+            .map(|answer| match answer {
+                Answer::Message(Message::Ack(ack)) => ack.id,
+                other => panic!("expected an Ack, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [2, 3]);
+    });
+}
+
 /// The worst gap between the ticks of a 1 ms ticker on the runtime while a
 /// transfer of `segments` segments of `size` bytes is received, every page
 /// read (on the blocking pool), and accepted on the runtime's thread.

@@ -8,8 +8,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-#[cfg(feature = "tokio")]
-use sealpass_kernel::fdpass::ControlBuffer;
 use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::session::{Datagram, Received, Unverified, Verified, admit, unknown_fd_facts};
 use sealpass_proto::verify::FdFacts;
@@ -84,12 +82,6 @@ pub(crate) struct Core {
     /// The peer's pidfd (`SO_PEERPIDFD`, Linux 6.5+), shared with the
     /// transfers it delivers.
     pub(crate) peer_pidfd: Option<Arc<OwnedFd>>,
-    /// The async driver's receive buffer, lent per message by its thread
-    /// (the blocking driver reads into its batch).
-    #[cfg(feature = "tokio")]
-    pub(crate) incoming: Vec<u8>,
-    #[cfg(feature = "tokio")]
-    pub(crate) control: Box<ControlBuffer>,
     // Reused from message to message, so serving one allocates only what the
     // transfer it delivers owns.
     pub(crate) spare_fds: Vec<OwnedFd>,
@@ -126,10 +118,6 @@ impl Core {
             config,
             peer,
             peer_pidfd,
-            #[cfg(feature = "tokio")]
-            incoming: Vec::new(),
-            #[cfg(feature = "tokio")]
-            control: ControlBuffer::new(),
             spare_fds: Vec::new(),
             spare_mappings: Vec::new(),
             scratch: unknown_fd_facts(),
@@ -181,25 +169,11 @@ impl Core {
         ServeError::Receive(error)
     }
 
-    /// Takes one received message through the session: header, each fd's
-    /// facts, mapping, delivery. Every fd of a refused message is closed
-    /// before its `Reject` goes out.
-    #[cfg(feature = "tokio")]
-    pub(crate) fn judge(
-        &mut self,
-        received: fdpass::Incoming,
-        now: Instant,
-    ) -> Result<Event, ServeError> {
-        let incoming = std::mem::take(&mut self.incoming);
-        let bytes = incoming.get(..received.len).unwrap_or_default();
-        let event = self.judge_bytes(received, bytes, now);
-        self.incoming = incoming;
-        event
-    }
-
-    /// [`Core::judge`], of a message whose payload is `bytes`: the three
-    /// phases one after the other, with the system calls between them made
-    /// on this thread.
+    /// Takes one received message, whose payload is `bytes`, through the
+    /// session: the three phases one after the other (header, each fd's
+    /// facts, mapping and delivery), with the system calls between them
+    /// made on this thread. Every fd of a refused message is closed before
+    /// its `Reject` goes out.
     pub(crate) fn judge_bytes(
         &mut self,
         received: fdpass::Incoming,

@@ -170,6 +170,15 @@ impl Link {
     /// no room for stay in the session, the flusher is woken, and `Ok`
     /// returns: they go out, in order, once there is room.
     pub(crate) fn flush(&self, session: &mut Session) -> Result<(), AnswerError> {
+        #[cfg(feature = "tokio")]
+        if session.answers_held() {
+            // An async connection's held answers go once its task yields:
+            // the flusher runs then. (The blocking `Service` releases its
+            // hold itself when the batch is done.)
+            if let Some(flusher) = &self.flusher {
+                flusher.notify_one();
+            }
+        }
         loop {
             let due = session.poll_send()?;
             if due.is_empty() {

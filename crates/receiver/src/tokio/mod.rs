@@ -50,7 +50,7 @@ use ::tokio::io::Interest;
 use ::tokio::io::unix::AsyncFd;
 use ::tokio::sync::Notify;
 use nix::errno::Errno;
-use sealpass_kernel::fdpass::{self, PeerCredentials, TransportError};
+use sealpass_kernel::fdpass::{self, PeerCredentials, ReceiveBatch, TransportError};
 use sealpass_proto::Config;
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 
@@ -83,8 +83,9 @@ fn transport(error: &io::Error, op: fdpass::Op) -> TransportError {
 }
 
 thread_local! {
-    /// The receive buffer of the connections served on this thread.
-    static RECEIVE_BUFFER: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    /// The receive batch of the connections served on this thread, lent to
+    /// one while it has messages in it.
+    static RECEIVE_BATCH: Cell<Option<ReceiveBatch>> = const { Cell::new(None) };
 }
 
 /// One peer's connection on tokio: [`Connection::receive`] waits for the next
@@ -219,66 +220,107 @@ impl Connection {
     /// deadline, on the runtime's timer. Cancel-safe as
     /// [`Connection::receive`] is.
     pub(crate) async fn next_event(&mut self) -> Result<Event, ServeError> {
-        // A message a cancelled call left half judged comes first.
-        if let Some(event) = self.finish_off_runtime().await {
-            return event;
-        }
         let link = Arc::clone(&self.core.link);
         let socket = async_socket(&link)?;
         loop {
+            // A message a cancelled call left half judged comes first, then
+            // those read with an earlier one.
+            if let Some(event) = self.finish_off_runtime().await {
+                return event;
+            }
+            if let Some(event) = self.next_in_batch() {
+                return event;
+            }
+            if self.off_runtime.is_some() {
+                continue;
+            }
             let mut ready = match self.readable(socket).await? {
                 Ok(ready) => ready,
                 Err(event) => return Ok(event),
             };
-            // The receive buffer (128 KiB, the protocol's limit) is the
-            // thread's, lent for one message at a time: an idle connection
-            // holds none, so a thousand of them cost kilobytes, not 128 MB.
-            // No await comes between the receive and the judging.
-            let core = &mut self.core;
-            core.incoming = RECEIVE_BUFFER.with(Cell::take);
-            if core.incoming.len() < MAX_MESSAGE_LEN {
-                core.incoming = vec![0; MAX_MESSAGE_LEN];
-            }
-            let received = fdpass::try_receive_reusing(
-                socket.get_ref().as_fd(),
-                &mut core.incoming,
-                &mut core.control,
-                std::mem::take(&mut core.spare_fds),
-            );
-            let event = match received {
-                Ok(Some(received)) if received.fds.len() >= OFF_RUNTIME_FDS => {
-                    let incoming = std::mem::take(&mut self.core.incoming);
-                    let bytes = incoming.get(..received.len).unwrap_or_default();
-                    let judging = self.core.judge_header(received, bytes, Instant::now());
-                    self.core.incoming = incoming;
-                    match judging {
-                        Judging::Done(event) => Some(event),
-                        Judging::Inspect(inspecting) => {
-                            let mut gathered = std::mem::take(&mut self.core.gathered);
-                            self.off_runtime = Some(OffRuntime::Gathering(
-                                ::tokio::task::spawn_blocking(move || {
-                                    gather_facts(&inspecting.fds, &mut gathered);
-                                    (inspecting, gathered)
-                                }),
-                            ));
-                            None
-                        }
+            // The batch's buffers (32 of 128 KiB, pages only where the
+            // kernel writes) are the thread's, lent while the connection has
+            // messages in them: an idle connection holds none. No await
+            // comes between the receive and taking the batch.
+            let mut batch = RECEIVE_BATCH
+                .with(Cell::take)
+                .unwrap_or_else(|| ReceiveBatch::new(fdpass::batch_slots(), MAX_MESSAGE_LEN));
+            match fdpass::try_receive_batch(socket.get_ref().as_fd(), &mut batch) {
+                Ok(Some(count)) => {
+                    if count > 1 {
+                        // The answers to messages read together leave
+                        // together: when the batch is done, or sooner, once
+                        // this task yields (the flusher then runs).
+                        self.core.link.lock().hold_answers();
                     }
+                    self.core.batch = Some(batch);
                 }
-                Ok(Some(received)) => Some(self.core.judge(received, Instant::now())),
-                Ok(None) => None,
-                Err(error) => Some(Err(self.core.receive_failed(error))),
-            };
-            let buffer = std::mem::take(&mut self.core.incoming);
-            RECEIVE_BUFFER.with(|cell| cell.set(buffer));
-            if let Some(event) = event {
-                return event;
+                Ok(None) => {
+                    RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+                    ready.clear_ready();
+                }
+                Err(error) => {
+                    RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+                    return Err(self.core.receive_failed(error));
+                }
             }
-            if let Some(event) = self.finish_off_runtime().await {
-                return event;
-            }
-            ready.clear_ready();
         }
+    }
+
+    /// Takes the next message of the batch through the session: `None`
+    /// once the batch is done (its buffers go back to the thread) or when
+    /// the message went off the runtime to be judged (16 fds or more). Once
+    /// the connection stopped reading, the rest are discarded and their
+    /// fds closed, as messages still queued are when the socket closes.
+    fn next_in_batch(&mut self) -> Option<Result<Event, ServeError>> {
+        let mut batch = self.core.batch.take()?;
+        let event = loop {
+            let Some((received, bytes)) = batch.take_next() else {
+                RECEIVE_BATCH.with(|cell| cell.set(Some(batch)));
+                return self.release_held().err().map(Err);
+            };
+            if !self.core.is_open() {
+                batch.recycle(received.fds);
+                continue;
+            }
+            if received.fds.len() < OFF_RUNTIME_FDS {
+                let event = self.core.judge_bytes(received, bytes, Instant::now());
+                batch.recycle(std::mem::take(&mut self.core.spare_fds));
+                break Some(event);
+            }
+            match self.core.judge_header(received, bytes, Instant::now()) {
+                Judging::Done(event) => break Some(event),
+                Judging::Inspect(inspecting) => {
+                    let mut gathered = std::mem::take(&mut self.core.gathered);
+                    self.off_runtime = Some(OffRuntime::Gathering(::tokio::task::spawn_blocking(
+                        move || {
+                            gather_facts(&inspecting.fds, &mut gathered);
+                            (inspecting, gathered)
+                        },
+                    )));
+                    break None;
+                }
+            }
+        };
+        // The last of the batch, or the end: nothing is held past it.
+        if batch.untaken() == 0 || !self.core.is_open() {
+            if let Err(error) = self.release_held() {
+                return Some(Err(error));
+            }
+        }
+        self.core.batch = Some(batch);
+        event
+    }
+
+    /// Sends the answers held for the batch, if any are.
+    fn release_held(&self) -> Result<(), ServeError> {
+        let link = &self.core.link;
+        let mut session = link.lock();
+        if session.answers_held() {
+            session.release_answers();
+            link.flush(&mut session)?;
+        }
+        Ok(())
     }
 
     /// Finishes judging a message whose system calls run on the blocking
@@ -400,7 +442,10 @@ async fn flush_when_there_is_room(link: Weak<Link>, wake: Arc<Notify>, idle: Opt
                 return;
             };
             {
+                // Answers held for a batch go once the connection's task
+                // has yielded (this task runs then), whatever it awaits.
                 let mut session = link.lock();
+                session.release_answers();
                 if link.flush(&mut session).is_err() || !session.has_unsent() {
                     break;
                 }
