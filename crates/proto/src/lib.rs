@@ -38,6 +38,7 @@ mod outbox;
 pub mod seals;
 pub mod session;
 pub mod size;
+mod steps;
 pub mod verify;
 
 pub use codec::{DecodeError, Decoded, EncodeError, MAGIC, VERSION, Version, decode, encode};

@@ -9,7 +9,7 @@ use super::*;
 use crate::codec::encode;
 use crate::config::{Access, PeerCredentials};
 use crate::limits::{MAX_BODY_LEN, MAX_SEGMENTS};
-use crate::message::Transfer;
+use crate::message::{Segment, Transfer};
 
 const SEALED: Seals = Seals::SENDER_DEFAULT;
 
