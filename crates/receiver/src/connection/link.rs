@@ -47,7 +47,7 @@ pub(crate) struct Link {
     /// is under way: the blocking reader waits for them before it judges
     /// the next message, so that message meets budgets that no longer count
     /// them. A lock of its own, never held across a system call.
-    releasing: Mutex<usize>,
+    releasing: Mutex<Releases>,
     released: std::sync::Condvar,
     /// The connection's place among its listener's `max_connections`,
     /// held until the socket closes.
@@ -81,7 +81,7 @@ impl Link {
     ) -> Link {
         Link {
             socket,
-            releasing: Mutex::new(0),
+            releasing: Mutex::new(Releases::default()),
             released: std::sync::Condvar::new(),
             _admission: admission,
             session: Mutex::new(session),
@@ -96,10 +96,10 @@ impl Link {
 
     /// Counts a release under way until the guard drops.
     fn begin_release(self: &Arc<Self>) -> Releasing {
-        *self
-            .releasing
+        self.releasing
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) += 1;
+            .unwrap_or_else(PoisonError::into_inner)
+            .under_way += 1;
         Releasing(Arc::clone(self))
     }
 
@@ -109,11 +109,13 @@ impl Link {
             .releasing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        while *releasing > 0 {
+        while releasing.under_way > 0 {
+            releasing.waiting += 1;
             releasing = self
                 .released
                 .wait(releasing)
                 .unwrap_or_else(PoisonError::into_inner);
+            releasing.waiting -= 1;
         }
     }
 
@@ -250,6 +252,13 @@ impl Drop for AnswerHold {
     }
 }
 
+/// Releases under way, and readers waiting for them to end.
+#[derive(Debug, Default)]
+struct Releases {
+    under_way: usize,
+    waiting: usize,
+}
+
 /// A release under way ([`Link::begin_release`]); its end is counted when
 /// this drops, wherever the segments were unmapped.
 #[derive(Debug)]
@@ -262,8 +271,10 @@ impl Drop for Releasing {
             .releasing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *releasing = releasing.saturating_sub(1);
-        if *releasing == 0 {
+        releasing.under_way = releasing.under_way.saturating_sub(1);
+        // Only a waiter is woken: a wake-up is a system call, and on the
+        // reading thread (where most answers are given) nobody waits.
+        if releasing.under_way == 0 && releasing.waiting > 0 {
             self.0.released.notify_all();
         }
     }
