@@ -4,7 +4,11 @@ library. It exists to show that the document is enough to build a conforming
 peer: `cargo xtask test` runs the conformance suite against it, and, with
 --skip-check, against deliberately broken variants that the suite must catch.
 
-Usage: spec_receiver.py [--skip-check seals|name|size|fd-count|sparse] --socket PATH
+Usage: spec_receiver.py [--skip-check seals|name|size|fd-count|sparse]
+                        [--speak-minor 0|1] --socket PATH
+
+--speak-minor 0 makes it a 1.0 receiver (no metadata, section 8), to check
+how a 1.1 sender fares with one.
 """
 import argparse
 import array
@@ -21,6 +25,8 @@ MAX_BODY = MAX_MESSAGE - 12
 MAX_SEGMENTS = 253
 MAX_NAME = 249
 MAX_REJECT = 1024
+MAX_KEY = 255
+MAX_METADATA = 61440
 REQUIRED = 0x2 | 0x4 | 0x8  # SHRINK | GROW | WRITE
 (MALFORMED, BAD_MAGIC, UNSUPPORTED_VERSION, TRUNCATED, TRAILING_BYTES, TOO_LARGE,
  CONTROL_TRUNCATED, UNEXPECTED_MESSAGE, TOO_MANY_SEGMENTS, INVALID_FIELD,
@@ -59,8 +65,8 @@ class Reader:
             raise Refuse(MALFORMED, f"string is not UTF-8: {e}")
 
 
-def decode(data):
-    """Steps 3 to 6 of PROTOCOL.md section 6; returns (id, [(name, size, seals)])."""
+def decode(data, own_minor=1):
+    """Steps 3 to 6 of PROTOCOL.md section 6; returns (id, [(name, size, seals)], [(key, value)])."""
     if len(data) < 12:
         raise Refuse(TRUNCATED, f"{len(data)} bytes, shorter than the 12-byte preamble")
     magic, major, minor, body_len = struct.unpack_from("<4sHHI", data)
@@ -78,6 +84,7 @@ def decode(data):
     r = Reader(body)
     kind = r.int("<I")
     segments = []
+    metadata = []
     if kind == 0:
         id = r.int("<Q")
         count = r.int("<Q")
@@ -85,30 +92,46 @@ def decode(data):
             raise Refuse(MALFORMED, f"{count} segments cannot fit in the body")
         for _ in range(count):
             segments.append((r.string(), r.int("<Q"), r.int("<I")))
+        if minor >= 1 and own_minor >= 1:  # section 4.3: metadata follows the segments
+            entries = r.int("<Q")
+            if entries * 16 > len(body) - r.pos:  # each entry takes at least 16 bytes
+                raise Refuse(MALFORMED, f"{entries} metadata entries cannot fit in the body")
+            for _ in range(entries):
+                metadata.append((r.string(), r.take(r.int("<Q"))))
     elif kind == 1:
         id = r.int("<Q")
     elif kind == 2:
         id, _reason, _message = r.int("<Q"), r.int("<H"), r.string()
     else:
         raise Refuse(MALFORMED, f"unknown message kind {kind}")
-    if r.pos != len(body) and minor <= 0:
+    if r.pos != len(body) and minor <= own_minor:
         raise Refuse(MALFORMED, f"{len(body) - r.pos} bytes after the message")
     if kind == 0:
         if id == 0:
             raise Refuse(INVALID_FIELD, "transfer id 0")
         if len(segments) > MAX_SEGMENTS:
             raise Refuse(TOO_MANY_SEGMENTS, f"{len(segments)} segments; at most {MAX_SEGMENTS}", id)
-        if not segments:
-            raise Refuse(INVALID_FIELD, "transfer has no segments; expected at least 1", id)
+        if not segments and not metadata:
+            raise Refuse(INVALID_FIELD, "transfer has no segments and no metadata", id)
         for name, _, _ in segments:
             if len(name.encode()) > MAX_NAME or "\0" in name:
                 raise Refuse(INVALID_FIELD, f"name {name[:40]!r}... breaks the name rules", id)
         names = [name for name, _, _ in segments]
         if len(set(names)) != len(names):
             raise Refuse(INVALID_FIELD, "two segments share a name; expected unique names", id)
+        if metadata:
+            size = 8 + sum(16 + len(key.encode()) + len(value) for key, value in metadata)
+            if size > MAX_METADATA:
+                raise Refuse(INVALID_FIELD, f"metadata of {size} bytes; at most {MAX_METADATA}", id)
+            for key, _ in metadata:
+                if not key or len(key.encode()) > MAX_KEY or "\0" in key:
+                    raise Refuse(INVALID_FIELD, f"key {key[:40]!r} breaks the key rules", id)
+            keys = [key.encode() for key, _ in metadata]
+            if len(set(keys)) != len(keys):
+                raise Refuse(INVALID_FIELD, "two metadata entries share a key", id)
     if kind != 0:
         raise Refuse(UNEXPECTED_MESSAGE, f"message kind {kind}; expected Transfer", id)
-    return id, segments
+    return id, segments, metadata
 
 
 def check_fd(index, fd, name, size, declared, skip):
@@ -148,7 +171,7 @@ def frame(body):
     return b"SLPS" + struct.pack("<HHI", 1, 0, len(body)) + body
 
 
-def serve_one(conn, skip):
+def serve_one(conn, skip, speak_minor=1):
     """Receives, checks and answers one message; returns False when the connection is over."""
     data, ancdata, flags, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_SEGMENTS * 4), socket.MSG_CMSG_CLOEXEC)
     fds = array.array("i")
@@ -164,7 +187,7 @@ def serve_one(conn, skip):
                 raise Refuse(TOO_LARGE, f"message over {MAX_MESSAGE} bytes")
             if flags & socket.MSG_CTRUNC:
                 raise Refuse(CONTROL_TRUNCATED, "control data truncated")
-            id, segments = decode(data)
+            id, segments, _metadata = decode(data, speak_minor)
             if "fd-count" not in skip and len(fds) != len(segments):
                 raise Refuse(FD_COUNT_MISMATCH, f"{len(fds)} fds for {len(segments)} segments", id)
             for index, ((name, size, seals), fd) in enumerate(zip(segments, fds)):
@@ -214,6 +237,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
     parser.add_argument("--skip-check", action="append", default=[], choices=["seals", "name", "size", "fd-count", "sparse"])
+    parser.add_argument("--speak-minor", type=int, default=1, choices=[0, 1])
     args = parser.parse_args()
     try:
         if stat.S_ISSOCK(os.lstat(args.socket).st_mode):
@@ -228,7 +252,7 @@ def main():
         conn.settimeout(30)
         with conn:
             try:
-                while serve_one(conn, args.skip_check):
+                while serve_one(conn, args.skip_check, args.speak_minor):
                     pass
             except OSError:
                 pass  # the peer vanished or went silent: serve the next one

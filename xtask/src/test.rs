@@ -53,6 +53,10 @@ const STEPS: &[Step] = &[
         catches_broken_receivers,
     ),
     (
+        "a 1.1 sender and a 1.0 receiver (PROTOCOL.md section 8)",
+        meets_a_minor_0_receiver,
+    ),
+    (
         "the Python package: built into a fresh venv, pytest, conformance",
         || crate::python::run_task(&[]),
     ),
@@ -165,6 +169,90 @@ fn catches_broken_receivers() -> anyhow::Result<()> {
             report.failed().join(", ")
         );
     }
+    Ok(())
+}
+
+/// The cases of protocol 1.1 that a 1.0 receiver fails: what tells a
+/// receiver that speaks minor 1 from one that speaks minor 0.
+const MINOR_1_CASES: &[&str] = &[
+    "valid/metadata-alone",
+    "malformed/metadata-empty-key",
+    "malformed/metadata-key-too-long",
+    "malformed/metadata-key-with-nul",
+    "malformed/metadata-duplicate-key",
+    "malformed/metadata-key-not-utf8",
+    "malformed/metadata-trailing-bytes-same-minor",
+    "malformed/metadata-count-past-the-body",
+    "malformed/metadata-value-past-the-body",
+    "malformed/fds-beside-metadata-alone",
+];
+
+/// The spec receiver as a 1.0 receiver: conformance tells it apart by the
+/// 1.1 cases alone, and `sealpass-send` gets from it what section 8 says:
+/// a transfer with segments and metadata is accepted (its metadata
+/// skipped), one of metadata alone is refused `InvalidField`, exit 3.
+fn meets_a_minor_0_receiver() -> anyhow::Result<()> {
+    let receiver = spec_receiver(&["--speak-minor", "0"]);
+    let command = receiver.split_whitespace().map(str::to_owned).collect();
+    let report = crate::conformance::check(Some(command), None, true)?;
+    let expected: Vec<String> = MINOR_1_CASES
+        .iter()
+        .map(|case| format!("receiver/{case}"))
+        .collect();
+    let mut failed = report.failed().to_vec();
+    failed.sort();
+    let mut sorted = expected.clone();
+    sorted.sort();
+    if failed != sorted {
+        bail!("a 1.0 receiver failed {failed:?}; expected exactly {sorted:?}");
+    }
+    eprintln!(
+        "  a 1.0 receiver fails the 1.1 cases alone ({})",
+        failed.len()
+    );
+
+    let (sender, _) = project::build_binaries(false)?;
+    let scratch = project::Scratch::new("minor-0")?;
+    let socket = scratch.path().join("minor-0.sock");
+    let mut peer = std::process::Command::new("python3")
+        .arg(project::root().join("xtask/peers/spec_receiver.py"))
+        .args(["--speak-minor", "0", "--socket"])
+        .arg(&socket)
+        .spawn()?;
+    let send = |args: &[&str]| {
+        std::process::Command::new(&sender)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--connect-timeout", "30", "--answer-timeout", "30"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let outcome = (|| -> anyhow::Result<()> {
+        let both = send(&["--fill", "a=A:4KiB", "--meta", "seq=1"])?;
+        if both.status.code() != Some(0) {
+            bail!(
+                "segments with metadata to a 1.0 receiver: {} ({})",
+                both.status,
+                String::from_utf8_lossy(&both.stderr)
+            );
+        }
+        let alone = send(&["--meta", "seq=1"])?;
+        let stderr = String::from_utf8_lossy(&alone.stderr);
+        if alone.status.code() != Some(3) || !stderr.contains("InvalidField") {
+            bail!(
+                "metadata alone to a 1.0 receiver: expected exit 3 and InvalidField; got {} ({stderr})",
+                alone.status
+            );
+        }
+        Ok(())
+    })();
+    let _ = peer.kill();
+    let _ = peer.wait();
+    outcome?;
+    eprintln!(
+        "  sealpass-send: segments with metadata accepted, metadata alone refused InvalidField"
+    );
     Ok(())
 }
 

@@ -40,8 +40,13 @@ impl std::fmt::Display for Version {
     }
 }
 
-/// The version this crate speaks.
-pub const VERSION: Version = Version { major: 1, minor: 0 };
+/// The version this crate speaks: 1.1 (metadata). It writes each message
+/// at the lowest minor that has its fields, so every message without
+/// metadata is the same bytes a 1.0 peer writes (PROTOCOL.md section 8).
+pub const VERSION: Version = Version { major: 1, minor: 1 };
+
+/// The minor that added `Transfer.metadata`.
+const METADATA_MINOR: u16 = 1;
 
 type BodyConfig = Configuration<LittleEndian, Fixint, Limit<MAX_BODY_LEN>>;
 
@@ -193,23 +198,35 @@ pub struct Decoded {
 /// across messages avoids an allocation per message.
 pub fn encode_into(message: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     message.validate()?;
-    encode_body(message, out)
+    match message {
+        Message::Transfer(transfer) if !transfer.metadata.is_empty() => {
+            encode_body(message, Some(transfer.metadata.iter()), out)
+        }
+        _ => encode_body(message, NO_METADATA, out),
+    }
 }
 
-/// Encodes a `Transfer` of `id` with `segments` borrowed from the caller into
-/// `out`: the bytes of [`encode_into`] of the same `Message::Transfer`,
-/// without building that message (no copy of each name). A sender encodes
-/// every message this way.
-pub fn encode_transfer_into<'s, I>(
+/// No metadata: the message is written at minor 0.
+const NO_METADATA: Option<std::iter::Empty<(&str, &[u8])>> = None;
+
+/// Encodes a `Transfer` of `id` with `segments` and `metadata` borrowed
+/// from the caller into `out`: the bytes of [`encode_into`] of the same
+/// `Message::Transfer`, without building that message (no copy of a name
+/// or a value but the one into `out`). A sender encodes every message this
+/// way.
+pub fn encode_transfer_into<'s, 'm, I, M>(
     id: u64,
     segments: I,
+    metadata: M,
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError>
 where
     I: ExactSizeIterator<Item = &'s Segment> + Clone,
+    M: ExactSizeIterator<Item = (&'m str, &'m [u8])> + Clone,
 {
-    crate::message::validate_transfer(id, segments.clone())?;
-    encode_body(&BorrowedTransfer { id, segments }, out)
+    crate::message::validate_transfer(id, segments.clone(), metadata.clone())?;
+    let metadata = (metadata.len() > 0).then_some(metadata);
+    encode_body(&BorrowedTransfer { id, segments }, metadata, out)
 }
 
 /// Serializes exactly as `Message::Transfer(Transfer { id, segments })`
@@ -255,13 +272,23 @@ where
     }
 }
 
-/// Writes the preamble and the body of an already validated message, then
+/// Writes the preamble and the body of an already validated message (its
+/// 1.0 fields, then a transfer's `metadata` if it has any, at minor 1), then
 /// patches in the body's length.
-fn encode_body(body: &impl serde::Serialize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+fn encode_body<'m>(
+    body: &impl serde::Serialize,
+    metadata: Option<impl ExactSizeIterator<Item = (&'m str, &'m [u8])>>,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let minor = if metadata.is_some() {
+        METADATA_MINOR
+    } else {
+        0
+    };
     out.clear();
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.major.to_le_bytes());
-    out.extend_from_slice(&VERSION.minor.to_le_bytes());
+    out.extend_from_slice(&minor.to_le_bytes());
     out.extend_from_slice(&[0; 4]); // body_len, patched below
     // The pinned bincode's own error type stays behind this module.
     bincode::serde::encode_into_std_write(body, out, body_config()).map_err(|error| {
@@ -269,6 +296,9 @@ fn encode_body(body: &impl serde::Serialize, out: &mut Vec<u8>) -> Result<(), En
             detail: error.to_string(),
         }
     })?;
+    if let Some(metadata) = metadata {
+        crate::metadata::encode_into(metadata, out);
+    }
     let body_len = out.len() - PREAMBLE_LEN;
     if body_len > MAX_BODY_LEN {
         return Err(EncodeError::TooLarge);
@@ -353,10 +383,23 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         });
     }
 
-    let (message, used): (Message, usize) = bincode::serde::decode_from_slice(body, body_config())
-        .map_err(|error| DecodeError::Body {
-            detail: error.to_string(),
+    let (mut message, mut used): (Message, usize) =
+        bincode::serde::decode_from_slice(body, body_config()).map_err(|error| {
+            DecodeError::Body {
+                detail: error.to_string(),
+            }
         })?;
+    // Minor 1 appended a transfer's metadata to the 1.0 body.
+    if let Message::Transfer(transfer) = &mut message {
+        if minor >= METADATA_MINOR {
+            let (metadata, taken) = crate::metadata::decode(body.get(used..).unwrap_or_default())
+                .map_err(|error| DecodeError::Body {
+                detail: error.to_string(),
+            })?;
+            transfer.metadata = metadata;
+            used += taken;
+        }
+    }
     let extra = body.len().saturating_sub(used);
     // Only a newer minor may append fields this version does not know.
     let peer_is_newer = minor > VERSION.minor;
@@ -391,6 +434,7 @@ mod tests {
                     seals: Seals::WRITE,
                 },
             ],
+            metadata: crate::Metadata::new(),
         })
     }
 
@@ -418,8 +462,22 @@ mod tests {
             let bytes = encode(&message).unwrap();
             let decoded = decode(&bytes).unwrap();
             assert_eq!(decoded.message, message);
-            assert_eq!(decoded.version, VERSION);
+            // Without metadata, every message is written as 1.0 writes it.
+            assert_eq!(decoded.version, Version { major: 1, minor: 0 });
         }
+        let Message::Transfer(plain) = transfer() else {
+            unreachable!()
+        };
+        let with_metadata = Message::Transfer(
+            plain.with_metadata(
+                crate::Metadata::new()
+                    .with("frame", "42")
+                    .with("raw", [0u8, 255]),
+            ),
+        );
+        let decoded = decode(&encode(&with_metadata).unwrap()).unwrap();
+        assert_eq!(decoded.message, with_metadata);
+        assert_eq!(decoded.version, VERSION, "metadata is written at minor 1");
     }
 
     fn check_decode(input: &[u8], expected: DecodeError) {
@@ -483,7 +541,29 @@ mod tests {
             &with_preamble(1, 0, &same_minor_extra),
             DecodeError::TrailingBodyBytes {
                 extra: 3,
+                version: Version { major: 1, minor: 0 },
+            },
+        );
+        // At minor 1 a transfer's metadata follows its segments: bytes that
+        // are not a metadata list are malformed, and bytes after it trail.
+        let mut empty_metadata_extra = body.clone();
+        empty_metadata_extra.extend_from_slice(&0u64.to_le_bytes());
+        empty_metadata_extra.extend_from_slice(&[1, 2, 3]);
+        check_decode(
+            &with_preamble(1, 1, &empty_metadata_extra),
+            DecodeError::TrailingBodyBytes {
+                extra: 3,
                 version: VERSION,
+            },
+        );
+        let mut endless_metadata = body.clone();
+        endless_metadata.extend_from_slice(&u64::MAX.to_le_bytes());
+        check_decode(
+            &with_preamble(1, 1, &endless_metadata),
+            DecodeError::Body {
+                detail: "the metadata list declares 18446744073709551615 entries; the 0 bytes \
+                         after its count hold at most 0"
+                    .into(),
             },
         );
 
@@ -557,19 +637,26 @@ mod tests {
 
     #[test]
     fn newer_minor_may_append_fields() {
+        // A 1.3 transfer: the 1.0 body, 1.1's metadata (none), then fields
+        // this version does not know.
         let mut body = body_of(&transfer());
+        body.extend_from_slice(&0u64.to_le_bytes());
         body.extend_from_slice(b"future field");
         let decoded = decode(&with_preamble(1, 3, &body)).unwrap();
         assert_eq!(decoded.message, transfer());
         assert_eq!(decoded.version, Version { major: 1, minor: 3 });
+        // A 1.3 Ack: 1.1 appended nothing to it.
+        let mut ack = body_of(&Message::Ack(Ack { id: 7 }));
+        ack.extend_from_slice(b"future field");
+        assert_eq!(
+            decode(&with_preamble(1, 3, &ack)).unwrap().message,
+            Message::Ack(Ack { id: 7 })
+        );
     }
 
     #[test]
     fn encode_refuses_invalid_fields() {
-        let message = Message::Transfer(Transfer {
-            id: 0,
-            segments: vec![],
-        });
+        let message = Message::Transfer(Transfer::new(0, vec![]));
         assert!(matches!(
             encode(&message),
             Err(EncodeError::Field(FieldError::ZeroTransferId))
@@ -580,7 +667,7 @@ mod tests {
             seals: Seals::empty(),
         };
         for segments in [vec![], vec![twice.clone(), twice]] {
-            let message = Message::Transfer(Transfer { id: 1, segments });
+            let message = Message::Transfer(Transfer::new(1, segments));
             assert!(matches!(encode(&message), Err(EncodeError::Field(_))));
         }
     }

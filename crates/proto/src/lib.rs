@@ -34,6 +34,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod limits;
 pub mod message;
+pub mod metadata;
 mod outbox;
 pub mod seals;
 pub mod session;
@@ -46,6 +47,7 @@ pub use config::{Access, Config, ConfigBuilder, ConfigError, PeerCredentials};
 pub use message::{
     Ack, FieldError, Message, Reject, RejectReason, Segment, Transfer, validate_transfer,
 };
+pub use metadata::{Entry, Metadata};
 pub use seals::{ParseSealsError, Seals};
 pub use session::{MappedBudget, Reservation, Session};
 pub use size::{ParseSizeError, parse_size};

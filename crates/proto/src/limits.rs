@@ -27,6 +27,15 @@ pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
 /// `sendmmsg`: not a rule of the protocol, the size of a driver's batch.
 pub const MAX_BATCH: usize = 32;
 
+/// Longest metadata key in bytes (protocol 1.1).
+pub const MAX_METADATA_KEY_LEN: usize = 255;
+
+/// Most bytes a transfer's metadata takes on the wire, its entry count
+/// included (protocol 1.1): a transfer at every other limit (68,089 bytes
+/// with its preamble) still fits [`MAX_METADATA_LEN`] of metadata within
+/// [`MAX_MESSAGE_LEN`], with 1,543 bytes to spare for later fields.
+pub const MAX_METADATA_LEN: usize = 60 * 1024;
+
 /// Most bytes of the body, after the preamble.
 pub const MAX_BODY_LEN: usize = MAX_MESSAGE_LEN - PREAMBLE_LEN;
 

@@ -7,7 +7,10 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::limits::{MAX_NAME_LEN, MAX_REJECT_MESSAGE_LEN, MAX_SEGMENTS};
+use crate::limits::{
+    MAX_METADATA_KEY_LEN, MAX_METADATA_LEN, MAX_NAME_LEN, MAX_REJECT_MESSAGE_LEN, MAX_SEGMENTS,
+};
+use crate::metadata::{Metadata, validate_metadata};
 use crate::seals::Seals;
 
 /// One protocol message. On the wire the variant is a `u32` tag: 0, 1, 2.
@@ -23,15 +26,21 @@ pub enum Message {
     Reject(Reject),
 }
 
-/// A message carrying one memfd per segment. Build one with
-/// [`Transfer::new`]: newer minor versions may append fields.
+/// A message carrying one memfd per segment, and (protocol 1.1) the
+/// application's own fields. Build one with [`Transfer::new`]: newer minor
+/// versions may append fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Transfer {
     /// Chosen by the sender, unique on its connection, never 0.
     pub id: u64,
-    /// One per fd of the message, in the order of the fds.
+    /// One per fd of the message, in the order of the fds. None at all is
+    /// allowed (1.1) when there is metadata.
     pub segments: Vec<Segment>,
+    /// Appended at minor 1, after the 1.0 body: the codec writes and reads
+    /// it by hand, so the derived (1.0) encoding skips it.
+    #[serde(skip)]
+    pub metadata: Metadata,
 }
 
 /// What a sender declares about one memfd. The receiver checks every field
@@ -50,7 +59,18 @@ pub struct Segment {
 impl Transfer {
     /// A transfer of `segments`, one per fd, under the sender's `id`.
     pub fn new(id: u64, segments: Vec<Segment>) -> Transfer {
-        Transfer { id, segments }
+        Transfer {
+            id,
+            segments,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// This transfer, carrying `metadata` (protocol 1.1).
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: Metadata) -> Transfer {
+        self.metadata = metadata;
+        self
     }
 }
 
@@ -301,9 +321,50 @@ pub enum FieldError {
         /// The name.
         name: String,
     },
-    /// A transfer without segments: there is nothing to hand over.
-    #[error("transfer has no segments; expected at least 1")]
+    /// A transfer with neither segments nor metadata: there is nothing to
+    /// hand over.
+    #[error("transfer has no segments and no metadata; expected at least one of either")]
     NoSegments,
+    /// A metadata key is empty.
+    #[error("metadata entry {index}: empty key; expected 1 to {MAX_METADATA_KEY_LEN} bytes")]
+    EmptyMetadataKey {
+        /// The entry's position.
+        index: usize,
+    },
+    /// A metadata key is too long.
+    #[error("metadata entry {index}: key of {len} bytes; expected at most {MAX_METADATA_KEY_LEN}")]
+    MetadataKeyTooLong {
+        /// The entry's position.
+        index: usize,
+        /// The key's length in bytes.
+        len: usize,
+    },
+    /// A metadata key holds a NUL byte.
+    #[error("metadata entry {index}: key {key:?} holds a NUL byte")]
+    MetadataKeyHasNul {
+        /// The entry's position.
+        index: usize,
+        /// The key.
+        key: String,
+    },
+    /// Two entries share a key.
+    #[error(
+        "metadata entry {index}: key {key:?} is already the key of entry {first}; expected keys unique within a transfer"
+    )]
+    DuplicateMetadataKey {
+        /// The earlier entry's position.
+        first: usize,
+        /// The later entry's position.
+        index: usize,
+        /// The key they share.
+        key: String,
+    },
+    /// The metadata is over its limit.
+    #[error("metadata of {len} bytes encoded; expected at most {MAX_METADATA_LEN}")]
+    MetadataTooLarge {
+        /// Bytes it takes on the wire.
+        len: usize,
+    },
     /// Two segments of one transfer share a name.
     #[error(
         "segment {index}: name {name:?} is already the name of segment {first}; expected names unique within a transfer"
@@ -351,14 +412,16 @@ pub fn validate_name(index: usize, name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// The field rules of a `Transfer` of `id` with `segments`, for callers
-/// that hold the segments without a [`Transfer`] around them, checked in
-/// this order: the id is not 0; at most [`MAX_SEGMENTS`] segments and at
-/// least one; each name within [`MAX_NAME_LEN`] bytes and free of NUL; no
-/// two names alike.
-pub fn validate_transfer<'s>(
+/// The field rules of a `Transfer` of `id` with `segments` and `metadata`,
+/// for callers that hold them without a [`Transfer`] around them, checked
+/// in this order: the id is not 0; at most [`MAX_SEGMENTS`] segments, and
+/// at least one segment or one metadata entry; each name within
+/// [`MAX_NAME_LEN`] bytes and free of NUL; no two names alike; then the
+/// metadata's rules ([`validate_metadata`]).
+pub fn validate_transfer<'s, 'm>(
     id: u64,
     segments: impl ExactSizeIterator<Item = &'s Segment> + Clone,
+    metadata: impl ExactSizeIterator<Item = (&'m str, &'m [u8])> + Clone,
 ) -> Result<(), FieldError> {
     if id == 0 {
         return Err(FieldError::ZeroTransferId);
@@ -367,13 +430,14 @@ pub fn validate_transfer<'s>(
     if count > MAX_SEGMENTS {
         return Err(FieldError::TooManySegments { count });
     }
-    if count == 0 {
+    if count == 0 && metadata.len() == 0 {
         return Err(FieldError::NoSegments);
     }
     for (index, segment) in segments.clone().enumerate() {
         validate_name(index, &segment.name)?;
     }
-    check_unique_names(segments)
+    check_unique_names(segments)?;
+    validate_metadata(metadata)
 }
 
 /// Finds two segments with the same name without allocating: the positions,
@@ -424,7 +488,11 @@ impl Message {
     /// other must refuse for its fields.
     pub fn validate(&self) -> Result<(), FieldError> {
         match self {
-            Message::Transfer(transfer) => validate_transfer(transfer.id, transfer.segments.iter()),
+            Message::Transfer(transfer) => validate_transfer(
+                transfer.id,
+                transfer.segments.iter(),
+                transfer.metadata.iter(),
+            ),
             Message::Ack(_) => Ok(()),
             Message::Reject(reject) => {
                 if reject.message.len() > MAX_REJECT_MESSAGE_LEN {
@@ -500,6 +568,7 @@ mod tests {
                     seals: Seals::empty(),
                 })
                 .collect(),
+            metadata: Metadata::new(),
         })
     }
 

@@ -291,7 +291,12 @@ impl Session {
             )
         })?;
         let version = decoded.version;
-        let Message::Transfer(Transfer { id, segments }) = decoded.message else {
+        let Message::Transfer(Transfer {
+            id,
+            segments,
+            metadata,
+        }) = decoded.message
+        else {
             return Err(refuse(
                 decoded.message.id(),
                 RejectReason::UnexpectedMessage,
@@ -315,6 +320,7 @@ impl Session {
             id,
             version,
             segments,
+            metadata,
         })
     }
 
@@ -351,6 +357,7 @@ impl Session {
             id,
             version,
             segments,
+            metadata,
         } = unverified;
         // The datagram's fd count was checked against the header; the fds
         // given here must be those, one per segment.
@@ -380,6 +387,7 @@ impl Session {
             version,
             confirmed,
             fds: std::mem::take(fds),
+            metadata,
             reservation,
         })
     }
@@ -461,6 +469,7 @@ impl Session {
             version: verified.version,
             segments: verified.confirmed,
             fds: verified.fds,
+            metadata: verified.metadata,
             reservation: verified.reservation,
         }
     }

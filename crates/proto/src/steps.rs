@@ -7,6 +7,7 @@
 use crate::budget::Reservation;
 use crate::codec::Version;
 use crate::message::{Message, Reject, Segment};
+use crate::metadata::Metadata;
 
 /// What one `recvmsg` returned, as far as the session needs to know.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +50,7 @@ pub struct Unverified {
     pub(crate) id: u64,
     pub(crate) version: Version,
     pub(crate) segments: Vec<Segment>,
+    pub(crate) metadata: Metadata,
 }
 
 impl Unverified {
@@ -102,6 +104,7 @@ pub struct Verified<F> {
     pub(crate) version: Version,
     pub(crate) confirmed: Vec<Segment>,
     pub(crate) fds: Vec<F>,
+    pub(crate) metadata: Metadata,
     pub(crate) reservation: Reservation,
 }
 
@@ -158,6 +161,8 @@ pub struct Delivered<F> {
     pub segments: Vec<Segment>,
     /// Their fds, in the same order.
     pub fds: Vec<F>,
+    /// The application's fields (protocol 1.1), as the sender gave them.
+    pub metadata: Metadata,
     /// The transfer's bytes in the budgets; split it per segment
     /// ([`Reservation::split_off`]) so each is given back with its mapping.
     pub reservation: Reservation,

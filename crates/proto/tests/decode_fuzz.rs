@@ -85,10 +85,26 @@ proptest! {
     fn borrowed_transfer_encoding_equals_the_owned_one(
         id in any::<u64>(),
         segments in prop::collection::vec(segment(), 0..8),
+        entries in prop::collection::vec(("[a-z\\x00]{0,3}", prop::collection::vec(any::<u8>(), 0..16)), 0..4),
     ) {
-        let owned = encode(&Message::Transfer(Transfer::new(id, segments.clone())));
+        // Built entry by entry, so a repeated key stays repeated (and is refused).
+        let pairs: Vec<(&str, &[u8])> =
+            entries.iter().map(|(key, value)| (key.as_str(), value.as_slice())).collect();
+        let mut transfer = Transfer::new(id, segments.clone());
+        transfer.metadata = pairs.iter().copied().collect();
+        let repeated = transfer.metadata.len() != pairs.len();
+        let owned = encode(&Message::Transfer(transfer));
         let mut borrowed = Vec::new();
-        let result = sealpass_proto::codec::encode_transfer_into(id, segments.iter(), &mut borrowed);
+        let result = sealpass_proto::codec::encode_transfer_into(
+            id,
+            segments.iter(),
+            pairs.iter().copied(),
+            &mut borrowed,
+        );
+        if repeated {
+            prop_assert!(result.is_err(), "a repeated key is refused");
+            return Ok(());
+        }
         match owned {
             Ok(owned) => {
                 prop_assert!(result.is_ok());

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use sealpass_proto::{
-    Ack, Message, Reject, RejectReason, Seals, Segment, Transfer, decode, encode,
+    Ack, Message, Metadata, Reject, RejectReason, Seals, Segment, Transfer, decode, encode,
 };
 
 /// The golden messages; PROTOCOL.md shows the same bytes.
@@ -21,6 +21,26 @@ fn golden_messages() -> Vec<(&'static str, Message)> {
                     Segment::new("shmb", 0x40_0000, Seals::SENDER_DEFAULT | Seals::EXEC),
                 ],
             )),
+        ),
+        (
+            "transfer-with-metadata",
+            Message::Transfer(
+                Transfer::new(
+                    2,
+                    vec![Segment::new("frame", 0x1000, Seals::SENDER_DEFAULT)],
+                )
+                .with_metadata(
+                    Metadata::new()
+                        .with("seq", "42")
+                        .with("raw", [0xffu8, 0x00]),
+                ),
+            ),
+        ),
+        (
+            "metadata-alone",
+            Message::Transfer(
+                Transfer::new(3, vec![]).with_metadata(Metadata::new().with("command", "flush")),
+            ),
         ),
         ("ack", Message::Ack(Ack::new(1))),
         (
@@ -67,7 +87,12 @@ fn borrowed_transfer_encoding_matches_the_golden_bytes() {
         panic!("the first golden message is a Transfer");
     };
     let mut bytes = Vec::new();
-    sealpass_proto::codec::encode_transfer_into(transfer.id, transfer.segments.iter(), &mut bytes)
-        .unwrap();
+    sealpass_proto::codec::encode_transfer_into(
+        transfer.id,
+        transfer.segments.iter(),
+        transfer.metadata.iter(),
+        &mut bytes,
+    )
+    .unwrap();
     assert_eq!(bytes, std::fs::read(golden_path("transfer")).unwrap());
 }

@@ -41,7 +41,16 @@ fn hex_blocks(doc: &str) -> Vec<(String, Vec<u8>)> {
 fn the_examples_are_the_golden_vectors() {
     let blocks = hex_blocks(&protocol_md());
     let names: Vec<_> = blocks.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["transfer", "ack", "reject"]);
+    assert_eq!(
+        names,
+        [
+            "transfer",
+            "ack",
+            "transfer-with-metadata",
+            "metadata-alone",
+            "reject"
+        ]
+    );
     for (name, bytes) in blocks {
         let golden_path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/{name}.bin"));

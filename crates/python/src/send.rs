@@ -243,8 +243,12 @@ fn transfer_segments(
     let made = made.map_err(Error)?;
     // The protocol's rules on the whole transfer (names unique, 1 to 253
     // segments), checked before anything is sent; the id is the sender's.
-    sealpass_proto::message::validate_transfer(1, made.iter().map(SealedSegment::declaration))
-        .map_err(|error| crate::sealpass_error(&error))?;
+    sealpass_proto::message::validate_transfer(
+        1,
+        made.iter().map(SealedSegment::declaration),
+        std::iter::empty(),
+    )
+    .map_err(|error| crate::sealpass_error(&error))?;
     Ok(made)
 }
 

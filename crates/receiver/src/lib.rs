@@ -55,7 +55,8 @@ pub use connection::{AnswerError, Connection, ServeError};
 pub use listener::{BindError, Listener};
 pub use sealpass_proto::PeerCredentials;
 pub use sealpass_proto::{
-    Access, Config, ConfigBuilder, ConfigError, MappedBudget, RejectReason, Seals, Version,
+    Access, Config, ConfigBuilder, ConfigError, MappedBudget, Metadata, RejectReason, Seals,
+    Version,
 };
 pub use service::{Delivery, Service, ServiceStats, ShutdownHandle};
 pub use transfer::{IncomingTransfer, Responder, VerifiedSegment};

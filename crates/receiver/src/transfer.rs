@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use sealpass_proto::PeerCredentials;
 use sealpass_proto::session::Ticket;
-use sealpass_proto::{Reservation, Seals, Segment, Version};
+use sealpass_proto::{Metadata, Reservation, Seals, Segment, Version};
 
 use crate::connection::{AnswerError, Link};
 
@@ -383,6 +383,7 @@ pub struct IncomingTransfer {
     peer: PeerCredentials,
     peer_pidfd: Option<Arc<OwnedFd>>,
     segments: Vec<VerifiedSegment>,
+    metadata: Metadata,
     responder: Responder,
 }
 
@@ -392,6 +393,7 @@ impl IncomingTransfer {
         peer: PeerCredentials,
         peer_pidfd: Option<Arc<OwnedFd>>,
         segments: Vec<VerifiedSegment>,
+        metadata: Metadata,
         responder: Responder,
     ) -> IncomingTransfer {
         IncomingTransfer {
@@ -400,6 +402,7 @@ impl IncomingTransfer {
             peer,
             peer_pidfd,
             segments,
+            metadata,
             responder,
         }
     }
@@ -440,6 +443,22 @@ impl IncomingTransfer {
     /// The segments, in the order sent.
     pub fn segments(&self) -> &[VerifiedSegment] {
         &self.segments
+    }
+
+    /// The segment named `name` (names are unique within a transfer).
+    pub fn segment(&self, name: &str) -> Option<&VerifiedSegment> {
+        self.segments.iter().find(|segment| segment.name() == name)
+    }
+
+    /// The sender's own fields (protocol 1.1; empty from a 1.0 sender), in
+    /// the order sent: [`Metadata::get`] looks one up by key.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Takes the metadata out (leaving none), to keep it past the transfer.
+    pub fn take_metadata(&mut self) -> Metadata {
+        std::mem::take(&mut self.metadata)
     }
 
     /// The sum of the segment sizes.

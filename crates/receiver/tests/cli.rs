@@ -564,3 +564,49 @@ fn json_ids_name_a_transfer_across_connections() {
         .collect();
     assert_eq!(keys, [(1, 1), (2, 1)], "{stdout}");
 }
+
+/// Protocol 1.1 at the receiver's command line: `--json` gives the
+/// metadata (UTF-8 where valid, hex otherwise), `--print` the bytes alone,
+/// and `--out` stores the metadata beside the segments, published with them.
+#[test]
+fn metadata_reaches_json_print_and_out() {
+    let fields: &[(&str, &[u8])] = &[
+        ("frame", b"42"),
+        ("raw", &[0xff, 0x00, 0x41]),
+        ("note", "h\u{e9}llo".as_bytes()),
+    ];
+    let send_to = |receiver: &RecvProcess| {
+        let verdict = Sender::connect(receiver.socket())
+            .unwrap()
+            .send_with(&[segment("a", b'A', 3)], fields)
+            .unwrap();
+        assert!(verdict.is_accepted(), "{verdict:?}");
+    };
+    let expected = serde_json::json!([
+        {"key": "frame", "value": "42", "encoding": "utf-8"},
+        {"key": "raw", "value": "ff0041", "encoding": "hex"},
+        {"key": "note", "value": "h\u{e9}llo", "encoding": "utf-8"},
+    ]);
+
+    let receiver = RecvProcess::start_with(&["--once", "--print", "--json"], Stdio::piped());
+    send_to(&receiver);
+    let line = receiver.wait_for_log("\"metadata\"");
+    let (status, stdout) = finish(receiver);
+    assert!(status.success());
+    assert_eq!(stdout, "AAA", "--print writes the bytes alone");
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["version"], "1.1");
+    assert_eq!(line["metadata"], expected);
+
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("out");
+    let receiver = RecvProcess::start(&["--once", "--out", out.to_str().unwrap()]);
+    send_to(&receiver);
+    let (status, _) = finish(receiver);
+    assert!(status.success());
+    assert_eq!(std::fs::read(out.join("a")).unwrap(), b"AAA");
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("sealpass-metadata.json")).unwrap())
+            .unwrap();
+    assert_eq!(stored, expected);
+}

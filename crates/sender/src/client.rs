@@ -10,6 +10,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use sealpass_kernel::fdpass::{self, Op, ReceiveBatch, TransportError};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
+use sealpass_proto::metadata::Fields;
 use sealpass_proto::{DecodeError, EncodeError, Message, RejectReason, Seals, codec, decode};
 
 use crate::memfd::SealedSegment;
@@ -184,6 +185,32 @@ pub fn send_bytes(
     Sender::connect(socket)?.send(&[segment])
 }
 
+/// Connects to the receiver at `socket`, sends `metadata` as a transfer of
+/// its own (no segment, no memfd: protocol 1.1), and waits for the verdict.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let socket = dir.path().join("meta.sock");
+/// # let listener = sealpass_receiver::Listener::bind(&socket)?;
+/// # let receiver = std::thread::spawn(move || -> Result<(), sealpass_receiver::ServeError> {
+/// #     let transfer = listener.accept()?.receive()?.expect("a transfer");
+/// #     assert_eq!(transfer.metadata().get_str("command"), Some("flush"));
+/// #     Ok(transfer.accept()?)
+/// # });
+/// let verdict = sealpass_sender::send_metadata(&socket, &[("command", "flush")])?;
+/// assert!(verdict.is_accepted(), "{verdict:?}");
+/// # receiver.join().expect("receiver")?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn send_metadata(
+    socket: impl AsRef<Path>,
+    metadata: &(impl Fields + ?Sized),
+) -> Result<Verdict, SendError> {
+    Sender::connect(socket)?.send_with(&[], metadata)
+}
+
 pub(crate) fn connect_error(path: &Path, source: TransportError) -> SendError {
     SendError::Connect {
         path: path.to_owned(),
@@ -289,11 +316,16 @@ impl Pipeline {
 
     /// Encodes the next transfer of `segments`; returns its id. Nothing is
     /// in flight until [`Pipeline::sent`].
-    pub(crate) fn encode(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
+    pub(crate) fn encode(
+        &mut self,
+        segments: &[SealedSegment],
+        metadata: &(impl Fields + ?Sized),
+    ) -> Result<u64, SendError> {
         let id = self.next_id;
         codec::encode_transfer_into(
             id,
             segments.iter().map(SealedSegment::declaration),
+            metadata.entries(),
             &mut self.outgoing,
         )?;
         Ok(id)
@@ -497,8 +529,23 @@ impl Sender {
     /// Sends `segments` as one transfer and waits for the receiver's verdict.
     /// Nothing may be in flight: take earlier verdicts first.
     pub fn send(&mut self, segments: &[SealedSegment]) -> Result<Verdict, SendError> {
+        self.send_with(segments, &())
+    }
+
+    /// [`Sender::send`] with the application's own fields (protocol 1.1):
+    /// a [`Metadata`](crate::Metadata), or borrowed pairs such as
+    /// `&[("frame", b"42")]`, each value copied once, into the message.
+    /// `segments` may be empty when there is metadata: small data then
+    /// travels without a memfd. A 1.0 receiver ignores the metadata of a
+    /// transfer that has segments, and the sender cannot tell; it refuses
+    /// one without segments (PROTOCOL.md section 8).
+    pub fn send_with(
+        &mut self,
+        segments: &[SealedSegment],
+        metadata: &(impl Fields + ?Sized),
+    ) -> Result<Verdict, SendError> {
         self.pipeline.check_idle()?;
-        self.submit(segments)?;
+        self.submit_with(segments, metadata)?;
         self.next_verdict()
     }
 
@@ -507,7 +554,16 @@ impl Sender {
     /// close; the segments may be dropped. The caller bounds how many it
     /// keeps in flight (the kernel also caps fds in flight per user).
     pub fn submit(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
-        let id = self.pipeline.encode(segments)?;
+        self.submit_with(segments, &())
+    }
+
+    /// [`Sender::submit`] with metadata, as [`Sender::send_with`] takes it.
+    pub fn submit_with(
+        &mut self,
+        segments: &[SealedSegment],
+        metadata: &(impl Fields + ?Sized),
+    ) -> Result<u64, SendError> {
+        let id = self.pipeline.encode(segments, metadata)?;
         match self.send_encoded(segments) {
             Ok(()) => {
                 self.pipeline.sent(id);

@@ -38,11 +38,12 @@ pub mod memfd;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
-pub use client::{SendError, Sender, Verdict, send_bytes};
+pub use client::{SendError, Sender, Verdict, send_bytes, send_metadata};
 pub use compat::{BARE_PAYLOAD_LEN, send_bare};
 pub use memfd::{Pages, SealedSegment, SegmentBuilder, SegmentError, SegmentWriter};
+pub use sealpass_proto::metadata::Fields;
 pub use sealpass_proto::size::{ParseSizeError, parse_size};
-pub use sealpass_proto::{RejectReason, Seals};
+pub use sealpass_proto::{Metadata, RejectReason, Seals};
 
 /// The README's example is compiled and run as a test of this crate.
 #[cfg(all(doctest, feature = "tokio"))]

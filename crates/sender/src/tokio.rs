@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 use sealpass_kernel::fdpass::{self, ReceiveBatch, TransportError};
+use sealpass_proto::metadata::Fields;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -139,8 +140,18 @@ impl Sender {
     /// Sends `segments` as one transfer and waits for the receiver's verdict.
     /// Nothing may be in flight: take earlier verdicts first.
     pub async fn send(&mut self, segments: &[SealedSegment]) -> Result<Verdict, SendError> {
+        self.send_with(segments, &()).await
+    }
+
+    /// [`Sender::send`] with metadata, as the blocking
+    /// [`Sender::send_with`](crate::Sender::send_with) takes it.
+    pub async fn send_with(
+        &mut self,
+        segments: &[SealedSegment],
+        metadata: &(impl Fields + ?Sized),
+    ) -> Result<Verdict, SendError> {
         self.pipeline.check_idle()?;
-        self.submit(segments).await?;
+        self.submit_with(segments, metadata).await?;
         self.next_verdict().await
     }
 
@@ -149,7 +160,16 @@ impl Sender {
     /// (kept for [`Sender::next_verdict`]), so the two sides never wait on
     /// each other.
     pub async fn submit(&mut self, segments: &[SealedSegment]) -> Result<u64, SendError> {
-        let id = self.pipeline.encode(segments)?;
+        self.submit_with(segments, &()).await
+    }
+
+    /// [`Sender::submit`] with metadata.
+    pub async fn submit_with(
+        &mut self,
+        segments: &[SealedSegment],
+        metadata: &(impl Fields + ?Sized),
+    ) -> Result<u64, SendError> {
+        let id = self.pipeline.encode(segments, metadata)?;
         let sent = match self.answer_timeout {
             Some(timeout) => tokio::time::timeout(timeout, self.send_encoded(segments))
                 .await

@@ -552,3 +552,100 @@ fn version_help_and_summary_read_well() {
         "{stdout}"
     );
 }
+
+/// `--meta` and `--meta-file` reach the receiver in command-line order,
+/// and metadata alone is a transfer of its own.
+#[test]
+fn meta_flags_send_the_applications_fields_in_order() {
+    let (dir, socket) = scratch();
+    let value_file = dir.path().join("raw.bin");
+    std::fs::write(&value_file, [0xffu8, 0x00]).unwrap();
+    let listener = Listener::bind(&socket).unwrap();
+    let (report, reports) = mpsc::channel();
+    thread::spawn(move || {
+        for _ in 0..2 {
+            let mut connection = listener.accept().unwrap();
+            let transfer = connection.receive().unwrap().unwrap();
+            let fields: Vec<(String, Vec<u8>)> = transfer
+                .metadata()
+                .iter()
+                .map(|(key, value)| (key.to_owned(), value.to_vec()))
+                .collect();
+            report.send((transfer.segments().len(), fields)).unwrap();
+            transfer.accept().unwrap();
+        }
+    });
+    let meta_file = format!("raw={}", value_file.display());
+    let output = send(
+        &socket,
+        &[
+            "--meta",
+            "frame=42",
+            "--fill",
+            "a=A:3",
+            "--meta-file",
+            &meta_file,
+            "--meta",
+            "note=x=y",
+        ],
+        b"",
+    );
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        said.contains("1 segment, 3 bytes, 3 metadata entries"),
+        "{said}"
+    );
+    let (segments, fields) = reports.recv().unwrap();
+    assert_eq!(segments, 1);
+    assert_eq!(
+        fields,
+        [
+            ("frame".to_owned(), b"42".to_vec()),
+            ("raw".to_owned(), vec![0xff, 0x00]),
+            ("note".to_owned(), b"x=y".to_vec()),
+        ]
+    );
+    let output = send(&socket, &["--meta", "command=flush"], b"");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        reports.recv().unwrap(),
+        (0, vec![("command".to_owned(), b"flush".to_vec())])
+    );
+}
+
+#[test]
+fn meta_flags_that_break_a_rule_are_usage_errors() {
+    let (dir, socket) = scratch();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![0u8; 70_000]).unwrap();
+    let big = format!("v={}", big.display());
+    for (args, expected) in [
+        (
+            &["--meta", "k=1", "--meta", "k=2"][..],
+            "already the key of entry 0",
+        ),
+        (&["--meta", "=1"][..], "empty key"),
+        (&["--meta", "novalue"][..], "expected KEY=VALUE"),
+        (&["--meta", "k=1", "--compat"][..], "carries no --meta"),
+        (
+            &["--meta-file", big.as_str()][..],
+            "more than the 61440 bytes",
+        ),
+        (&["--meta-file", "k=/nonexistent/file"][..], "No such file"),
+        (&[][..], "nothing to send"),
+    ] {
+        let output = send(&socket, args, b"");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}

@@ -13,6 +13,7 @@ mod fds;
 mod fields;
 pub mod fixtures;
 mod framing;
+mod metadata;
 mod peers;
 mod valid;
 
@@ -32,7 +33,7 @@ pub trait Target {
 }
 
 /// What a probe must get back.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Expect {
     Ack(u64),
     /// A reject repeating `id` (0 where PROTOCOL.md section 4.1 says there
@@ -69,7 +70,7 @@ impl std::fmt::Debug for Case {
 
 /// Every case, in order: valid transfers (sections 4, 6.1, 8), framing
 /// (section 3), body decoding (section 4), field rules (section 6, steps 5
-/// and 6), the fds (steps 7 and 8), memory (steps 9 and 10), then peers
+/// and 6), metadata (section 4.3), the fds (steps 7 and 8), memory (steps 9 and 10), then peers
 /// that misbehave at the transport level (section 2). `scratch` is a
 /// directory for the files some cases pass as fds.
 pub fn cases(scratch: &Path) -> Vec<Case> {
@@ -77,6 +78,7 @@ pub fn cases(scratch: &Path) -> Vec<Case> {
     cases.extend(framing::cases());
     cases.extend(fields::body_cases());
     cases.extend(fields::cases());
+    cases.extend(metadata::cases());
     cases.extend(fds::cases(scratch));
     cases.extend(fds::memory_cases());
     cases.extend(peers::cases());

@@ -69,6 +69,8 @@ pub(crate) fn cases() -> Vec<Case> {
             "valid/newer-minor-with-appended-fields".into(),
             probe(|| {
                 let mut body = body_of_one_segment()?;
+                // 1.1's metadata (none), then what 1.2 to 1.7 appended.
+                body.extend_from_slice(&0u64.to_le_bytes());
                 body.extend_from_slice(b"\x01\x02 a field from version 1.7");
                 Ok(Probe {
                     payload: framed_exact(1, 7, &body),

@@ -302,6 +302,7 @@ impl Core {
             self.peer,
             self.peer_pidfd.clone(),
             segments,
+            delivered.metadata,
             responder,
         )))
     }

@@ -38,6 +38,8 @@ pub struct OwnedDelivery {
     /// The segments, mapped read-only, each counted in the memory budgets
     /// until dropped (the handler may keep them).
     pub segments: Vec<VerifiedSegment>,
+    /// The sender's own fields (protocol 1.1).
+    pub metadata: sealpass_proto::Metadata,
 }
 
 /// A receiving service on one tokio runtime: every connection a task, with
@@ -258,6 +260,8 @@ async fn serve<H, F, E>(
             }
         };
         let (id, version, bytes) = (transfer.id(), transfer.version(), transfer.total_bytes());
+        let mut transfer = transfer;
+        let metadata = transfer.take_metadata();
         let (segments, responder) = transfer.into_parts();
         let count = segments.len();
         let delivery = OwnedDelivery {
@@ -266,6 +270,7 @@ async fn serve<H, F, E>(
             id,
             version,
             segments,
+            metadata,
         };
         let handled = CatchUnwind(Box::pin(handler(delivery))).await;
         let answered = match handled {

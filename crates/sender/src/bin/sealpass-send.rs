@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use nix::errno::Errno;
-use sealpass_proto::{Seals, Segment, validate_transfer};
+use sealpass_proto::limits::MAX_METADATA_LEN;
+use sealpass_proto::{Metadata, Seals, Segment, validate_transfer};
 use sealpass_sender::{Pages, SealedSegment, SendError, Sender, Verdict, parse_size};
 
 /// Hand buffers to a receiver as sealed memfds: zero copies, verified by the
@@ -66,6 +67,15 @@ struct Cli {
     /// Give up waiting for the verdict after this many seconds (0: never).
     #[arg(long, value_name = "SECS", default_value_t = 0.0, value_parser = parse_seconds)]
     answer_timeout: f64,
+    /// A metadata entry sent with the transfer (protocol 1.1): KEY and a
+    /// UTF-8 VALUE. Repeatable; entries keep command-line order. A transfer
+    /// of metadata alone (no segment) is allowed.
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+    metas: Vec<(String, String)>,
+    /// A metadata entry whose value is the bytes of the file at PATH (at
+    /// most 60 KiB for all the metadata). Repeatable.
+    #[arg(long = "meta-file", value_name = "KEY=PATH", value_parser = parse_meta_file)]
+    meta_files: Vec<(String, PathBuf)>,
 }
 
 impl Cli {
@@ -92,6 +102,62 @@ may still be delivered; its verdict is then unknown.
 
 Logs: none. RUST_LOG is not read; errors go to stderr, with a hint where one
 helps.";
+
+fn parse_meta(spec: &str) -> Result<(String, String), String> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("{spec:?}: expected KEY=VALUE"))?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+fn parse_meta_file(spec: &str) -> Result<(String, PathBuf), String> {
+    let (key, path) = spec
+        .split_once('=')
+        .filter(|(_, path)| !path.is_empty())
+        .ok_or_else(|| format!("{spec:?}: expected KEY=PATH"))?;
+    Ok((key.to_owned(), PathBuf::from(path)))
+}
+
+/// Reads a --meta-file value, refusing one that could not fit the
+/// metadata's limit before reading it all.
+fn read_meta_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = fs::File::open(path)
+        .map_err(|error| format!("--meta-file {key}={}: {error}", path.display()))?;
+    let mut value = Vec::new();
+    file.take(MAX_METADATA_LEN as u64 + 1)
+        .read_to_end(&mut value)
+        .map_err(|error| format!("--meta-file {key}={}: {error}", path.display()))?;
+    if value.len() > MAX_METADATA_LEN {
+        return Err(format!(
+            "--meta-file {key}={}: more than the {MAX_METADATA_LEN} bytes all metadata may take",
+            path.display()
+        ));
+    }
+    Ok(value)
+}
+
+/// The metadata in command-line order, whichever flag each entry came from.
+fn metadata(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let indices = |id: &str| -> Vec<usize> {
+        matches
+            .indices_of(id)
+            .map(Iterator::collect)
+            .unwrap_or_default()
+    };
+    let mut entries = Vec::new();
+    for ((key, value), index) in cli.metas.iter().zip(indices("metas")) {
+        entries.push((index, key.clone(), value.clone().into_bytes()));
+    }
+    for ((key, path), index) in cli.meta_files.iter().zip(indices("meta_files")) {
+        entries.push((index, key.clone(), read_meta_file(key, path)?));
+    }
+    entries.sort_by_key(|(index, _, _)| *index);
+    Ok(entries
+        .into_iter()
+        .map(|(_, key, value)| (key, value))
+        .collect())
+}
 
 fn parse_name(name: &str) -> Result<String, String> {
     sealpass_proto::message::validate_name(0, name)
@@ -149,9 +215,13 @@ enum Source {
     Stdin,
 }
 
-/// The segments in command-line order, whatever flag each came from, checked
-/// against the protocol's rules (count, names unique) before any is made.
-fn sources(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Source)>, String> {
+/// The segments in command-line order, whatever flag each came from, and
+/// the metadata, checked against the protocol's rules (count, names and
+/// keys unique, sizes) before any memfd is made.
+fn sources(
+    cli: &Cli,
+    matches: &clap::ArgMatches,
+) -> Result<(Vec<(String, Source)>, Metadata), String> {
     let indices = |id: &str| -> Vec<usize> {
         matches
             .indices_of(id)
@@ -172,8 +242,15 @@ fn sources(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Source)
     if let (Some(name), Some(index)) = (&cli.stdin, indices("stdin").first()) {
         sources.push((*index, name.clone(), Source::Stdin));
     }
-    if sources.is_empty() {
-        return Err("nothing to send: give at least one --file, --fill or --stdin".into());
+    let entries = metadata(cli, matches)?;
+    if sources.is_empty() && entries.is_empty() {
+        return Err(
+            "nothing to send: give at least one --file, --fill, --stdin, --meta or --meta-file"
+                .into(),
+        );
+    }
+    if cli.compat && !entries.is_empty() {
+        return Err("--compat sends bare fds with no header: it carries no --meta".into());
     }
     sources.sort_by_key(|(index, _, _)| *index);
     // The protocol's own rules, as the receiver will apply them.
@@ -181,11 +258,16 @@ fn sources(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Source)
         .iter()
         .map(|(_, name, _)| Segment::new(name.clone(), 0, Seals::empty()))
         .collect();
-    validate_transfer(1, declared.iter()).map_err(|error| error.to_string())?;
-    Ok(sources
+    let pairs = entries
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_slice()));
+    validate_transfer(1, declared.iter(), pairs).map_err(|error| error.to_string())?;
+    let sources = sources
         .into_iter()
         .map(|(_, name, source)| (name, source))
-        .collect())
+        .collect();
+    // Built after the check, which saw repeated keys as they were given.
+    Ok((sources, entries.into_iter().collect()))
 }
 
 fn seconds(value: f64) -> Option<Duration> {
@@ -264,7 +346,7 @@ fn hint(error: &anyhow::Error, cli: &Cli) -> Option<String> {
     })
 }
 
-fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
+fn run(cli: &Cli, sources: Vec<(String, Source)>, metadata: &Metadata) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let patience = seconds(cli.connect_timeout);
     if patience.is_none() {
@@ -314,12 +396,17 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>) -> anyhow::Result<ExitCode> {
     };
     sender.set_answer_timeout(seconds(cli.answer_timeout))?;
     let handoff_started = Instant::now();
-    let verdict = sender.send(&segments)?;
+    let verdict = sender.send_with(&segments, metadata)?;
     let handoff = handoff_started.elapsed();
     match verdict {
         Verdict::Accepted { id } => {
+            let entries = match metadata.len() {
+                0 => String::new(),
+                1 => ", 1 metadata entry".to_owned(),
+                n => format!(", {n} metadata entries"),
+            };
             println!(
-                "accepted transfer {id}: {}, {bytes} bytes; prepared in {} us, handed off in {} us",
+                "accepted transfer {id}: {}, {bytes} bytes{entries}; prepared in {} us, handed off in {} us",
                 count(segments.len(), "segment"),
                 prepared.as_micros(),
                 handoff.as_micros()
@@ -369,13 +456,13 @@ fn main() -> ExitCode {
         print!("{}", sealpass_kernel::host::Host::read());
         return ExitCode::SUCCESS;
     }
-    let sources = match sources(&cli, &matches) {
-        Ok(sources) => sources,
+    let (sources, metadata) = match sources(&cli, &matches) {
+        Ok(parsed) => parsed,
         Err(message) => Cli::command()
             .error(ErrorKind::ValueValidation, message)
             .exit(),
     };
-    match run(&cli, sources) {
+    match run(&cli, sources, &metadata) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("sealpass-send: error: {error:#}");

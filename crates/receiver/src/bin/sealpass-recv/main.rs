@@ -20,7 +20,7 @@ use sealpass_proto::PeerCredentials;
 use sealpass_proto::{Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
 use sealpass_receiver::{
-    Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Service,
+    Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Metadata, Service,
 };
 use serde::Serialize;
 
@@ -185,7 +185,45 @@ struct TransferLine<'a> {
     version: String,
     peer: PeerLine,
     segments: Vec<SegmentLine<'a>>,
+    /// The sender's own fields (protocol 1.1), in order; empty when none.
+    metadata: Vec<MetadataLine<'a>>,
 }
+
+/// One metadata entry: its value as text where it is UTF-8, otherwise as
+/// lowercase hex, and which of the two `encoding` says.
+#[derive(Serialize)]
+struct MetadataLine<'a> {
+    key: &'a str,
+    value: std::borrow::Cow<'a, str>,
+    /// `utf-8` or `hex`.
+    encoding: &'static str,
+}
+
+/// The metadata of a transfer as JSON lines describe it.
+fn metadata_lines(metadata: &Metadata) -> Vec<MetadataLine<'_>> {
+    metadata
+        .iter()
+        .map(|(key, value)| match std::str::from_utf8(value) {
+            Ok(text) => MetadataLine {
+                key,
+                value: text.into(),
+                encoding: "utf-8",
+            },
+            Err(_) => MetadataLine {
+                key,
+                value: value
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+                    .into(),
+                encoding: "hex",
+            },
+        })
+        .collect()
+}
+
+/// Where `--out` stores a transfer's metadata, beside its segments.
+const METADATA_FILE: &str = "sealpass-metadata.json";
 
 #[derive(Serialize)]
 struct PeerLine {
@@ -236,12 +274,14 @@ fn describe<'a>(
                     .collect(),
             })
             .collect(),
+        metadata: metadata_lines(transfer.metadata()),
     }
 }
 
-/// Writes every segment of a transfer to `dir`, all or nothing.
+/// Writes every segment of a transfer to `dir`, and its metadata (if any)
+/// to `dir`/sealpass-metadata.json, all or nothing.
 fn store(dir: &Path, transfer: &IncomingTransfer) -> anyhow::Result<()> {
-    let items: Vec<store::Item<'_>> = transfer
+    let mut items: Vec<store::Item<'_>> = transfer
         .segments()
         .iter()
         .map(|segment| -> store::Item<'_> {
@@ -251,6 +291,22 @@ fn store(dir: &Path, transfer: &IncomingTransfer) -> anyhow::Result<()> {
             )
         })
         .collect();
+    if !transfer.metadata().is_empty() {
+        if transfer.segment(METADATA_FILE).is_some() {
+            anyhow::bail!(
+                "segment name {METADATA_FILE:?} is where --out stores the transfer's metadata; \
+                 expected another name"
+            );
+        }
+        let lines = metadata_lines(transfer.metadata());
+        items.push((
+            METADATA_FILE,
+            Box::new(move |file: &mut fs::File| {
+                serde_json::to_writer_pretty(&mut *file, &lines)?;
+                Ok(file.write_all(b"\n")?)
+            }),
+        ));
+    }
     store::store_all(dir, &items)
 }
 
