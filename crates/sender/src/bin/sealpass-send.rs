@@ -87,7 +87,11 @@ impl Cli {
 
 const AFTER_HELP: &str = "\
 Names: at most 249 bytes of UTF-8 without NUL, unique within the transfer;
-1 to 253 segments in all.
+0 to 253 segments in all, and at least one segment or metadata entry.
+
+Metadata keys: 1 to 255 bytes without NUL, unique within the transfer; all
+the metadata at most 61440 bytes encoded. A 1.0 receiver drops the metadata
+of a transfer with segments and refuses one of metadata alone.
 
 Seal names: seal, shrink, grow, write, future_write, exec (case-insensitive),
 separated by ',' or '|'; 'none' for no seals.
