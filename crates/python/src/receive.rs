@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyFrozenSet, PyTuple};
-use sealpass_proto::Seals;
+use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyTuple};
+use sealpass_proto::{Metadata, Seals};
 use sealpass_receiver::{
     Config, Connection, IncomingTransfer, Listener, PeerCredentials, Responder, ServeError,
     VerifiedSegment,
@@ -264,6 +264,8 @@ pub(crate) struct Transfer {
     /// closed with the transfer (`close`, the end of its `with` block).
     peer_pidfd: Mutex<Option<std::os::fd::OwnedFd>>,
     segments: Vec<Py<ReceivedSegment>>,
+    /// The sender's own fields (protocol 1.1), in the order sent.
+    metadata: Metadata,
     responder: Mutex<Option<Responder>>,
 }
 
@@ -275,6 +277,8 @@ impl Transfer {
         let peer_pidfd = transfer
             .peer_pidfd()
             .and_then(|pidfd| pidfd.try_clone_to_owned().ok());
+        let mut transfer = transfer;
+        let metadata = transfer.take_metadata();
         let (segments, responder) = transfer.into_parts();
         let segments = segments
             .into_iter()
@@ -286,6 +290,7 @@ impl Transfer {
             peer: Some(peer),
             peer_pidfd: Mutex::new(peer_pidfd),
             segments,
+            metadata,
             responder: Mutex::new(Some(responder)),
         })
     }
@@ -328,6 +333,18 @@ impl Transfer {
     #[getter]
     fn version(&self) -> (u16, u16) {
         self.version
+    }
+
+    /// The sender's own fields (protocol 1.1) as a new dict of str keys to
+    /// bytes values, in the order sent (empty from a 1.0 sender). A value
+    /// sent as str arrives as its UTF-8 bytes: `.decode()` it.
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (key, value) in self.metadata.iter() {
+            dict.set_item(key, PyBytes::new(py, value))?;
+        }
+        Ok(dict)
     }
 
     /// The sender, as the kernel recorded it at connect; None if unknown.

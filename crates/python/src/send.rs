@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyFrozenSet, PyMapping, PyTuple};
-use sealpass_proto::Seals;
+use pyo3::types::{PyBytes, PyFrozenSet, PyMapping, PyString, PyTuple};
+use sealpass_proto::{Metadata, Seals};
 use sealpass_sender::{Pages, SealedSegment, SegmentWriter, Sender, Verdict};
 
 use crate::shared::Slot;
@@ -184,13 +184,56 @@ impl Segment {
 /// (copied into new memfds) or to `Segment`s, an iterable of `Segment`s, or
 /// one `Segment`. A `Segment` is sent through a second fd, so it stays the
 /// caller's to send again.
+/// `metadata` as given to `send`: a mapping of str keys to str (sent as
+/// UTF-8) or bytes-like values, or None.
+fn metadata_from(metadata: Option<&Bound<'_, PyAny>>) -> PyResult<Metadata> {
+    let Some(metadata) = metadata.filter(|value| !value.is_none()) else {
+        return Ok(Metadata::new());
+    };
+    let mapping = metadata.cast::<PyMapping>().map_err(|_| {
+        PyTypeError::new_err("metadata: expected a mapping of str keys to str or bytes values")
+    })?;
+    let mut out = Metadata::new();
+    for item in mapping.items()?.iter() {
+        let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+        let key: String = key
+            .extract()
+            .map_err(|_| PyTypeError::new_err(format!("metadata key {key}: expected a str")))?;
+        let value: Vec<u8> = if let Ok(text) = value.cast::<PyString>() {
+            text.to_str()?.as_bytes().to_vec()
+        } else if let Ok(bytes) = value.cast::<PyBytes>() {
+            bytes.as_bytes().to_vec()
+        } else if buffers::Borrowed::get(&value).is_ok() {
+            // Any other bytes-like object (bytearray, memoryview, an array):
+            // its bytes, as bytes() reads them.
+            let builtins = value.py().import("builtins")?;
+            let copied = builtins.getattr("bytes")?.call1((&value,))?;
+            copied.cast::<PyBytes>()?.as_bytes().to_vec()
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "metadata value of {key:?}: expected str or a bytes-like object; got {}",
+                value.get_type()
+            )));
+        };
+        out.insert(key, value);
+    }
+    Ok(out)
+}
+
 fn transfer_segments(
     py: Python<'_>,
-    segments: &Bound<'_, PyAny>,
+    segments: Option<&Bound<'_, PyAny>>,
     seals: Seals,
+    metadata: &Metadata,
 ) -> PyResult<Vec<SealedSegment>> {
+    let Some(segments) = segments.filter(|value| !value.is_none()) else {
+        check_transfer(&[], metadata)?;
+        return Ok(Vec::new());
+    };
     if let Ok(segment) = segments.cast::<Segment>() {
-        return Ok(vec![segment.get().duplicate()?]);
+        let made = vec![segment.get().duplicate()?];
+        check_transfer(&made, metadata)?;
+        return Ok(made);
     }
     enum Source {
         Ready(SealedSegment),
@@ -241,15 +284,20 @@ fn transfer_segments(
             .collect::<Result<Vec<_>, _>>()
     });
     let made = made.map_err(Error)?;
-    // The protocol's rules on the whole transfer (names unique, 1 to 253
-    // segments), checked before anything is sent; the id is the sender's.
+    check_transfer(&made, metadata)?;
+    Ok(made)
+}
+
+/// The protocol's rules on the whole transfer (names and keys unique, at
+/// most 253 segments, a segment or an entry at least, the metadata's
+/// size), checked before anything is sent; the id is the sender's.
+fn check_transfer(made: &[SealedSegment], metadata: &Metadata) -> PyResult<()> {
     sealpass_proto::message::validate_transfer(
         1,
         made.iter().map(SealedSegment::declaration),
-        std::iter::empty(),
+        metadata.iter(),
     )
-    .map_err(|error| crate::sealpass_error(&error))?;
-    Ok(made)
+    .map_err(|error| crate::sealpass_error(&error))
 }
 
 /// A memfd being filled in place: its pages exported to Python as one
@@ -497,9 +545,15 @@ impl PySender {
     }
 
     /// Sends segments already made, without waiting for the verdict.
-    fn submit_made(&self, py: Python<'_>, made: &[SealedSegment], call: &str) -> PyResult<u64> {
+    fn submit_made(
+        &self,
+        py: Python<'_>,
+        made: &[SealedSegment],
+        metadata: &Metadata,
+        call: &str,
+    ) -> PyResult<u64> {
         let mut sender = self.inner.lend(call)?;
-        let sent = py.detach(|| sender.submit(made));
+        let sent = py.detach(|| sender.submit_with(made, metadata));
         self.in_flight.store(sender.in_flight(), Ordering::Release);
         if self.inner.is_closed() {
             return Err(self.inner.closed_error(call));
@@ -534,36 +588,42 @@ impl PySender {
 
     /// Sends `segments` as one transfer and waits for the verdict: returns
     /// the transfer's id when accepted, raises `Rejected` when not. Buffers
-    /// in `segments` are copied into memfds sealed with `seals`. Nothing may
-    /// be in flight (take earlier verdicts with `next_verdict` first).
-    #[pyo3(signature = (segments, *, seals = None))]
+    /// in `segments` are copied into memfds sealed with `seals`. `metadata`
+    /// (protocol 1.1) maps str keys to str or bytes values sent with it;
+    /// with metadata, `segments` may be None or empty. Nothing may be in
+    /// flight (take earlier verdicts with `next_verdict` first).
+    #[pyo3(signature = (segments = None, *, seals = None, metadata = None))]
     fn send(
         &self,
         py: Python<'_>,
-        segments: &Bound<'_, PyAny>,
+        segments: Option<&Bound<'_, PyAny>>,
         seals: Option<&Bound<'_, PyAny>>,
+        metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let in_flight = self.in_flight.load(Ordering::Acquire);
         if in_flight > 0 {
             let error = sealpass_sender::SendError::VerdictsPending { count: in_flight };
             return Err(Error(error).into());
         }
-        self.submit(py, segments, seals)?;
+        self.submit(py, segments, seals, metadata)?;
         self.wait_verdict(py, self.answer_timeout, "send()")
     }
 
-    /// Sends `segments` as one transfer without waiting for its verdict;
-    /// returns its id. Verdicts come back oldest first from `next_verdict`.
-    #[pyo3(signature = (segments, *, seals = None))]
+    /// Sends `segments` (and `metadata`) as one transfer without waiting
+    /// for its verdict; returns its id. Verdicts come back oldest first
+    /// from `next_verdict`.
+    #[pyo3(signature = (segments = None, *, seals = None, metadata = None))]
     fn submit(
         &self,
         py: Python<'_>,
-        segments: &Bound<'_, PyAny>,
+        segments: Option<&Bound<'_, PyAny>>,
         seals: Option<&Bound<'_, PyAny>>,
+        metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
-        let segments = transfer_segments(py, segments, seals)?;
-        self.submit_made(py, &segments, "submit()")
+        let metadata = metadata_from(metadata)?;
+        let segments = transfer_segments(py, segments, seals, &metadata)?;
+        self.submit_made(py, &segments, &metadata, "submit()")
     }
 
     /// The verdict on the oldest transfer in flight: its id when accepted;
@@ -610,20 +670,22 @@ impl PySender {
 /// for the verdict: returns the transfer's id when accepted, raises
 /// `Rejected` when not. See `Sender` for the arguments.
 #[pyfunction]
-#[pyo3(signature = (path, segments, *, seals = None, connect_timeout = None, answer_timeout = None))]
+#[pyo3(signature = (path, segments = None, *, seals = None, metadata = None, connect_timeout = None, answer_timeout = None))]
 fn send(
     py: Python<'_>,
     path: std::path::PathBuf,
-    segments: &Bound<'_, PyAny>,
+    segments: Option<&Bound<'_, PyAny>>,
     seals: Option<&Bound<'_, PyAny>>,
+    metadata: Option<&Bound<'_, PyAny>>,
     connect_timeout: Option<f64>,
     answer_timeout: Option<f64>,
 ) -> PyResult<u64> {
     // Made before connecting, so a bad buffer costs no connection.
     let seals_chosen = seals_from(seals, Seals::SENDER_DEFAULT)?;
-    let made = transfer_segments(py, segments, seals_chosen)?;
+    let metadata = metadata_from(metadata)?;
+    let made = transfer_segments(py, segments, seals_chosen, &metadata)?;
     let sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
-    sender.submit_made(py, &made, "send()")?;
+    sender.submit_made(py, &made, &metadata, "send()")?;
     // Sent: the receiver holds the memfds now. Closing ours before the
     // verdict leaves freeing the pages to whoever lets go last.
     drop(made);

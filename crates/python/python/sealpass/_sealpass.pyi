@@ -39,6 +39,10 @@ _Segments: TypeAlias = Mapping[str, _Bytes | Segment] | Iterable[Segment] | Segm
 """One transfer's segments: names mapped to buffers (copied into new memfds) or to
 Segments, an iterable of Segments, or one Segment."""
 
+_Metadata: TypeAlias = Mapping[str, str | Buffer]
+"""A transfer's own fields (protocol 1.1): str keys (1 to 255 bytes, no NUL) to str
+values (sent as UTF-8) or bytes-like values; at most 61440 bytes encoded."""
+
 REJECT_REASONS: list[tuple[int, str]]
 """Every reject reason this version knows, as (code, name), from PROTOCOL.md."""
 SENDER_DEFAULT_SEALS: frozenset[str]
@@ -142,9 +146,22 @@ class Sender:
     ) -> Self:
         """Connects; with `connect_timeout`, retries while the receiver is not up yet.
         `answer_timeout` bounds each verdict wait (TimeoutError)."""
-    def send(self, segments: _Segments, *, seals: _Seals | None = None) -> int:
-        """One transfer, waiting for its verdict: its id if accepted; raises Rejected."""
-    def submit(self, segments: _Segments, *, seals: _Seals | None = None) -> int:
+    def send(
+        self,
+        segments: _Segments | None = None,
+        *,
+        seals: _Seals | None = None,
+        metadata: _Metadata | None = None,
+    ) -> int:
+        """One transfer, waiting for its verdict: its id if accepted; raises Rejected.
+        With metadata, segments may be None or empty."""
+    def submit(
+        self,
+        segments: _Segments | None = None,
+        *,
+        seals: _Seals | None = None,
+        metadata: _Metadata | None = None,
+    ) -> int:
         """One transfer without waiting; returns its id."""
     def next_verdict(self, timeout: float | None = None) -> int:
         """The oldest transfer's verdict: its id if accepted; raises Rejected, or
@@ -158,9 +175,10 @@ class Sender:
 
 def send(
     path: str | PathLike[str],
-    segments: _Segments,
+    segments: _Segments | None = None,
     *,
     seals: _Seals | None = None,
+    metadata: _Metadata | None = None,
     connect_timeout: float | None = None,
     answer_timeout: float | None = None,
 ) -> int:
@@ -215,6 +233,10 @@ class Transfer:
     def id(self) -> int: ...
     @property
     def version(self) -> tuple[int, int]: ...
+    @property
+    def metadata(self) -> dict[str, bytes]:
+        """The sender's own fields (protocol 1.1), in the order sent; a value sent as
+        str arrives as its UTF-8 bytes."""
     @property
     def peer(self) -> Peer | None: ...
     def peer_pidfd(self) -> int | None:

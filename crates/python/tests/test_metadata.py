@@ -1,0 +1,76 @@
+"""Protocol 1.1's metadata from Python: with segments, alone, str and bytes
+values, and the rules refused before anything is sent."""
+import threading
+
+import pytest
+
+import sealpass
+
+
+def serve(socket_path, count):
+    """Receives `count` transfers on one connection; returns what each held."""
+    seen = []
+    ready = threading.Event()
+
+    def run():
+        with sealpass.Listener(socket_path) as listener:
+            ready.set()
+            with listener.accept() as connection:
+                for _ in range(count):
+                    with connection.receive(timeout=10) as transfer:
+                        seen.append(
+                            (
+                                transfer.version,
+                                {s.name: bytes(s) for s in transfer.segments},
+                                transfer.metadata,
+                            )
+                        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    ready.wait(10)
+    return thread, seen
+
+
+def test_metadata_with_segments_and_alone_arrives_intact(socket_path):
+    thread, seen = serve(socket_path, 2)
+    with sealpass.Sender(socket_path, connect_timeout=10) as sender:
+        sender.send(
+            {"frame": b"pixels"},
+            metadata={"seq": "42", "raw": b"\xff\x00", "view": memoryview(b"mv")},
+        )
+        sender.send(metadata={"command": "flush"})
+    thread.join(10)
+    assert seen == [
+        ((1, 1), {"frame": b"pixels"}, {"seq": b"42", "raw": b"\xff\x00", "view": b"mv"}),
+        ((1, 1), {}, {"command": b"flush"}),
+    ]
+
+
+def test_a_transfer_without_metadata_is_a_1_0_transfer(socket_path):
+    thread, seen = serve(socket_path, 1)
+    sealpass.send(socket_path, {"a": b"x"}, connect_timeout=10)
+    thread.join(10)
+    assert seen == [((1, 0), {"a": b"x"}, {})]
+
+
+@pytest.mark.parametrize(
+    "segments, metadata, error, text",
+    [
+        ({}, {"k": 5}, TypeError, "expected str or a bytes-like object"),
+        ({}, {1: "x"}, TypeError, "expected a str"),
+        ({}, ["k"], TypeError, "expected a mapping"),
+        ({}, {"": "x"}, sealpass.SealpassError, "empty key"),
+        ({}, {"a\0b": "x"}, sealpass.SealpassError, "NUL"),
+        ({}, {"k" * 256: "x"}, sealpass.SealpassError, "key of 256 bytes"),
+        ({}, {"v": b"\0" * 61440}, sealpass.SealpassError, "61440"),
+        ({}, {}, sealpass.SealpassError, "no segments and no metadata"),
+        (None, None, sealpass.SealpassError, "no segments and no metadata"),
+    ],
+)
+def test_metadata_that_breaks_a_rule_is_refused_before_connecting(
+    socket_path, segments, metadata, error, text
+):
+    # Nobody listens at socket_path: a refusal here came before connecting.
+    with pytest.raises(error, match=text):
+        sealpass.send(socket_path, segments, metadata=metadata)
