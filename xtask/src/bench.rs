@@ -8,7 +8,7 @@ use crate::project::{self, cargo};
 use crate::summary;
 
 pub(crate) const HELP: &str = "\
-usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--checks]
+usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill] [--checks] [--meta]
                          [--e2e [--thp | --hugetlb]]
        cargo xtask bench --python [--runs N] [--thp]
        cargo xtask bench --peers [--quick] [--thp]
@@ -19,6 +19,9 @@ kernel's floor and against copying, and which targets are met. Writes
 target/bench/results.json and the plot target/bench/handoff.svg.
 
   --quick       fewer sizes and runs (about 10 s instead of about 2 minutes)
+  --meta        only protocol 1.1's metadata rows: fields as metadata against an
+                extra JSON segment, 4 KiB as metadata alone against a unix
+                stream, and the cost of 200 bytes of metadata (meta.json)
   --hot-path    only the one-CPU 4 KiB round trip and allocations per message,
                 for before/after comparisons of the hot path
   --pipelined   only pipelined throughput on one connection
@@ -71,6 +74,7 @@ const FLAGS: &[&str] = &[
     "--e2e",
     "--thp",
     "--checks",
+    "--meta",
 ];
 
 const SHMEM_THP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";

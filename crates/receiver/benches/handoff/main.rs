@@ -14,6 +14,7 @@
 )]
 
 mod measure;
+mod meta;
 mod peer;
 mod report;
 
@@ -94,7 +95,7 @@ pub(crate) fn pin_to_cpu(cpu: Option<usize>) {
     sched_setaffinity(Pid::from_raw(0), &set).unwrap();
 }
 
-fn first_allowed_cpu() -> usize {
+pub(crate) fn first_allowed_cpu() -> usize {
     let allowed = *ALLOWED_CPUS.get_or_init(|| sched_getaffinity(Pid::from_raw(0)).unwrap());
     (0..CpuSet::count())
         .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
@@ -130,6 +131,14 @@ fn main() {
         // its floor, and allocations per message. For before/after figures.
         hot_path(&mut report, if quick { 5 } else { 9 }, round_trips);
         report.print();
+        return;
+    }
+
+    if std::env::args().any(|a| a == "--meta") {
+        // Only protocol 1.1's metadata rows, against the ways before it.
+        meta::meta_rows(&mut report, runs, round_trips);
+        report.print();
+        report.write_json("meta.json", runs, quick);
         return;
     }
 
@@ -429,6 +438,7 @@ fn main() {
 
     // ---- The async driver beside the blocking one ---------------------------
     async_rows(&mut report, runs, round_trips, messages);
+    meta::meta_rows(&mut report, runs, round_trips);
 
     // ---- Closing figures: ratios of medians within this run ---------------
     let (small, first) = medians[0];

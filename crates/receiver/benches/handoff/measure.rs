@@ -19,7 +19,7 @@ use crate::{allocations, peer};
 pub(crate) struct Peer {
     child: Option<Child>,
     _dir: tempfile::TempDir,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
 }
 
 impl Peer {
