@@ -202,6 +202,7 @@ fn timed_out(what: &str, timeout: Option<Duration>) -> PyErr {
 #[pymodule]
 fn _sealpass(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
     module.add("SealpassError", py.get_type::<SealpassError>())?;
     module.add("Rejected", py.get_type::<Rejected>())?;
     module.add("DeliveryUnknown", py.get_type::<DeliveryUnknown>())?;

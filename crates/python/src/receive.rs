@@ -125,6 +125,22 @@ impl ReceivedSegment {
         seals_to(py, self.seals)
     }
 
+    /// The segment as numpy's array interface describes memory: its bytes,
+    /// read-only, one dimension of `size` unsigned bytes. `numpy.asarray`
+    /// takes it without a copy (and keeps the segment alive); the array
+    /// cannot write. `Transfer.array` gives the dtype and shape the sender
+    /// recorded instead.
+    #[getter]
+    fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let address = self.address()?;
+        let interface = PyDict::new(py);
+        interface.set_item("version", 3)?;
+        interface.set_item("shape", (self.size,))?;
+        interface.set_item("typestr", "|u1")?;
+        interface.set_item("data", (address, true))?;
+        Ok(interface)
+    }
+
     /// The address of the read-only mapping (0 for an empty segment): a
     /// view's buffer lies in `[address, address + size)`.
     #[getter]
@@ -457,6 +473,44 @@ impl Transfer {
             .find(|segment| segment.bind(py).get().name == name)
             .map(|segment| segment.clone_ref(py))
             .ok_or_else(|| PyKeyError::new_err(name.to_owned()))
+    }
+
+    /// Segment `name` as a read-only numpy array, without a copy, of the
+    /// dtype and shape its sender recorded (`NAME.dtype`, `NAME.shape`: the
+    /// array convention of PROTOCOL.md section 4.3, which `send` follows
+    /// for numpy arrays). Raises `KeyError` when there is no such segment
+    /// or no description, `ValueError` when the description does not fit
+    /// the segment's size.
+    fn array<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let segment = self.__getitem__(py, name)?;
+        let described = |what: &str| {
+            let key = format!("{name}.{what}");
+            self.metadata
+                .get_str(&key)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    PyKeyError::new_err(format!(
+                        "{key}: the sender recorded no {what} for segment {name:?}"
+                    ))
+                })
+        };
+        let dtype = described("dtype")?;
+        let shape_text = described("shape")?;
+        let shape = shape_text
+            .split(',')
+            .filter(|dim| !dim.is_empty())
+            .map(str::parse::<usize>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name}.shape is {shape_text:?}; expected decimal dimensions joined by ','"
+                ))
+            })?;
+        let numpy = py.import("numpy")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("dtype", dtype)?;
+        let flat = numpy.call_method("frombuffer", (segment,), Some(&kwargs))?;
+        flat.call_method1("reshape", (PyTuple::new(py, shape)?,))
     }
 
     fn __contains__(&self, py: Python<'_>, name: &str) -> bool {

@@ -220,11 +220,45 @@ fn metadata_from(metadata: Option<&Bound<'_, PyAny>>) -> PyResult<Metadata> {
     Ok(out)
 }
 
+/// An array's description under the array convention of PROTOCOL.md
+/// section 4.3 (`NAME.dtype`, `NAME.shape`), added to `metadata` unless the
+/// caller set those keys; a structured dtype is refused. Anything that is
+/// not an array (no `dtype` and `shape`) adds nothing.
+fn describe_array(name: &str, value: &Bound<'_, PyAny>, metadata: &mut Metadata) -> PyResult<()> {
+    let (Ok(dtype), Ok(shape)) = (value.getattr("dtype"), value.getattr("shape")) else {
+        return Ok(());
+    };
+    if !dtype.getattr("fields")?.is_none() {
+        return Err(PyTypeError::new_err(format!(
+            "segment {name:?}: a structured dtype ({}) has no description in the array \
+             convention; send each field as an array of its own, or the bytes \
+             (array.view('u1')) with your own metadata",
+            dtype.str()?
+        )));
+    }
+    let typestr: String = dtype.getattr("str")?.extract()?;
+    let dims: Vec<usize> = shape.extract()?;
+    let shape = dims
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    for (key, value) in [
+        (format!("{name}.dtype"), typestr),
+        (format!("{name}.shape"), shape),
+    ] {
+        if metadata.get(&key).is_none() {
+            metadata.insert(key, value);
+        }
+    }
+    Ok(())
+}
+
 fn transfer_segments(
     py: Python<'_>,
     segments: Option<&Bound<'_, PyAny>>,
     seals: Seals,
-    metadata: &Metadata,
+    metadata: &mut Metadata,
 ) -> PyResult<Vec<SealedSegment>> {
     let Some(segments) = segments.filter(|value| !value.is_none()) else {
         check_transfer(&[], metadata)?;
@@ -254,7 +288,10 @@ fn transfer_segments(
                 }
                 sources.push(Source::Ready(segment));
             } else {
-                sources.push(Source::Copy(name, buffers::Borrowed::get(&value)?));
+                // The buffer first: what it refuses (pointers) it says first.
+                let borrowed = buffers::Borrowed::get(&value)?;
+                describe_array(&name, &value, metadata)?;
+                sources.push(Source::Copy(name, borrowed));
             }
         }
     } else {
@@ -621,8 +658,8 @@ impl PySender {
         metadata: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
-        let metadata = metadata_from(metadata)?;
-        let segments = transfer_segments(py, segments, seals, &metadata)?;
+        let mut metadata = metadata_from(metadata)?;
+        let segments = transfer_segments(py, segments, seals, &mut metadata)?;
         self.submit_made(py, &segments, &metadata, "submit()")
     }
 
@@ -682,8 +719,8 @@ fn send(
 ) -> PyResult<u64> {
     // Made before connecting, so a bad buffer costs no connection.
     let seals_chosen = seals_from(seals, Seals::SENDER_DEFAULT)?;
-    let metadata = metadata_from(metadata)?;
-    let made = transfer_segments(py, segments, seals_chosen, &metadata)?;
+    let mut metadata = metadata_from(metadata)?;
+    let made = transfer_segments(py, segments, seals_chosen, &mut metadata)?;
     let sender = PySender::new(py, path, connect_timeout, answer_timeout)?;
     sender.submit_made(py, &made, &metadata, "send()")?;
     // Sent: the receiver holds the memfds now. Closing ours before the

@@ -74,3 +74,45 @@ def test_metadata_that_breaks_a_rule_is_refused_before_connecting(
     # Nobody listens at socket_path: a refusal here came before connecting.
     with pytest.raises(error, match=text):
         sealpass.send(socket_path, segments, metadata=metadata)
+
+
+def test_arrays_travel_with_their_dtype_and_shape(socket_path):
+    numpy = pytest.importorskip("numpy")
+    sent = numpy.arange(24, dtype="<f4").reshape(2, 3, 4)
+    got = []
+    ready = threading.Event()
+
+    def run():
+        with sealpass.Listener(socket_path) as listener:
+            ready.set()
+            with listener.accept() as connection:
+                with connection.receive(timeout=10) as transfer:
+                    array = transfer.array("frame")
+                    got.append((array.copy(), array.flags.writeable, transfer.metadata))
+                    raw = numpy.asarray(transfer["frame"])
+                    got.append((raw.dtype.str, raw.shape, raw.flags.writeable))
+                    with pytest.raises(KeyError, match="no dtype"):
+                        transfer.array("plain")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    ready.wait(10)
+    sealpass.send(socket_path, {"frame": sent, "plain": b"xy"}, connect_timeout=10)
+    thread.join(10)
+    (array, writeable, metadata), (typestr, shape, raw_writeable) = got
+    assert array.dtype == sent.dtype and array.shape == (2, 3, 4)
+    assert (array == sent).all()
+    assert not writeable and not raw_writeable
+    assert metadata == {"frame.dtype": b"<f4", "frame.shape": b"2,3,4"}
+    assert (typestr, shape) == ("|u1", (96,))
+
+
+def test_structured_dtypes_are_refused_with_advice(socket_path):
+    numpy = pytest.importorskip("numpy")
+    records = numpy.zeros(3, dtype=[("x", "<f4"), ("y", "<i2")])
+    with pytest.raises(TypeError, match="structured dtype"):
+        sealpass.send(socket_path, {"records": records})
+
+
+def test_the_package_says_its_version():
+    assert isinstance(sealpass.__version__, str) and sealpass.__version__.count(".") == 2

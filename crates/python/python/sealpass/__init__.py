@@ -12,16 +12,17 @@ through the buffer protocol, read-only and without a copy::
         with listener.accept() as connection:
             for transfer in connection:
                 with transfer:  # acks on exit (rejects if an exception escapes)
-                    frame = numpy.frombuffer(transfer["frame"], dtype=numpy.uint8)
+                    frame = transfer.array("frame")  # read-only, dtype and shape as sent
 
     # sender, in another process
-    sealpass.send("/tmp/frames.sock", {"frame": numpy.zeros(1 << 20, numpy.uint8)})
+    sealpass.send("/tmp/frames.sock", {"frame": numpy.zeros((480, 640, 3), numpy.uint8)})
 
 The protocol, and every check the receiver makes, is the Rust crates'
 (see PROTOCOL.md); this package binds them.
 """
 
 from ._sealpass import (
+    __version__,
     REJECT_REASONS,
     RECEIVER_REQUIRED_SEALS,
     SENDER_DEFAULT_SEALS,
@@ -40,6 +41,7 @@ from ._sealpass import (
 )
 
 __all__ = [
+    "__version__",
     "REJECT_REASONS",
     "RECEIVER_REQUIRED_SEALS",
     "SENDER_DEFAULT_SEALS",

@@ -4,11 +4,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import TypeAlias, final
+from typing import Any, TypeAlias, final
 
 from typing_extensions import Buffer, Self
 
+__version__: str
+
 __all__ = [
+    "__version__",
     "Connection",
     "DeliveryUnknown",
     "Listener",
@@ -211,6 +214,9 @@ class ReceivedSegment:
     def address(self) -> int:
         """Where the mapping starts (0 for an empty segment)."""
     @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's array interface: the bytes, read-only, as one dimension of u1."""
+    @property
     def released(self) -> bool: ...
     def fileno(self) -> int:
         """The sealed memfd's fd (still this segment's)."""
@@ -233,6 +239,10 @@ class Transfer:
     def id(self) -> int: ...
     @property
     def version(self) -> tuple[int, int]: ...
+    def array(self, name: str) -> Any:
+        """Segment `name` as a read-only numpy array, without a copy, of the dtype and
+        shape its sender recorded (NAME.dtype, NAME.shape; `send` records them for
+        numpy arrays). KeyError without them; ValueError when they do not fit."""
     @property
     def metadata(self) -> dict[str, bytes]:
         """The sender's own fields (protocol 1.1), in the order sent; a value sent as
