@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+mod calls;
 pub mod client;
 pub mod compat;
 #[cfg(feature = "fuzzing")]
@@ -37,13 +38,16 @@ pub mod fuzzing;
 pub mod memfd;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+mod verdict;
 
-pub use client::{SendError, Sender, Verdict, send_bytes, send_metadata};
+pub use calls::{FanOutVerdict, fan_out, send_bytes, send_metadata};
+pub use client::Sender;
 pub use compat::{BARE_PAYLOAD_LEN, send_bare};
 pub use memfd::{Pages, SealedSegment, SegmentBuilder, SegmentError, SegmentWriter};
 pub use sealpass_proto::metadata::Fields;
 pub use sealpass_proto::size::{ParseSizeError, parse_size};
 pub use sealpass_proto::{Metadata, RejectReason, Seals};
+pub use verdict::{SendError, Verdict};
 
 /// The README's example is compiled and run as a test of this crate.
 #[cfg(all(doctest, feature = "tokio"))]

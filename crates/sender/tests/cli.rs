@@ -649,3 +649,71 @@ fn meta_flags_that_break_a_rule_are_usage_errors() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// `--socket` more than once: the same memfds to every receiver, each
+/// verdict on its own line (or JSON line), and an exit status that says
+/// whether all, some or none accepted.
+#[test]
+fn several_sockets_get_the_same_segments_and_their_own_verdicts() {
+    let (dir, _) = scratch();
+    let serve = |name: &str, accept: bool| {
+        let socket = dir.path().join(name);
+        let listener = Listener::bind(&socket).unwrap();
+        thread::spawn(move || {
+            let transfer = listener.accept().unwrap().receive().unwrap().unwrap();
+            assert_eq!(transfer.segments()[0].bytes(), b"AAAA");
+            if accept {
+                transfer.accept().unwrap();
+            } else {
+                transfer.reject("full").unwrap();
+            }
+        });
+        socket
+    };
+    let (one, two) = (serve("one.sock", true), serve("two.sock", true));
+    let both = [
+        "--socket",
+        one.to_str().unwrap(),
+        "--socket",
+        two.to_str().unwrap(),
+        "--fill",
+        "a=A:4",
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_sealpass-send"))
+        .args(both)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("2 of 2 receivers accepted 1 segment, 4 bytes"),
+        "{stdout}"
+    );
+
+    let (yes, no) = (serve("yes.sock", true), serve("no.sock", false));
+    let missing = dir.path().join("missing.sock");
+    let output = Command::new(env!("CARGO_BIN_EXE_sealpass-send"))
+        .args(["--json", "--fill", "a=A:4"])
+        .args(["--socket", yes.to_str().unwrap()])
+        .args(["--socket", no.to_str().unwrap()])
+        .args(["--socket", missing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4), "some accepted, some did not");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let verdicts: Vec<&str> = lines
+        .iter()
+        .map(|line| line["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts, ["accepted", "rejected", "failed"]);
+    assert_eq!(lines[1]["reason"], "ApplicationRejected");
+    assert_eq!(lines[1]["message"], "full");
+    assert!(
+        lines[2]["error"].as_str().unwrap().contains("ENOENT"),
+        "{}",
+        lines[2]
+    );
+}

@@ -20,14 +20,20 @@ use sealpass_sender::{Pages, SealedSegment, SendError, Sender, Verdict, parse_si
 #[derive(Debug, Parser)]
 #[command(name = "sealpass-send", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// The receiver's socket.
+    /// The receiver's socket. Repeat it to send the same sealed segments to
+    /// several receivers, one connection each (fan-out): one copy in memory,
+    /// every verdict reported on its own.
     #[arg(
         long = "socket",
         id = "socket",
         value_name = "PATH",
         required_unless_present = "doctor"
     )]
-    socket_arg: Option<PathBuf>,
+    sockets: Vec<PathBuf>,
+    /// With several --socket: one JSON line per receiver on stdout (socket,
+    /// verdict, id, reason, message, error) instead of the text lines.
+    #[arg(long)]
+    json: bool,
     /// Print what this machine offers sealpass (kernel, memfd_noexec, huge
     /// pages, fd and mapping limits), what each means, how to change it, and exit.
     #[arg(long)]
@@ -81,7 +87,7 @@ struct Cli {
 impl Cli {
     /// The socket path (present unless `--doctor`, which exits first).
     fn socket(&self) -> &Path {
-        self.socket_arg.as_deref().unwrap_or(Path::new(""))
+        self.sockets.first().map_or(Path::new(""), PathBuf::as_path)
     }
 }
 
@@ -99,7 +105,9 @@ separated by ',' or '|'; 'none' for no seals.
 Exit status: 0 accepted; 3 rejected by the receiver (the reason goes to
 stderr); 2 usage error (found before any memfd is made or any connection
 opened); 1 any other failure, 'delivery unknown' included (the receiver
-vanished after the transfer was sent and before it answered).
+vanished after the transfer was sent and before it answered). With several
+--socket: 0 every receiver accepted; 4 some accepted and some did not; 3 none
+accepted and every one refused; 1 otherwise.
 
 Signals: SIGINT and SIGTERM end the sender at once. A transfer already sent
 may still be delivered; its verdict is then unknown.
@@ -253,6 +261,12 @@ fn sources(
                 .into(),
         );
     }
+    if cli.sockets.len() > 1 && cli.compat {
+        return Err("--compat sends to one receiver: give one --socket".into());
+    }
+    if cli.json && cli.sockets.len() < 2 {
+        return Err("--json reports per receiver: give several --socket".into());
+    }
     if cli.compat && !entries.is_empty() {
         return Err("--compat sends bare fds with no header: it carries no --meta".into());
     }
@@ -377,6 +391,9 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>, metadata: &Metadata) -> anyhow
     let prepared = started.elapsed();
     let bytes: u64 = segments.iter().map(SealedSegment::size).sum();
 
+    if cli.sockets.len() > 1 {
+        return fan_out(cli, &segments, metadata, prepared, bytes);
+    }
     if cli.compat {
         sealpass_sender::send_bare(cli.socket(), &segments)?;
         println!(
@@ -448,6 +465,110 @@ fn run(cli: &Cli, sources: Vec<(String, Source)>, metadata: &Metadata) -> anyhow
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `--socket` given more than once: the same segments to every receiver,
+/// each verdict reported on its own. Exit 0 when every receiver accepted,
+/// 4 when some did and some did not, 3 when none did and every one
+/// answered (refused), 1 otherwise.
+fn fan_out(
+    cli: &Cli,
+    segments: &[SealedSegment],
+    metadata: &Metadata,
+    prepared: Duration,
+    bytes: u64,
+) -> anyhow::Result<ExitCode> {
+    if let Some(patience) = seconds(cli.connect_timeout) {
+        let deadline = Instant::now() + patience;
+        for socket in &cli.sockets {
+            while fs::metadata(socket).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // Without --answer-timeout, a receiver that never answers would hold
+    // the report of all the others: a minute is the default patience here.
+    let patience = seconds(cli.answer_timeout).unwrap_or(Duration::from_secs(60));
+    let started = Instant::now();
+    let verdicts = sealpass_sender::fan_out(&cli.sockets, segments, metadata, patience);
+    let handoff = started.elapsed();
+    let (mut accepted, mut rejected) = (0, 0);
+    for each in &verdicts {
+        let socket = each.socket.display().to_string();
+        let line = match &each.verdict {
+            Ok(Verdict::Accepted { id }) => {
+                accepted += 1;
+                if !cli.json {
+                    println!("accepted transfer {id} at {socket}");
+                }
+                serde_json::json!({"socket": socket, "verdict": "accepted", "id": id})
+            }
+            Ok(Verdict::Rejected {
+                id,
+                reason,
+                message,
+            }) => {
+                rejected += 1;
+                if !cli.json {
+                    eprintln!(
+                        "sealpass-send: {socket}: rejected transfer {id}: {reason}: {message}"
+                    );
+                }
+                serde_json::json!({
+                    "socket": socket, "verdict": "rejected", "id": id,
+                    "reason": reason.name(), "code": reason.code(), "message": message,
+                })
+            }
+            Ok(other) => {
+                let error = format!("unexpected verdict {other:?}");
+                if !cli.json {
+                    eprintln!("sealpass-send: {socket}: {error}");
+                }
+                serde_json::json!({"socket": socket, "verdict": "failed", "error": error})
+            }
+            Err(error) => {
+                let error = format!("{error}{}", chain(error));
+                if !cli.json {
+                    eprintln!("sealpass-send: {socket}: error: {error}");
+                }
+                serde_json::json!({"socket": socket, "verdict": "failed", "error": error})
+            }
+        };
+        if cli.json {
+            println!("{line}");
+        }
+    }
+    let total = verdicts.len();
+    if !cli.json {
+        println!(
+            "{accepted} of {total} receivers accepted {}, {bytes} bytes; prepared in {} us, \
+             handed off to all in {} us",
+            count(segments.len(), "segment"),
+            prepared.as_micros(),
+            handoff.as_micros()
+        );
+    }
+    Ok(if accepted == total {
+        ExitCode::SUCCESS
+    } else if accepted > 0 {
+        ExitCode::from(4)
+    } else if rejected == total {
+        ExitCode::from(3)
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// An error's message with its causes, `: `-separated.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = String::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn main() -> ExitCode {
