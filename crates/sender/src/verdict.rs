@@ -108,14 +108,14 @@ pub enum SendError {
         /// The id it carried.
         got_id: u64,
     },
-    /// [`Sender::send`] was called while submitted transfers await their
+    /// [`Sender::send`](crate::Sender::send) was called while submitted transfers await their
     /// verdicts; their answers would come first.
     #[error("{count} submitted transfers await their verdicts; take them with next_verdict first")]
     VerdictsPending {
         /// Transfers in flight.
         count: usize,
     },
-    /// [`Sender::next_verdict`] was called with no transfer in flight.
+    /// [`Sender::next_verdict`](crate::Sender::next_verdict) was called with no transfer in flight.
     #[error("no transfer in flight: nothing to wait for")]
     NothingInFlight,
 }
