@@ -19,6 +19,7 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Writer>()?;
     module.add_class::<PySender>()?;
     module.add_function(wrap_pyfunction!(send, module)?)?;
+    module.add_function(wrap_pyfunction!(fan_out, module)?)?;
     Ok(())
 }
 
@@ -727,4 +728,50 @@ fn send(
     // verdict leaves freeing the pages to whoever lets go last.
     drop(made);
     sender.wait_verdict(py, sender.answer_timeout, "send()")
+}
+
+/// Sends the same segments (and metadata) to every receiver in `paths`, one
+/// connection each, the memfds made once and shared; all transfers go out
+/// first, then each verdict is collected, none waited for past `timeout`
+/// seconds. Returns one entry per path, in order: the transfer's id when
+/// that receiver accepted, otherwise the exception that says why (a
+/// `Rejected`, a `SealpassError`), returned rather than raised so that one
+/// receiver's refusal hides no other's verdict.
+#[pyfunction]
+#[pyo3(signature = (paths, segments = None, *, seals = None, metadata = None, timeout = 60.0))]
+fn fan_out(
+    py: Python<'_>,
+    paths: Vec<std::path::PathBuf>,
+    segments: Option<&Bound<'_, PyAny>>,
+    seals: Option<&Bound<'_, PyAny>>,
+    metadata: Option<&Bound<'_, PyAny>>,
+    timeout: f64,
+) -> PyResult<Vec<Py<PyAny>>> {
+    let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
+    let patience = timeout_from(Some(timeout))?.unwrap_or(Duration::from_secs(60));
+    let mut metadata = metadata_from(metadata)?;
+    let made = transfer_segments(py, segments, seals, &mut metadata)?;
+    let verdicts = py.detach(|| {
+        sealpass_sender::fan_out(&paths, &made, &metadata, patience)
+            .into_iter()
+            .map(|each| each.verdict)
+            .collect::<Vec<_>>()
+    });
+    verdicts
+        .into_iter()
+        .map(|verdict| -> PyResult<Py<PyAny>> {
+            Ok(match verdict {
+                Ok(Verdict::Accepted { id }) => id.into_pyobject(py)?.into_any().unbind(),
+                Ok(Verdict::Rejected {
+                    id,
+                    reason,
+                    message,
+                }) => rejected(py, id, reason, message).into_value(py).into_any(),
+                Ok(_) => crate::SealpassError::new_err("an answer this version does not know")
+                    .into_value(py)
+                    .into_any(),
+                Err(error) => PyErr::from(Error(error)).into_value(py).into_any(),
+            })
+        })
+        .collect()
 }

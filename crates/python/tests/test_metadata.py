@@ -116,3 +116,37 @@ def test_structured_dtypes_are_refused_with_advice(socket_path):
 
 def test_the_package_says_its_version():
     assert isinstance(sealpass.__version__, str) and sealpass.__version__.count(".") == 2
+
+
+def test_fan_out_reports_each_receiver_on_its_own(tmp_path):
+    sockets = [str(tmp_path / f"c{i}.sock") for i in range(3)]
+    results = []
+    ready = threading.Barrier(3)
+
+    def consume(path, accept):
+        with sealpass.Listener(path) as listener:
+            ready.wait(10)
+            with listener.accept() as connection:
+                transfer = connection.receive(timeout=10)
+                results.append((path, bytes(transfer["frame"]), transfer.metadata))
+                transfer.ack() if accept else transfer.reject("busy")
+
+    threads = [
+        threading.Thread(target=consume, args=(sockets[0], True)),
+        threading.Thread(target=consume, args=(sockets[1], False)),
+    ]
+    for thread in threads:
+        thread.start()
+    ready.wait(10)
+    verdicts = sealpass.fan_out(
+        sockets, {"frame": b"one copy"}, metadata={"seq": "1"}, timeout=10
+    )
+    for thread in threads:
+        thread.join(10)
+    assert verdicts[0] == 1
+    assert isinstance(verdicts[1], sealpass.Rejected) and verdicts[1].message == "busy"
+    assert isinstance(verdicts[2], sealpass.SealpassError)  # nobody at the third
+    assert sorted(results) == [
+        (sockets[0], b"one copy", {"seq": b"1"}),
+        (sockets[1], b"one copy", {"seq": b"1"}),
+    ]

@@ -94,3 +94,44 @@ fn every_receiver_gets_its_own_verdict_within_the_patience() {
         "one memfd for all: {pages:?}"
     );
 }
+
+#[test]
+fn the_async_fan_out_reports_each_receiver_on_the_runtimes_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let accepting = dir.path().join("accepting.sock");
+    let silent = dir.path().join("silent.sock");
+    let listener = Listener::bind(&accepting).unwrap();
+    let consumer = std::thread::spawn(move || {
+        let transfer = listener.accept().unwrap().receive().unwrap().unwrap();
+        transfer.accept().unwrap();
+    });
+    let quiet = Listener::bind(&silent).unwrap();
+    let _held = std::thread::spawn(move || {
+        let connection = quiet.accept_socket().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(connection);
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let frame = SealedSegment::from_bytes("frame", b"f", Seals::SENDER_DEFAULT).unwrap();
+    let sockets = [accepting, silent];
+    let started = Instant::now();
+    let verdicts = runtime.block_on(sealpass_sender::tokio::fan_out(
+        &sockets,
+        &[frame],
+        &(),
+        Duration::from_millis(500),
+    ));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    consumer.join().unwrap();
+    assert!(
+        matches!(verdicts[0].verdict, Ok(Verdict::Accepted { .. })),
+        "{verdicts:?}"
+    );
+    assert!(
+        matches!(verdicts[1].verdict, Err(SendError::AnswerTimedOut { .. })),
+        "{verdicts:?}"
+    );
+}

@@ -367,3 +367,45 @@ fn register(socket: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE | Interest::WRITABLE) }
         .map_err(std::io::Error::from)
 }
+
+/// [`crate::fan_out`] on tokio: one set of sealed segments to many
+/// receivers, one connection each, all transfers first, then each verdict
+/// on its own, none waited for past `patience` (on the runtime's timer).
+pub async fn fan_out<'p, P: AsRef<Path>>(
+    sockets: &'p [P],
+    segments: &[SealedSegment],
+    metadata: &(impl Fields + ?Sized),
+    patience: Duration,
+) -> Vec<crate::FanOutVerdict<'p>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut sent = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let submitted = tokio::time::timeout_at(deadline, async {
+            let mut sender = Sender::connect(socket).await?;
+            sender.submit_with(segments, metadata).await?;
+            Ok::<Sender, SendError>(sender)
+        })
+        .await
+        .unwrap_or(Err(SendError::Send(TransportError::TimedOut {
+            op: fdpass::Op::Send,
+        })));
+        sent.push(submitted);
+    }
+    let mut verdicts = Vec::with_capacity(sockets.len());
+    for (socket, sender) in sockets.iter().zip(sent) {
+        let verdict = match sender {
+            Ok(mut sender) => tokio::time::timeout_at(deadline, sender.next_verdict())
+                .await
+                .unwrap_or(Err(SendError::AnswerTimedOut {
+                    id: 1,
+                    timeout: patience,
+                })),
+            Err(error) => Err(error),
+        };
+        verdicts.push(crate::FanOutVerdict {
+            socket: socket.as_ref(),
+            verdict,
+        });
+    }
+    verdicts
+}

@@ -37,6 +37,7 @@ from ._sealpass import (
     SegmentWriter,
     Sender,
     Transfer,
+    fan_out,
     send,
 )
 
@@ -56,5 +57,6 @@ __all__ = [
     "SegmentWriter",
     "Sender",
     "Transfer",
+    "fan_out",
     "send",
 ]

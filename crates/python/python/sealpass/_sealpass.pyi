@@ -26,6 +26,7 @@ __all__ = [
     "SegmentWriter",
     "Sender",
     "Transfer",
+    "fan_out",
     "send",
 ]
 
@@ -187,6 +188,18 @@ def send(
 ) -> int:
     """Sends one transfer on a new connection and waits for the verdict: its id if
     accepted; raises Rejected if not."""
+
+def fan_out(
+    paths: Iterable[str | PathLike[str]],
+    segments: _Segments | None = None,
+    *,
+    seals: _Seals | None = None,
+    metadata: _Metadata | None = None,
+    timeout: float = 60.0,
+) -> list[int | SealpassError]:
+    """Sends the same segments to every receiver, one connection each, the memfds made
+    once: per path, in order, the transfer's id if accepted, otherwise the exception
+    (Rejected, SealpassError) returned, not raised."""
 
 @final
 class Peer:
