@@ -13,17 +13,47 @@ use sealpass_proto::session::Grant;
 
 /// A read-only mapping of a verified segment, counted against the
 /// process's mapping budget until it is unmapped.
+/// A verified segment's bytes: mapped read-only, or, for a small one, read
+/// into memory of the receiver's own (`Config::copy_at_most`).
 #[derive(Debug)]
-pub(crate) struct Mapping {
-    pages: Mmap,
-    _counted: Counted,
+pub(crate) enum Mapping {
+    Mapped { pages: Mmap, _counted: Counted },
+    Copied(Box<[u8]>),
 }
 
 impl std::ops::Deref for Mapping {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.pages
+        match self {
+            Mapping::Mapped { pages, .. } => pages,
+            Mapping::Copied(bytes) => bytes,
+        }
     }
+}
+
+/// Reads the `size` bytes of a verified memfd into a buffer of its own.
+/// The memfd is sealed against shrinking (the grant proves it), so it holds
+/// them all; a read that comes up short is an error, not a short segment.
+fn copy_verified(fd: BorrowedFd<'_>, size: u64) -> io::Result<Mapping> {
+    let length = usize::try_from(size)
+        .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "segment exceeds address space"))?;
+    let mut bytes = vec![0u8; length].into_boxed_slice();
+    let mut done = 0;
+    while let Some(rest) = bytes.get_mut(done..).filter(|rest| !rest.is_empty()) {
+        let offset = i64::try_from(done).map_err(io::Error::other)?;
+        match nix::sys::uio::pread(fd, rest, offset) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("read {done} of the {size} bytes of a memfd sealed against shrinking"),
+                ));
+            }
+            Ok(read) => done += read,
+            Err(Errno::EINTR) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(Mapping::Copied(bytes))
 }
 
 /// How many mappings the process may make for received segments and
@@ -108,10 +138,14 @@ static SHARED_READ_ONLY: AtomicBool = AtomicBool::new(true);
 pub(crate) fn map_verified(
     grant: Grant<'_, OwnedFd>,
     populate: bool,
+    copy_at_most: u64,
 ) -> io::Result<Option<Mapping>> {
     let fd = grant.fd().as_fd();
     if grant.size() == 0 {
         return Ok(None);
+    }
+    if grant.size() <= copy_at_most {
+        return copy_verified(fd, grant.size()).map(Some);
     }
     let counted = Counted::take(1).map_err(|(held, limit)| {
         io::Error::new(
@@ -145,7 +179,7 @@ pub(crate) fn map_verified(
         },
     )
     .map_err(overflow)?;
-    Ok(pages.map(|pages| Mapping {
+    Ok(pages.map(|pages| Mapping::Mapped {
         pages,
         _counted: counted,
     }))

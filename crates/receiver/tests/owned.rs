@@ -648,3 +648,45 @@ fn receive_skips_refused_messages_and_counts_them() {
         ["Reject 0 BadMagic", "Reject 0 BadMagic", "Ack 1"]
     );
 }
+
+/// Segments up to `copy_at_most` are read into the receiver's own memory
+/// (no mapping of the memfd), bigger ones mapped; 0 maps them all. Either
+/// way the bytes are the sender's, read-only, and the sealed fd stays with
+/// the segment.
+#[test]
+fn small_segments_are_copied_and_big_ones_mapped() {
+    let _serial = support::serial();
+    for (copy_at_most, small_mapped) in [(None, false), (Some(0), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("copy.sock");
+        let mut listener = Listener::bind(&socket).unwrap();
+        let mut config = Config::builder();
+        if let Some(bytes) = copy_at_most {
+            config = config.copy_at_most(bytes);
+        }
+        listener.set_config(config.build().unwrap());
+        let sender = std::thread::spawn(move || {
+            let small = SealedSegment::filled("small", b's', 4096, Seals::SENDER_DEFAULT).unwrap();
+            let big = SealedSegment::filled("big", b'b', 1 << 20, Seals::SENDER_DEFAULT).unwrap();
+            let mut sender = Sender::connect(&socket).unwrap();
+            (sender.send(&[small]).unwrap(), sender.send(&[big]).unwrap())
+        });
+        let mut connection = listener.accept().unwrap();
+        for (size, byte, mapped) in [(4096, b's', small_mapped), (1 << 20, b'b', true)] {
+            let before = support::own_memfd_mappings();
+            let transfer = connection.receive().unwrap().unwrap();
+            let segment = &transfer.segments()[0];
+            assert_eq!(segment.bytes().len(), size);
+            assert!(segment.bytes().iter().all(|&b| b == byte));
+            assert_eq!(
+                support::own_memfd_mappings() - before,
+                usize::from(mapped),
+                "{size} bytes, copy_at_most {copy_at_most:?}: mapped {mapped}"
+            );
+            assert_eq!(connection.mapped(), size as u64, "counted either way");
+            transfer.accept().unwrap();
+        }
+        let (small, big) = sender.join().unwrap();
+        assert!(small.is_accepted() && big.is_accepted());
+    }
+}

@@ -919,12 +919,59 @@ fn check_rows(report: &mut Report, runs: usize, iterations: usize) {
     measure_per("dup + close of the fd", 1, &mut || {
         drop(fd.try_clone_to_owned().unwrap());
     });
+    // Where copying a segment stops paying: a mapping read in full and
+    // unmapped, against a buffer of the receiver's own filled by pread and
+    // read in full, at each size (the receiver's `copy_below`).
+    let mut crossover: Vec<(String, usize, Vec<f64>)> = Vec::new();
+    for size in [
+        4usize << 10,
+        16 << 10,
+        64 << 10,
+        128 << 10,
+        256 << 10,
+        1 << 20,
+    ] {
+        let segment =
+            SealedSegment::filled("crossover", b'x', size as u64, Seals::SENDER_DEFAULT).unwrap();
+        let fd = segment.fd();
+        let times = (size / 16384).max(1);
+        let (mut mapped, mut copied) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            mapped.push(measure::per_op(iterations / times, || {
+                // SAFETY: the memfd is sealed against writes and shrinking.
+                let mapping =
+                    unsafe { memmap2::MmapOptions::new().len(size).map(fd.as_raw_fd()) }.unwrap();
+                std::hint::black_box(checksum(&mapping));
+            }));
+            copied.push(measure::per_op(iterations / times, || {
+                let mut copy = vec![0u8; size];
+                assert_eq!(nix::sys::uio::pread(fd, &mut copy, 0).unwrap(), size);
+                std::hint::black_box(checksum(&copy));
+            }));
+        }
+        crossover.push(("mmap + read every byte + munmap".into(), size, mapped));
+        crossover.push((
+            "pread into a new buffer + read every byte".into(),
+            size,
+            copied,
+        ));
+    }
     pin_to_cpu(None);
     for (what, samples) in rows {
         report.row(
             Regime::OneCpu,
             what,
             Some(4096),
+            "µs",
+            Stat::of(samples),
+            None,
+        );
+    }
+    for (what, size, samples) in crossover {
+        report.row(
+            Regime::OneCpu,
+            what,
+            Some(size),
             "µs",
             Stat::of(samples),
             None,

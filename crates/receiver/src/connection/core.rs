@@ -190,7 +190,7 @@ impl Core {
             Err(event) => return event,
         };
         let mut mappings = std::mem::take(&mut self.spare_mappings);
-        let failed = map_all(&mapping, self.config.populate(), &mut mappings);
+        let failed = map_all(&mapping, &self.config, &mut mappings);
         self.judge_mapped(mapping, mappings, failed)
     }
 
@@ -467,16 +467,17 @@ pub(crate) fn gather_facts(fds: &[OwnedFd], gathered: &mut Gathered) {
     }
 }
 
-/// Maps every verified segment of `mapping` into `mappings` (emptied
-/// first), stopping at the first that fails: its index and error.
+/// Maps (or, up to `config`'s `copy_at_most`, copies) every verified
+/// segment of `mapping` into `mappings` (emptied first), stopping at the
+/// first that fails: its index and error.
 pub(crate) fn map_all(
     mapping: &Mapping,
-    populate: bool,
+    config: &Config,
     mappings: &mut Vec<Option<mapping::Mapping>>,
 ) -> Option<(usize, std::io::Error)> {
     mappings.clear();
     for (index, grant) in mapping.verified.grants().enumerate() {
-        match mapping::map_verified(grant, populate) {
+        match mapping::map_verified(grant, config.populate(), config.copy_at_most()) {
             Ok(mapped) => mappings.push(mapped),
             Err(error) => return Some((index, error)),
         }

@@ -341,11 +341,11 @@ impl Connection {
                         Ok(mapping) => mapping,
                         Err(event) => return Some(event),
                     };
-                    let populate = self.core.config.populate();
+                    let config = Arc::clone(&self.core.config);
                     let mut mappings = std::mem::take(&mut self.core.spare_mappings);
                     self.off_runtime = Some(OffRuntime::Mapping(::tokio::task::spawn_blocking(
                         move || {
-                            let failed = map_all(&mapping, populate, &mut mappings);
+                            let failed = map_all(&mapping, &config, &mut mappings);
                             (mapping, mappings, failed)
                         },
                     )));

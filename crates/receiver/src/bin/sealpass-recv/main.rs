@@ -113,6 +113,11 @@ struct Cli {
     /// older command lines keep working.
     #[arg(long, hide = true, conflicts_with = "allow_sparse")]
     refuse_sparse: bool,
+    /// Read segments of at most SIZE bytes into this process's memory after
+    /// verification instead of mapping them (faster below about 1 MiB);
+    /// 0 maps every segment. SIZE takes 262144, 256K or 256KiB.
+    #[arg(long, value_name = "SIZE", default_value = "256KiB", value_parser = sealpass_proto::parse_size)]
+    copy_at_most: u64,
 }
 
 impl Cli {
@@ -171,6 +176,7 @@ impl Cli {
             .max_mapped_total(self.max_mapped_total)
             .first_message_deadline(seconds(self.first_message_deadline))
             .idle_timeout(seconds(self.idle_timeout))
+            .copy_at_most(self.copy_at_most)
             .build();
         config.unwrap_or_else(|error| usage_error(error.to_string()))
     }
