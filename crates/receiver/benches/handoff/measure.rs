@@ -199,6 +199,43 @@ pub(crate) fn end_to_end(size: usize, iterations: usize, cpu: Option<usize>, pag
     })
 }
 
+/// The fresh-page floor of a memfd handoff, no protocol: a plain memfd made,
+/// filled with `pwrite` (as `SealedSegment::filled` fills), sealed and sent
+/// per round; the reader (on `cpu`)
+/// maps it, reads every byte, unmaps and closes it, and answers a byte.
+pub(crate) fn fresh_page_floor(size: usize, iterations: usize, cpu: Option<usize>) -> f64 {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let peer = Peer::start("fresh-floor", 0, cpu);
+    let connection = fdpass::connect(&peer.socket).unwrap();
+    // Written as `SealedSegment::filled` writes: the same 1 MiB (at most)
+    // again and again, so neither side pays for reading a big source.
+    let chunk = vec![b'x'; size.min(1 << 20)];
+    let mut answer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    per_op(iterations, || {
+        let fd =
+            memfd_create("floor", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        let file = File::from(fd);
+        let mut offset = 0;
+        while offset < size {
+            let length = chunk.len().min(size - offset);
+            std::os::unix::fs::FileExt::write_all_at(&file, &chunk[..length], offset as u64)
+                .unwrap();
+            offset += length;
+        }
+        let fd = OwnedFd::from(file);
+        let seals = SealFlag::F_SEAL_SEAL
+            | SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_WRITE;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        fdpass::send(connection.as_fd(), &[0], &[fd.as_fd()]).unwrap();
+        drop(fd);
+        fdpass::receive(connection.as_fd(), &mut answer, &mut control).unwrap();
+    })
+}
+
 pub(crate) fn stream_copy(iterations: usize, source: &[u8]) -> f64 {
     stream_copy_on(iterations, source, None)
 }

@@ -32,6 +32,10 @@ pub(crate) fn run(role: &str) {
         // Bare one-way sink: receive (and close) every fd, answer one byte
         // per batch of `parameter` messages so the sender can time a batch.
         "floor-sink" => bare_peer(&socket, parameter, &[1]),
+        // The fresh-page floor's reader: takes each memfd, maps it, reads
+        // every byte, answers one byte, then unmaps and closes it. No
+        // header, no checks: what any memfd handoff of fresh pages pays.
+        "fresh-floor" => fresh_floor_peer(&socket),
         // The real receiver: every kernel check, mapping, Ack, one owned
         // transfer per `receive()` (reading what is queued with one
         // `recvmmsg`). With "read", it also reads every byte.
@@ -162,6 +166,38 @@ fn bare_peer(socket: &Path, answer_every: usize, answer: &[u8]) {
         if count % answer_every == 0 {
             fdpass::send(connection.as_fd(), answer, &[]).unwrap();
         }
+    }
+}
+
+fn fresh_floor_peer(socket: &Path) {
+    use std::os::fd::AsRawFd;
+    let listener = fdpass::listen(socket, 1).unwrap();
+    let connection = fdpass::accept(listener.as_fd()).unwrap();
+    let mut buffer = [0u8; 64];
+    let mut control = ControlBuffer::new();
+    loop {
+        let received = fdpass::receive(connection.as_fd(), &mut buffer, &mut control).unwrap();
+        if received.is_end_of_stream() {
+            return;
+        }
+        let mut mappings = Vec::new();
+        for fd in &received.fds {
+            let size = nix::sys::stat::fstat(fd).unwrap().st_size as usize;
+            if size > 0 {
+                // SAFETY: the sender sealed the memfd against writes and
+                // shrinking before sending it.
+                let mapping =
+                    unsafe { memmap2::MmapOptions::new().len(size).map(fd.as_raw_fd()) }.unwrap();
+                black_box(checksum(&mapping));
+                mappings.push(mapping);
+            }
+        }
+        // Answered once read, before the pages are unmapped and freed, as
+        // sealpass answers: the floor is not slowed by work a receiver can
+        // leave off the sender's path.
+        fdpass::send(connection.as_fd(), &[1], &[]).unwrap();
+        drop(mappings);
+        drop(received);
     }
 }
 
