@@ -149,14 +149,18 @@ fn read_meta_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
     Ok(value)
 }
 
+/// Where on the command line each value of the flag `id` stood, so that
+/// values of different flags keep the order they were given in.
+fn positions(matches: &clap::ArgMatches, id: &str) -> Vec<usize> {
+    matches
+        .indices_of(id)
+        .map(Iterator::collect)
+        .unwrap_or_default()
+}
+
 /// The metadata in command-line order, whichever flag each entry came from.
 fn metadata(cli: &Cli, matches: &clap::ArgMatches) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let indices = |id: &str| -> Vec<usize> {
-        matches
-            .indices_of(id)
-            .map(Iterator::collect)
-            .unwrap_or_default()
-    };
+    let indices = |id: &str| positions(matches, id);
     let mut entries = Vec::new();
     for ((key, value), index) in cli.metas.iter().zip(indices("metas")) {
         entries.push((index, key.clone(), value.clone().into_bytes()));
@@ -234,12 +238,7 @@ fn sources(
     cli: &Cli,
     matches: &clap::ArgMatches,
 ) -> Result<(Vec<(String, Source)>, Metadata), String> {
-    let indices = |id: &str| -> Vec<usize> {
-        matches
-            .indices_of(id)
-            .map(Iterator::collect)
-            .unwrap_or_default()
-    };
+    let indices = |id: &str| positions(matches, id);
     let mut sources = Vec::new();
     for ((name, path), index) in cli.files.iter().zip(indices("files")) {
         sources.push((index, name.clone(), Source::File(path.clone())));
