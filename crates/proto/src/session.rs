@@ -570,5 +570,5 @@ pub fn unknown_fd_facts() -> FdFacts {
 }
 
 #[cfg(test)]
-#[path = "session_tests.rs"]
+#[path = "session_tests/mod.rs"]
 mod tests;

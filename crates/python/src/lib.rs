@@ -8,9 +8,11 @@
 //! `accept`, `receive` or verdict wait with `KeyboardInterrupt`.
 
 mod buffers;
+mod outgoing;
 mod receive;
 mod send;
 mod shared;
+mod transfer;
 
 use std::time::{Duration, Instant};
 
