@@ -16,15 +16,17 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use sealpass_proto::PeerCredentials;
 use sealpass_proto::{Seals, parse_size};
 use sealpass_receiver::compat::BareSegment;
 use sealpass_receiver::{
-    Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Metadata, Service,
+    Access, Config, Delivery, ErrorChain, IncomingTransfer, Listener, Service,
 };
 use serde::Serialize;
 
+mod report;
 mod store;
+
+use report::{BareLine, BareSegmentLine, METADATA_FILE, describe, metadata_lines};
 
 /// Receive sealed memfds over a unix socket. Every fd is checked with the
 /// kernel (memfd? name, size, seals?) before it is mapped read-only; anything
@@ -182,108 +184,6 @@ impl Cli {
     }
 }
 
-#[derive(Serialize)]
-struct TransferLine<'a> {
-    /// The connection's number (from 1, in accept order): with `id` it
-    /// names the transfer uniquely for the life of the receiver.
-    connection: u64,
-    id: u64,
-    version: String,
-    peer: PeerLine,
-    segments: Vec<SegmentLine<'a>>,
-    /// The sender's own fields (protocol 1.1), in order; empty when none.
-    metadata: Vec<MetadataLine<'a>>,
-}
-
-/// One metadata entry: its value as text where it is UTF-8, otherwise as
-/// lowercase hex, and which of the two `encoding` says.
-#[derive(Serialize)]
-struct MetadataLine<'a> {
-    key: &'a str,
-    value: std::borrow::Cow<'a, str>,
-    /// `utf-8` or `hex`.
-    encoding: &'static str,
-}
-
-/// The metadata of a transfer as JSON lines describe it.
-fn metadata_lines(metadata: &Metadata) -> Vec<MetadataLine<'_>> {
-    metadata
-        .iter()
-        .map(|(key, value)| match std::str::from_utf8(value) {
-            Ok(text) => MetadataLine {
-                key,
-                value: text.into(),
-                encoding: "utf-8",
-            },
-            Err(_) => MetadataLine {
-                key,
-                value: value
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-                    .into(),
-                encoding: "hex",
-            },
-        })
-        .collect()
-}
-
-/// Where `--out` stores a transfer's metadata, beside its segments.
-const METADATA_FILE: &str = "sealpass-metadata.json";
-
-#[derive(Serialize)]
-struct PeerLine {
-    pid: i32,
-    uid: u32,
-    gid: u32,
-    /// Whether the receiver holds a pidfd for the peer (Linux 6.5+): the
-    /// pid then names the process that connected, not a later one.
-    pidfd: bool,
-}
-
-#[derive(Serialize)]
-struct SegmentLine<'a> {
-    name: &'a str,
-    size: u64,
-    seals: String,
-    /// The first bytes, as hex, so a reader can eyeball the content.
-    head: String,
-}
-
-fn describe<'a>(
-    transfer: &'a IncomingTransfer,
-    peer: &PeerCredentials,
-    connection: u64,
-) -> TransferLine<'a> {
-    TransferLine {
-        connection,
-        id: transfer.id(),
-        version: transfer.version().to_string(),
-        peer: PeerLine {
-            pid: peer.pid,
-            uid: peer.uid,
-            gid: peer.gid,
-            pidfd: transfer.peer_pidfd().is_some(),
-        },
-        segments: transfer
-            .segments()
-            .iter()
-            .map(|segment| SegmentLine {
-                name: segment.name(),
-                size: segment.size(),
-                seals: segment.seals().to_string(),
-                head: segment
-                    .bytes()
-                    .iter()
-                    .take(16)
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            })
-            .collect(),
-        metadata: metadata_lines(transfer.metadata()),
-    }
-}
-
 /// Writes every segment of a transfer to `dir`, and its metadata (if any)
 /// to `dir`/sealpass-metadata.json, all or nothing.
 fn store(dir: &Path, transfer: &IncomingTransfer) -> anyhow::Result<()> {
@@ -395,20 +295,6 @@ fn emit_json(cli: &Cli, value: &impl Serialize) -> anyhow::Result<()> {
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
         .context("writing to stdout")
-}
-
-/// The JSON line for a batch of bare fds.
-#[derive(Serialize)]
-struct BareLine<'a> {
-    compat: bool,
-    segments: Vec<BareSegmentLine<'a>>,
-}
-
-#[derive(Serialize)]
-struct BareSegmentLine<'a> {
-    name: &'a str,
-    size: u64,
-    seals: String,
 }
 
 fn handle_bare(cli: &Cli, batch: &[BareSegment]) -> anyhow::Result<()> {
