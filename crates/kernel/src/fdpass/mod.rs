@@ -109,6 +109,12 @@ pub enum TransportError {
         /// The path.
         path: String,
     },
+    /// The socket path holds a NUL byte, which no file name can.
+    #[error("socket path {path:?} holds a NUL byte; no file name can")]
+    PathHasNul {
+        /// The path.
+        path: String,
+    },
     /// More fds than one message can carry.
     #[error("{count} fds in one message; the kernel carries at most {MAX_SEGMENTS}")]
     TooManyFds {
@@ -135,6 +141,12 @@ impl TransportError {
 }
 
 fn unix_addr(path: &Path) -> Result<UnixAddr, TransportError> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(TransportError::PathHasNul {
+            path: path.display().to_string(),
+        });
+    }
     UnixAddr::new(path).map_err(|_| TransportError::PathTooLong {
         path: path.display().to_string(),
     })

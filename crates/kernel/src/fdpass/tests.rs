@@ -455,3 +455,14 @@ fn receive_timeout_is_typed() {
     let error = receive(b.as_fd(), &mut buffer, &mut ControlBuffer::new()).unwrap_err();
     assert_eq!(error, TransportError::TimedOut { op: Op::Receive });
 }
+
+#[test]
+fn a_nul_in_a_socket_path_is_reported_as_such() {
+    for (path, expected) in [
+        ("/tmp/a\0b", "holds a NUL byte"),
+        (&*format!("/tmp/{}", "x".repeat(200)), "too long"),
+    ] {
+        let error = connect(std::path::Path::new(path)).unwrap_err();
+        assert!(error.to_string().contains(expected), "{path:?}: {error}");
+    }
+}
