@@ -462,7 +462,7 @@ fn a_nul_in_a_socket_path_is_reported_as_such() {
         ("/tmp/a\0b", "holds a NUL byte"),
         (&*format!("/tmp/{}", "x".repeat(200)), "too long"),
     ] {
-        let error = connect(std::path::Path::new(path)).unwrap_err();
+        let error = connect(Path::new(path)).unwrap_err();
         assert!(error.to_string().contains(expected), "{path:?}: {error}");
     }
 }
