@@ -16,7 +16,7 @@ mod transfer;
 
 use std::time::{Duration, Instant};
 
-use pyo3::exceptions::{PyTimeoutError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyFrozenSet, PyString};
 use sealpass_proto::{RejectReason, Seals};
@@ -105,6 +105,54 @@ fn sealpass_error(error: &(dyn std::error::Error + 'static)) -> PyErr {
     SealpassError::new_err(ErrorChain(error).to_string())
 }
 
+/// The exceptions that are a `SealpassError` and also the builtin that fits
+/// (`except FileNotFoundError` catches a missing receiver), made once per
+/// interpreter: a class with two bases is Python's to make.
+static FITTING: pyo3::sync::PyOnceLock<Py<pyo3::types::PyDict>> = pyo3::sync::PyOnceLock::new();
+
+/// The builtins a sealpass error may also be, by the name of its class.
+const FITTING_CLASSES: &[(&str, &str)] = &[
+    ("ReceiverNotFoundError", "FileNotFoundError"),
+    ("ReceiverRefusedError", "ConnectionRefusedError"),
+    ("SocketPermissionError", "PermissionError"),
+    ("SealpassTimeoutError", "TimeoutError"),
+];
+
+fn fitting_classes(py: Python<'_>) -> PyResult<&Py<pyo3::types::PyDict>> {
+    FITTING.get_or_try_init(py, || {
+        let classes = pyo3::types::PyDict::new(py);
+        let builtins = py.import("builtins")?;
+        let type_ = builtins.getattr("type")?;
+        for (name, builtin) in FITTING_CLASSES {
+            let bases = (py.get_type::<SealpassError>(), builtins.getattr(*builtin)?);
+            let namespace = pyo3::types::PyDict::new(py);
+            namespace.set_item("__module__", "sealpass")?;
+            namespace.set_item(
+                "__doc__",
+                format!("A SealpassError that is also a {builtin}."),
+            )?;
+            classes.set_item(*name, type_.call1((*name, bases, namespace))?)?;
+        }
+        Ok(classes.unbind())
+    })
+}
+
+/// An exception of the fitting class `name` (see [`FITTING_CLASSES`]).
+fn fitting_error(name: &str, message: String) -> PyErr {
+    Python::attach(|py| {
+        let class = fitting_classes(py).and_then(|classes| {
+            classes
+                .bind(py)
+                .get_item(name)?
+                .ok_or_else(|| SealpassError::new_err(format!("no class {name}")))
+        });
+        match class.and_then(|class| class.call1((message.clone(),))) {
+            Ok(instance) => PyErr::from_value(instance),
+            Err(_) => SealpassError::new_err(message),
+        }
+    })
+}
+
 impl From<Error<sealpass_sender::SendError>> for PyErr {
     fn from(Error(error): Error<sealpass_sender::SendError>) -> PyErr {
         match error {
@@ -115,6 +163,24 @@ impl From<Error<sealpass_sender::SendError>> for PyErr {
                 let _ = raised.value(py).setattr("id", id);
                 raised
             }),
+            sealpass_sender::SendError::Connect { ref source, .. } => {
+                let message = ErrorChain(&error).to_string();
+                match source.errno() {
+                    Some(nix::errno::Errno::ENOENT) => {
+                        fitting_error("ReceiverNotFoundError", message)
+                    }
+                    Some(nix::errno::Errno::ECONNREFUSED) => {
+                        fitting_error("ReceiverRefusedError", message)
+                    }
+                    Some(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => {
+                        fitting_error("SocketPermissionError", message)
+                    }
+                    _ => sealpass_error(&error),
+                }
+            }
+            sealpass_sender::SendError::AnswerTimedOut { .. } => {
+                fitting_error("SealpassTimeoutError", ErrorChain(&error).to_string())
+            }
             error => sealpass_error(&error),
         }
     }
@@ -197,7 +263,7 @@ fn timeout_from(seconds: Option<f64>) -> PyResult<Option<Duration>> {
 /// `TimeoutError`, saying what did not happen in time.
 fn timed_out(what: &str, timeout: Option<Duration>) -> PyErr {
     let seconds = timeout.unwrap_or_default().as_secs_f64();
-    PyTimeoutError::new_err(format!("{what} within {seconds} s"))
+    fitting_error("SealpassTimeoutError", format!("{what} within {seconds} s"))
 }
 
 /// The module: `sealpass._sealpass`, re-exported by `sealpass`.
@@ -205,6 +271,9 @@ fn timed_out(what: &str, timeout: Option<Duration>) -> PyErr {
 fn _sealpass(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    for (name, class) in fitting_classes(py)?.bind(py).iter() {
+        module.add(name.extract::<String>()?, class)?;
+    }
     module.add("SealpassError", py.get_type::<SealpassError>())?;
     module.add("Rejected", py.get_type::<Rejected>())?;
     module.add("DeliveryUnknown", py.get_type::<DeliveryUnknown>())?;

@@ -150,3 +150,24 @@ def test_fan_out_reports_each_receiver_on_its_own(tmp_path):
         (sockets[0], b"one copy", {"seq": b"1"}),
         (sockets[1], b"one copy", {"seq": b"1"}),
     ]
+
+
+def test_errors_are_also_the_builtin_that_fits(tmp_path):
+    missing = str(tmp_path / "missing.sock")
+    with pytest.raises(FileNotFoundError) as caught:
+        sealpass.send(missing, {"a": b"x"})
+    assert isinstance(caught.value, sealpass.SealpassError)
+    import socket as stdlib_socket
+
+    stale = str(tmp_path / "stale.sock")
+    listener = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_SEQPACKET)
+    listener.bind(stale)
+    listener.close()  # the file stays; nobody listens
+    with pytest.raises(ConnectionRefusedError):
+        sealpass.send(stale, {"a": b"x"})
+    with sealpass.Listener(str(tmp_path / "quiet.sock")) as quiet:
+        with pytest.raises(TimeoutError) as waited:
+            quiet.accept(timeout=0.05)
+        assert isinstance(waited.value, sealpass.SealpassError)
+    with pytest.raises(sealpass.SealpassError, match="NUL"):
+        sealpass.send(str(tmp_path / "a\0b"), {"a": b"x"})

@@ -19,9 +19,13 @@ __all__ = [
     "REJECT_REASONS",
     "RECEIVER_REQUIRED_SEALS",
     "ReceivedSegment",
+    "ReceiverNotFoundError",
+    "ReceiverRefusedError",
     "Rejected",
     "SENDER_DEFAULT_SEALS",
     "SealpassError",
+    "SealpassTimeoutError",
+    "SocketPermissionError",
     "Segment",
     "SegmentWriter",
     "Sender",
@@ -56,6 +60,18 @@ RECEIVER_REQUIRED_SEALS: frozenset[str]
 
 class SealpassError(Exception):
     """Anything sealpass could not do: connecting, sending, receiving, making a segment."""
+
+class ReceiverNotFoundError(SealpassError, FileNotFoundError):
+    """A SealpassError that is also a FileNotFoundError: no socket at the path."""
+
+class ReceiverRefusedError(SealpassError, ConnectionRefusedError):
+    """A SealpassError that is also a ConnectionRefusedError: nobody listens there."""
+
+class SocketPermissionError(SealpassError, PermissionError):
+    """A SealpassError that is also a PermissionError: the socket's mode refuses."""
+
+class SealpassTimeoutError(SealpassError, TimeoutError):
+    """A SealpassError that is also a TimeoutError: a wait ran out."""
 
 class Rejected(SealpassError):
     """The receiver refused the transfer."""
