@@ -113,11 +113,37 @@ pub(crate) fn run_task(args: &[String]) -> anyhow::Result<()> {
         .current_dir(std::env::temp_dir()) // import the installed package, not the source tree
         .args(["-m", "mypy.stubtest", "sealpass", "--allowlist"])
         .arg(project::root().join("crates/python/stubtest-allowlist.txt")))?;
+    // The examples, and README's Python blocks as a user copies them.
+    let readme_blocks = project::target_dir().join("python/readme");
+    std::fs::create_dir_all(&readme_blocks)?;
+    let readme = std::fs::read_to_string(project::root().join("README.md"))?;
+    for (index, block) in readme.split("```python\n").skip(1).enumerate() {
+        let code = block.split("```").next().unwrap_or_default();
+        std::fs::write(readme_blocks.join(format!("block_{index}.py")), code)?;
+    }
     run(venv
         .python()
         .args(["-m", "mypy", "--strict", "--cache-dir"])
         .arg(project::target_dir().join("python/mypy-cache"))
-        .arg("crates/python/examples"))?;
+        .arg("crates/python/examples")
+        .arg(&readme_blocks))?;
+    // And what the stubs must refuse: a segment that is not a buffer.
+    let refused = readme_blocks.join("refused.py");
+    std::fs::write(
+        &refused,
+        "import sealpass\nsealpass.send(\"/tmp/s.sock\", {\"x\": 5})\n",
+    )?;
+    let checked = venv
+        .python()
+        .args(["-m", "mypy", "--strict", "--cache-dir"])
+        .arg(project::target_dir().join("python/mypy-cache"))
+        .arg(&refused)
+        .output()?;
+    let said = String::from_utf8_lossy(&checked.stdout);
+    anyhow::ensure!(
+        !checked.status.success() && said.contains("dict-item"),
+        "the stubs let `send(path, {{\"x\": 5}})` through: {said}"
+    );
     let examples = project::root().join("crates/python/examples");
     let program = |name: &str| {
         format!(

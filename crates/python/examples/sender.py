@@ -26,14 +26,13 @@ def main() -> int:
     with sealpass.SegmentWriter("in-place", args.size) as writer:
         numpy.frombuffer(memoryview(writer), dtype=numpy.uint8)[:] = 0xA5
         in_place = writer.seal()
-    # Buffers are copied into memfds; a Segment goes as it is.
-    segments: dict[str, object] = {
-        "frame": frame,
-        "caption": b"hello from Python",
-        "in-place": in_place,
-    }
     try:
-        transfer_id = sealpass.send(args.socket, segments, connect_timeout=10)
+        # Buffers are copied into memfds; a Segment goes as it is.
+        transfer_id = sealpass.send(
+            args.socket,
+            {"frame": frame, "caption": b"hello from Python", "in-place": in_place},
+            connect_timeout=10,
+        )
     except sealpass.Rejected as rejected:
         print(f"rejected: {rejected.reason} ({rejected.code}): {rejected.message}", file=sys.stderr)
         return 3

@@ -4,7 +4,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias, final
+from typing import Any, Protocol, TypeAlias, final, overload
 
 from typing_extensions import Buffer, Self
 
@@ -38,14 +38,24 @@ _Seals: TypeAlias = str | Iterable[str]
 """Seal names, case-insensitive, optionally F_SEAL_-prefixed: "shrink,grow,write",
 "SHRINK|GROW", or an iterable of names. "none" or "" for none."""
 
-_Bytes: TypeAlias = Buffer | object
-"""Anything exporting the buffer protocol as one C-contiguous run: bytes, bytearray,
-memoryview, mmap, numpy arrays. Checked at run time (TypeError, or the exporter's
-own error), since numpy's stubs for Python 3.11 do not declare arrays buffers."""
+class _ArrayLike(Protocol):
+    """What numpy arrays offer whatever the Python version (their stubs declare
+    `__buffer__` only for 3.12+)."""
 
-_Segments: TypeAlias = Mapping[str, _Bytes | Segment] | Iterable[Segment] | Segment
-"""One transfer's segments: names mapped to buffers (copied into new memfds) or to
-Segments, an iterable of Segments, or one Segment."""
+    @property
+    def __array_interface__(self) -> dict[str, Any]: ...
+
+_Bytes: TypeAlias = Buffer | _ArrayLike
+"""Anything exporting the buffer protocol as one C-contiguous run: bytes, bytearray,
+memoryview, mmap, numpy arrays. Anything else (an int, a str) is refused by the type
+checker, and at run time (TypeError, or the exporter's own error)."""
+
+_SegmentMap: TypeAlias = Mapping[str, _Bytes | Segment]
+"""One transfer's segments by name: buffers (copied into new memfds) or Segments."""
+
+_SegmentList: TypeAlias = Iterable[Segment] | Segment
+"""One transfer's segments made beforehand: an iterable of Segments, or one Segment.
+(Separate overloads from _SegmentMap, so that a dict of mixed buffers type-checks.)"""
 
 _Metadata: TypeAlias = Mapping[str, str | Buffer]
 """A transfer's own fields (protocol 1.1): str keys (1 to 255 bytes, no NUL) to str
@@ -166,23 +176,40 @@ class Sender:
     ) -> Self:
         """Connects; with `connect_timeout`, retries while the receiver is not up yet.
         `answer_timeout` bounds each verdict wait (TimeoutError)."""
+    @overload
     def send(
         self,
-        segments: _Segments | None = None,
+        segments: _SegmentMap,
         *,
         seals: _Seals | None = None,
         metadata: _Metadata | None = None,
-    ) -> int:
-        """One transfer, waiting for its verdict: its id if accepted; raises Rejected.
-        With metadata, segments may be None or empty."""
+    ) -> int: ...
+    @overload
+    def send(
+        self,
+        segments: _SegmentList | None = None,
+        *,
+        seals: _Seals | None = None,
+        metadata: _Metadata | None = None,
+    ) -> int: ...
+
+    @overload
     def submit(
         self,
-        segments: _Segments | None = None,
+        segments: _SegmentMap,
         *,
         seals: _Seals | None = None,
         metadata: _Metadata | None = None,
-    ) -> int:
-        """One transfer without waiting; returns its id."""
+    ) -> int: ...
+    @overload
+    def submit(
+        self,
+        segments: _SegmentList | None = None,
+        *,
+        seals: _Seals | None = None,
+        metadata: _Metadata | None = None,
+    ) -> int: ...
+
     def next_verdict(self, timeout: float | None = None) -> int:
         """The oldest transfer's verdict: its id if accepted; raises Rejected, or
         TimeoutError (the transfer stays in flight)."""
@@ -193,29 +220,47 @@ class Sender:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
 
+@overload
 def send(
     path: str | PathLike[str],
-    segments: _Segments | None = None,
+    segments: _SegmentMap,
     *,
     seals: _Seals | None = None,
     metadata: _Metadata | None = None,
     connect_timeout: float | None = None,
     answer_timeout: float | None = None,
-) -> int:
-    """Sends one transfer on a new connection and waits for the verdict: its id if
-    accepted; raises Rejected if not."""
+) -> int: ...
+@overload
+def send(
+    path: str | PathLike[str],
+    segments: _SegmentList | None = None,
+    *,
+    seals: _Seals | None = None,
+    metadata: _Metadata | None = None,
+    connect_timeout: float | None = None,
+    answer_timeout: float | None = None,
+) -> int: ...
 
+
+@overload
 def fan_out(
     paths: Iterable[str | PathLike[str]],
-    segments: _Segments | None = None,
+    segments: _SegmentMap,
     *,
     seals: _Seals | None = None,
     metadata: _Metadata | None = None,
     timeout: float = 60.0,
-) -> list[int | SealpassError]:
-    """Sends the same segments to every receiver, one connection each, the memfds made
-    once: per path, in order, the transfer's id if accepted, otherwise the exception
-    (Rejected, SealpassError) returned, not raised."""
+) -> list[int | SealpassError]: ...
+@overload
+def fan_out(
+    paths: Iterable[str | PathLike[str]],
+    segments: _SegmentList | None = None,
+    *,
+    seals: _Seals | None = None,
+    metadata: _Metadata | None = None,
+    timeout: float = 60.0,
+) -> list[int | SealpassError]: ...
+
 
 @final
 class Peer:
