@@ -115,6 +115,8 @@ pub(crate) fn run_task(args: &[String]) -> anyhow::Result<()> {
         .arg(project::root().join("crates/python/stubtest-allowlist.txt")))?;
     // The examples, and README's Python blocks as a user copies them.
     let readme_blocks = project::target_dir().join("python/readme");
+    // Only this run's blocks: a stale file would be checked too.
+    let _ = std::fs::remove_dir_all(&readme_blocks);
     std::fs::create_dir_all(&readme_blocks)?;
     let readme = std::fs::read_to_string(project::root().join("README.md"))?;
     for (index, block) in readme.split("```python\n").skip(1).enumerate() {
@@ -128,7 +130,7 @@ pub(crate) fn run_task(args: &[String]) -> anyhow::Result<()> {
         .arg("crates/python/examples")
         .arg(&readme_blocks))?;
     // And what the stubs must refuse: a segment that is not a buffer.
-    let refused = readme_blocks.join("refused.py");
+    let refused = project::target_dir().join("python/refused.py");
     std::fs::write(
         &refused,
         "import sealpass\nsealpass.send(\"/tmp/s.sock\", {\"x\": 5})\n",
