@@ -12,6 +12,7 @@ usage: cargo xtask bench [--quick] [--hot-path] [--pipelined] [--async] [--fill]
                          [--e2e [--thp | --hugetlb]]
        cargo xtask bench --python [--runs N] [--thp]
        cargo xtask bench --peers [--quick] [--thp]
+       cargo xtask bench --fanout [--quick] [--thp]
 
 Runs the handoff benchmark in release mode, sender and receiver in separate
 processes, and prints medians with their spread, the ratios against the
@@ -37,6 +38,11 @@ target/bench/results.json and the plot target/bench/handoff.svg.
   --e2e         only end to end (create, fill, seal, send, verify, map,
                 read every byte) against a unix stream copy at each size,
                 sender and receiver pinned to two CPUs, and their ratio
+  --fanout      instead: one producer to 1, 2, 4 and 8 consumer processes,
+                1 and 64 MiB, sealpass (one sealed memfd for all) against
+                unix-stream copies (one each), every byte read, and the
+                peak extra memory of each; writes target/bench/fanout.json
+                (bench/peers, a workspace of its own)
   --peers       instead: sealpass end to end beside a unix stream, a pipe,
                 ipc-channel 0.23 and iceoryx2 0.10 (bench/peers, a workspace
                 of its own; producer and consumer pinned to two CPUs, every
@@ -86,6 +92,14 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     }
     if args.first().is_some_and(|arg| arg == "--python") {
         return python(args.get(1..).unwrap_or_default());
+    }
+    if args.first().is_some_and(|arg| arg == "--fanout") {
+        let rest = args.get(1..).unwrap_or_default();
+        if let Some(unknown) = rest.iter().find(|a| *a != "--quick" && *a != "--thp") {
+            bail!("bench --fanout takes --quick and --thp; got {unknown:?}\n\n{HELP}");
+        }
+        let flag = |name: &str| rest.iter().any(|a| a == name);
+        return crate::fanout::run(flag("--quick"), flag("--thp"));
     }
     if args.first().is_some_and(|arg| arg == "--peers") {
         let rest = args.get(1..).unwrap_or_default();

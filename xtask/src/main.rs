@@ -4,6 +4,7 @@
 mod bench;
 mod conformance;
 mod demo;
+mod fanout;
 mod hostile;
 mod noexec;
 mod peers;

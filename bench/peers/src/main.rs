@@ -24,6 +24,9 @@
 //!   event (`Listener::blocking_wait`, no polling) and answers through a
 //!   second service and event.
 //!
+//! `--fanout=1,2,4,8` measures instead one producer to N consumers (sealpass
+//! and unix streams; `cargo xtask bench --fanout`).
+//!
 //! Output: one JSON line per mechanism and size (`median_us`, `min_us`,
 //! `max_us`), for xtask to tabulate. Run by hand, `--quick`,
 //! `--mechanisms=sealpass,unix-stream` and `--sizes=4096,67108864` (bytes)
@@ -77,6 +80,12 @@ fn main() {
             |list| list.split(',').map(|s| s.parse().unwrap()).collect(),
         );
     let runs = if quick { 3 } else { 5 };
+    // `--fanout=1,2,4,8`: instead, one producer to N consumers (sealpass and
+    // unix streams only), each consumer reading every byte.
+    if let Some(list) = args.iter().find_map(|a| a.strip_prefix("--fanout=")) {
+        let counts: Vec<usize> = list.split(',').map(|n| n.parse().unwrap()).collect();
+        return fan_out_rows(&counts, &sizes, runs, quick);
+    }
     let cpus = allowed_cpus();
     let (producer_cpu, consumer_cpu) = match cpus.as_slice() {
         [one, two, ..] => (Some(*one), Some(*two)),
@@ -107,6 +116,163 @@ fn main() {
             );
         }
     }
+}
+
+/// One producer (this process, on the first allowed CPU) to `n` consumer
+/// processes (on the other CPUs, in turn), per size: sealpass makes one
+/// sealed memfd per round and submits it on each consumer's connection,
+/// then takes each verdict; a unix stream copies the round's buffer to each
+/// consumer in turn (one after another: with every other CPU busy reading,
+/// a thread per consumer has no CPU to run on here), then reads each sum.
+/// Every consumer reads every byte and answers its sum. Alongside, the peak
+/// extra memory system-wide while the rounds run: `Shmem` from
+/// /proc/meminfo, less what it was before, plus the consumers' anonymous
+/// memory, sampled every 2 ms.
+fn fan_out_rows(counts: &[usize], sizes: &[usize], runs: usize, quick: bool) {
+    let cpus = allowed_cpus();
+    let producer = cpus.first().copied();
+    let others: Vec<usize> = cpus.iter().skip(1).copied().collect();
+    if let Some(cpu) = producer {
+        pin(cpu);
+    }
+    for &size in sizes {
+        let rounds = rounds_for(size, quick).min(if quick { 40 } else { 200 });
+        for &n in counts {
+            for mechanism in ["sealpass", "unix-stream"] {
+                let (mut times, mut peaks) = (Vec::new(), Vec::new());
+                for _ in 0..runs {
+                    let (micros, peak) = fan_out(mechanism, size, rounds, n, &others);
+                    times.push(micros);
+                    peaks.push(peak);
+                }
+                times.sort_by(f64::total_cmp);
+                peaks.sort_by(f64::total_cmp);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "mechanism": mechanism,
+                        "consumers": n,
+                        "bytes": size,
+                        "rounds": rounds,
+                        "runs": runs,
+                        "median_us": times[times.len() / 2],
+                        "min_us": times[0],
+                        "max_us": times[times.len() - 1],
+                        "peak_extra_kib": peaks[peaks.len() / 2],
+                    })
+                );
+            }
+        }
+    }
+}
+
+/// `kB` fields of a /proc file, summed.
+fn kib(path: &str, fields: &[&str]) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            fields.contains(&key).then(|| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })?
+        })
+        .sum()
+}
+
+/// One fan-out measurement: the producer's time per round (µs), and the
+/// peak extra memory (KiB) while it ran.
+fn fan_out(mechanism: &str, size: usize, rounds: usize, n: usize, cpus: &[usize]) -> (f64, f64) {
+    let baseline = kib("/proc/meminfo", &["Shmem"]);
+    let consumers: Vec<Consumer> = (0..n)
+        .map(|i| {
+            Consumer::start(
+                mechanism,
+                size,
+                cpus.get(i % cpus.len().max(1)).copied(),
+                None,
+            )
+        })
+        .collect();
+    let pids: Vec<u32> = consumers.iter().map(|c| c.child.id()).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let shmem = kib("/proc/meminfo", &["Shmem"]).saturating_sub(baseline);
+                let private: u64 = pids
+                    .iter()
+                    .map(|pid| kib(&format!("/proc/{pid}/status"), &["RssAnon"]))
+                    .sum();
+                peak = peak.max(shmem + private);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    let warm = rounds.div_ceil(10);
+    let mut started = None;
+    match mechanism {
+        "sealpass" => {
+            let mut senders: Vec<Sender> = consumers
+                .iter()
+                .map(|c| Sender::connect(c.place.path().join("sealpass.sock")).unwrap())
+                .collect();
+            for round in 0..warm + rounds {
+                if round == warm {
+                    started = Some(Instant::now());
+                }
+                let segment = SealedSegment::filled(
+                    "peers",
+                    byte_of(round),
+                    size as u64,
+                    Seals::SENDER_DEFAULT,
+                )
+                .unwrap();
+                for sender in &mut senders {
+                    sender.submit(std::slice::from_ref(&segment)).unwrap();
+                }
+                drop(segment);
+                for sender in &mut senders {
+                    assert!(sender.next_verdict().unwrap().is_accepted());
+                }
+            }
+        }
+        "unix-stream" => {
+            let mut streams: Vec<UnixStream> = consumers
+                .iter()
+                .map(|c| UnixStream::connect(c.place.path().join("stream.sock")).unwrap())
+                .collect();
+            let mut buffer = vec![0u8; size];
+            for round in 0..warm + rounds {
+                if round == warm {
+                    started = Some(Instant::now());
+                }
+                buffer.fill(byte_of(round));
+                for stream in &mut streams {
+                    stream.write_all(&buffer).unwrap();
+                }
+                for stream in &mut streams {
+                    assert_eq!(read_u64(stream), expected_sum(byte_of(round), size));
+                }
+            }
+        }
+        other => panic!("no fan-out for {other}"),
+    }
+    let micros = started.unwrap().elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    for consumer in consumers {
+        consumer.finish();
+    }
+    (micros, peak as f64)
 }
 
 fn rounds_for(size: usize, quick: bool) -> usize {
