@@ -492,9 +492,10 @@ fn fan_out(
     let verdicts = sealpass_sender::fan_out(&cli.sockets, segments, metadata, patience);
     let handoff = started.elapsed();
     let (mut accepted, mut rejected) = (0, 0);
-    for each in &verdicts {
+    let total = verdicts.len();
+    for each in verdicts {
         let socket = each.socket.display().to_string();
-        let line = match &each.verdict {
+        let line = match each.verdict {
             Ok(Verdict::Accepted { id }) => {
                 accepted += 1;
                 if !cli.json {
@@ -526,7 +527,8 @@ fn fan_out(
                 serde_json::json!({"socket": socket, "verdict": "failed", "error": error})
             }
             Err(error) => {
-                let error = format!("{error}{}", chain(error));
+                // Each cause once, as main() prints an error.
+                let error = format!("{:#}", anyhow::Error::from(error));
                 if !cli.json {
                     eprintln!("sealpass-send: {socket}: error: {error}");
                 }
@@ -537,7 +539,6 @@ fn fan_out(
             println!("{line}");
         }
     }
-    let total = verdicts.len();
     if !cli.json {
         println!(
             "{accepted} of {total} receivers accepted {}, {bytes} bytes; prepared in {} us, \
@@ -556,18 +557,6 @@ fn fan_out(
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// An error's message with its causes, `: `-separated.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = String::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn main() -> ExitCode {
