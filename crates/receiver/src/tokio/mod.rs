@@ -147,7 +147,7 @@ impl Connection {
             flusher,
             config.idle_timeout(),
         ));
-        // The receive buffer is lent per message by the thread (`next_event`).
+        // The receive batch is lent by the thread while it holds messages (`next_event`).
         let mut core = Core::new(link, config, peer);
         core.release = Some(::tokio::runtime::Handle::current());
         Ok(Connection {
