@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::project::{self, cargo};
+use crate::project;
 
 /// One line of the peers benchmark's `--fanout` output.
 struct Row {
@@ -61,16 +61,7 @@ fn rows(binary: &std::path::Path, quick: bool) -> anyhow::Result<Vec<Row>> {
 }
 
 pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
-    let target = project::target_dir().join("peers");
-    let manifest = project::root().join("bench/peers/Cargo.toml");
-    project::run(
-        cargo()
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .arg("--target-dir")
-            .arg(&target),
-    )?;
-    let binary = target.join("release/sealpass-peers-bench");
+    let binary = crate::peers::build()?;
     let measured = if thp {
         crate::bench::with_huge_pages(|| rows(&binary, quick))?
     } else {

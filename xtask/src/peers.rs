@@ -96,7 +96,8 @@ fn human(bytes: u64) -> String {
     }
 }
 
-pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
+/// Builds bench/peers (a workspace of its own) and returns its binary.
+pub(crate) fn build() -> anyhow::Result<PathBuf> {
     let target = project::target_dir().join("peers");
     let manifest = project::root().join("bench/peers/Cargo.toml");
     project::run(
@@ -106,7 +107,11 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
             .arg("--target-dir")
             .arg(&target),
     )?;
-    let binary = target.join("release/sealpass-peers-bench");
+    Ok(target.join("release/sealpass-peers-bench"))
+}
+
+pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
+    let binary = build()?;
     let before = shm_entries();
     let args: &[&str] = if quick { &["--quick"] } else { &[] };
     let label = pages();
