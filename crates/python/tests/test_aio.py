@@ -1,6 +1,7 @@
 """asyncio: the awaitable calls, on the event loop, cancellable, and woken
 by a close from elsewhere."""
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -9,12 +10,19 @@ import sealpass
 import sealpass.aio
 
 
+@contextlib.asynccontextmanager
+async def connected(socket_path):
+    """A listener at `socket_path`, a sender connected to it and the
+    accepted connection, all awaited on the running loop."""
+    with sealpass.Listener(socket_path) as listener:
+        accepting = asyncio.ensure_future(sealpass.aio.accept(listener))
+        sender = await sealpass.aio.connect(socket_path, timeout=5)
+        yield sender, await accepting
+
+
 def test_a_whole_exchange_on_one_event_loop(socket_path):
     async def main():
-        with sealpass.Listener(socket_path) as listener:
-            accepting = asyncio.ensure_future(sealpass.aio.accept(listener))
-            sender = await sealpass.aio.connect(socket_path, timeout=5)
-            connection = await accepting
+        async with connected(socket_path) as (sender, connection):
             with sender, connection:
                 sending = asyncio.ensure_future(
                     sealpass.aio.send(sender, {"frame": b"pixels"}, metadata={"seq": "1"})
@@ -32,10 +40,7 @@ def test_a_whole_exchange_on_one_event_loop(socket_path):
 
 def test_a_cancelled_receive_takes_nothing_and_the_connection_serves_on(socket_path):
     async def main():
-        with sealpass.Listener(socket_path) as listener:
-            accepting = asyncio.ensure_future(sealpass.aio.accept(listener))
-            sender = await sealpass.aio.connect(socket_path, timeout=5)
-            connection = await accepting
+        async with connected(socket_path) as (sender, connection):
             with sender, connection:
                 with pytest.raises(TimeoutError):
                     async with asyncio.timeout(0.1):
@@ -50,10 +55,7 @@ def test_a_cancelled_receive_takes_nothing_and_the_connection_serves_on(socket_p
 
 def test_closing_while_a_receive_waits_wakes_it(socket_path):
     async def main():
-        with sealpass.Listener(socket_path) as listener:
-            accepting = asyncio.ensure_future(sealpass.aio.accept(listener))
-            sender = await sealpass.aio.connect(socket_path, timeout=5)
-            connection = await accepting
+        async with connected(socket_path) as (sender, connection):
             with sender:
                 waiting = asyncio.ensure_future(sealpass.aio.receive(connection))
                 await asyncio.sleep(0.05)
