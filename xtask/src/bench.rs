@@ -62,7 +62,9 @@ target/bench/results.json and the plot target/bench/handoff.svg.
                 ends) beside the blocking ones, and their ratios
   --python      instead: a 64 MiB numpy array from one Python process to
                 another through sealpass, multiprocessing.Queue, a pipe with
-                pickle protocol 5 and multiprocessing.shared_memory
+                pickle protocol 5 and multiprocessing.shared_memory; then
+                new data each round, at 64 and 256 MiB, filled into
+                sealpass.empty (sealed in place) or numpy.empty (copied)
                 (crates/python/bench/handoff.py, in the venv that `cargo xtask
                 python` makes); writes target/bench/python.json
   -h, --help    this text

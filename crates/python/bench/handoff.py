@@ -19,6 +19,17 @@ checks. The time is the producer's, from the start of the round to the sum.
   segment can be written by anyone holding its name, so a consumer that must
   not see it change copies).
 
+Then, at 64 and 256 MiB (`--fill-sizes`), a producer that makes new data every
+round, two ways, to the same sealpass consumer: it fills (copies the source
+array into) either a `sealpass.empty` array, which `send` then seals in place,
+or a new `numpy.empty` array, which `send` copies into a new memfd as
+`Segment.from_buffer` does. Both pay fresh pages for the fill; the second pays
+a second set, and a copy. `py_empty_vs_from_buffer_64m` is the ratio of the two.
+numpy asks for transparent huge pages for its big arrays (`madvise`), which
+makes its fresh pages far cheaper than a memfd's 4 KiB ones; one more row, at
+64 MiB, turns that off (`numpy._core.multiarray._set_madvise_hugepage`), so
+that both sides have 4 KiB pages (`py_empty_vs_from_buffer_64m_numpy_4k`).
+
 The producer runs on CPU 0 and the consumer on CPU 1 when the machine has two
 or more. Prints one line per mechanism (median and spread of the rounds) and
 writes them, with the ratios, as JSON.
@@ -125,7 +136,7 @@ def run(mechanism, array, rounds):
     size = array.nbytes
     with tempfile.TemporaryDirectory() as scratch:
         cleanup = []
-        if mechanism == "sealpass":
+        if mechanism in ("sealpass", FILLED_IN_PLACE, FILLED_THEN_COPIED, FILLED_THEN_COPIED_4K):
             socket = os.path.join(scratch, "bench.sock")
             process = context.Process(target=consume_sealpass, args=(socket, consumer_replies, rounds))
             process.start()
@@ -133,8 +144,24 @@ def run(mechanism, array, rounds):
             sender = sealpass.Sender(socket, connect_timeout=60, answer_timeout=60)
             cleanup.append(sender.close)
 
-            def one_round():
-                sender.send({"array": array})
+            if mechanism == FILLED_IN_PLACE:
+
+                def one_round():
+                    fresh = sealpass.empty(size, numpy.uint8, name="array")
+                    fresh[:] = array  # the producer's new data
+                    sender.send({"array": fresh})  # sealed in place
+
+            elif mechanism in (FILLED_THEN_COPIED, FILLED_THEN_COPIED_4K):
+
+                def one_round():
+                    fresh = numpy.empty(size, numpy.uint8)
+                    fresh[:] = array  # the producer's new data
+                    sender.send({"array": fresh})  # copied into a new memfd
+
+            else:
+
+                def one_round():
+                    sender.send({"array": array})
 
         elif mechanism == "multiprocessing.Queue":
             queue = context.Queue()
@@ -192,6 +219,22 @@ def run(mechanism, array, rounds):
     return times
 
 
+FILLED_IN_PLACE = "sealpass.empty, filled, sent"
+FILLED_THEN_COPIED = "numpy.empty, filled, sent (copied)"
+FILLED_THEN_COPIED_4K = "numpy.empty (no THP), filled, sent (copied)"
+
+
+def numpy_huge_pages(enabled):
+    """Whether numpy asks for transparent huge pages for big arrays; returns the
+    setting before (None where this numpy cannot say)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:
+        return None
+    before = multiarray._get_madvise_hugepage()
+    multiarray._set_madvise_hugepage(enabled)
+    return before
+
 MECHANISMS = [
     "sealpass",
     "multiprocessing.Queue",
@@ -204,25 +247,48 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64 << 20)
     parser.add_argument("--runs", type=int, default=15, help="timed rounds per mechanism")
+    parser.add_argument(
+        "--fill-sizes",
+        default=f"{64 << 20},{256 << 20}",
+        help="sizes (bytes, comma-separated) of the rows that fill a new array each round",
+    )
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
-    array = the_array(args.size)
     rows = {}
-    for mechanism in MECHANISMS:
+
+    def measure(label, mechanism, array):
         # Two rounds of warm-up, not counted.
         times = run(mechanism, array, args.runs + 2)[2:]
         median = statistics.median(times)
-        rows[mechanism] = {
+        rows[label] = {
             "median_ms": median * 1e3,
             "min_ms": min(times) * 1e3,
             "max_ms": max(times) * 1e3,
             "runs": len(times),
         }
         print(
-            f"{mechanism:32} {median * 1e3:8.2f} ms  (min {min(times) * 1e3:.2f}, "
+            f"{label:44} {median * 1e3:8.2f} ms  (min {min(times) * 1e3:.2f}, "
             f"max {max(times) * 1e3:.2f}, {len(times)} rounds)",
             flush=True,
         )
+
+    array = the_array(args.size)
+    for mechanism in MECHANISMS:
+        measure(mechanism, mechanism, array)
+    fill_sizes = [int(size) for size in args.fill_sizes.split(",") if size]
+    for size in fill_sizes:
+        source = the_array(size)
+        for mechanism in (FILLED_IN_PLACE, FILLED_THEN_COPIED):
+            measure(f"{mechanism}, {size >> 20} MiB", mechanism, source)
+        if size == 64 << 20:
+            before = numpy_huge_pages(False)
+            if before is not None:
+                try:
+                    label = f"{FILLED_THEN_COPIED_4K}, 64 MiB"
+                    measure(label, FILLED_THEN_COPIED_4K, source)
+                finally:
+                    numpy_huge_pages(before)
+        del source
     ours = rows["sealpass"]["median_ms"]
     summary = [
         {
@@ -244,6 +310,28 @@ def main():
             "met": rows["multiprocessing.shared_memory"]["median_ms"] / ours >= 1 / 1.5,
         },
     ]
+    for size in fill_sizes:
+        in_place = rows[f"{FILLED_IN_PLACE}, {size >> 20} MiB"]["median_ms"]
+        copied = rows[f"{FILLED_THEN_COPIED}, {size >> 20} MiB"]["median_ms"]
+        at_64m = size == 64 << 20
+        summary.append(
+            {
+                "id": f"py_empty_vs_from_buffer_{size >> 20}m",
+                "ratio": in_place / copied,
+                "target": "<= 0.8" if at_64m else None,
+                "met": in_place / copied <= 0.8 if at_64m else None,
+            }
+        )
+    no_thp = rows.get(f"{FILLED_THEN_COPIED_4K}, 64 MiB")
+    if no_thp is not None:
+        summary.append(
+            {
+                "id": "py_empty_vs_from_buffer_64m_numpy_4k",
+                "ratio": rows[f"{FILLED_IN_PLACE}, 64 MiB"]["median_ms"] / no_thp["median_ms"],
+                "target": None,
+                "met": None,
+            }
+        )
     for entry in summary:
         verdict = {True: "met", False: "NOT met", None: "no target"}[entry["met"]]
         target = f" (target {entry['target']})" if entry["target"] else ""

@@ -110,6 +110,12 @@ impl Borrowed {
         Ok(borrowed)
     }
 
+    /// Where the bytes are: their address and length.
+    pub(crate) fn span(&self) -> (usize, usize) {
+        let len = usize::try_from(self.view.len).unwrap_or(0);
+        (self.view.buf.addr(), len)
+    }
+
     /// A new sealed segment holding a copy of the bytes, made without the
     /// GIL: other threads may write them while they are copied.
     pub(crate) fn copy_to_segment(

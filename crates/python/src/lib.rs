@@ -13,6 +13,7 @@ mod receive;
 mod send;
 mod shared;
 mod transfer;
+mod writer;
 
 use std::time::{Duration, Instant};
 

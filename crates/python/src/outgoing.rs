@@ -10,6 +10,7 @@ use sealpass_proto::{Metadata, Seals};
 use sealpass_sender::{Pages, SealedSegment};
 
 use crate::send::Segment;
+use crate::writer::Writer;
 use crate::{Error, buffers};
 
 /// `metadata` as given to `send`: a mapping of str keys to str (sent as
@@ -123,7 +124,20 @@ pub(crate) fn transfer_segments(
                 // The buffer first: what it refuses (pointers) it says first.
                 let borrowed = buffers::Borrowed::get(&value)?;
                 describe_array(&name, &value, metadata)?;
-                sources.push(Source::Copy(name, borrowed));
+                // All the pages of a `sealpass.empty` array: sealed in
+                // place, not copied.
+                let in_place = match Writer::behind(&value) {
+                    Some(writer) => {
+                        writer
+                            .get()
+                            .seal_for_transfer(py, &name, borrowed.span(), seals)?
+                    }
+                    None => None,
+                };
+                sources.push(match in_place {
+                    Some(segment) => Source::Ready(segment),
+                    None => Source::Copy(name, borrowed),
+                });
             }
         }
     } else {

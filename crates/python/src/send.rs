@@ -5,11 +5,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyFrozenSet, PyTuple};
 use sealpass_proto::{Metadata, Seals};
-use sealpass_sender::{Pages, SealedSegment, SegmentWriter, Sender, Verdict};
+use sealpass_sender::{Pages, SealedSegment, Sender, Verdict};
 
 use crate::outgoing::{metadata_from, transfer_segments};
 use crate::shared::Slot;
@@ -17,7 +17,7 @@ use crate::{Error, buffers, lock, rejected, seals_from, seals_to, timed_out, tim
 
 pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Segment>()?;
-    module.add_class::<Writer>()?;
+    module.add_class::<crate::writer::Writer>()?;
     module.add_class::<PySender>()?;
     module.add_function(wrap_pyfunction!(send, module)?)?;
     module.add_function(wrap_pyfunction!(fan_out, module)?)?;
@@ -25,7 +25,7 @@ pub(crate) fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 /// The pages a Python caller asked for.
-fn pages(hugetlb: bool) -> Pages {
+pub(crate) fn pages(hugetlb: bool) -> Pages {
     if hugetlb {
         Pages::HugeTlb
     } else {
@@ -179,181 +179,6 @@ impl Segment {
             ),
             None => "Segment(closed)".to_owned(),
         }
-    }
-}
-
-/// A memfd being filled in place: its pages exported to Python as one
-/// writable buffer (`memoryview(writer)`, `numpy.frombuffer(writer, ...)`),
-/// zeroed to start with. `seal()` unmaps them and seals the memfd; it raises
-/// `BufferError` while any view of the pages is still open, so the seal can
-/// never fail on a writable mapping nor leave a view that writes under the
-/// receiver. Closing (or leaving the `with` block) without sealing discards
-/// the memfd.
-#[pyclass(module = "sealpass", name = "SegmentWriter", frozen)]
-pub(crate) struct Writer {
-    name: String,
-    size: u64,
-    /// Whether the pages came from the hugetlb pool.
-    hugetlb: bool,
-    state: Mutex<WriterState>,
-}
-
-struct WriterState {
-    writer: Option<SegmentWriter>,
-    /// Views of the pages that Python has not released.
-    exports: usize,
-}
-
-impl Writer {
-    fn open_views(&self, state: &WriterState, doing: &str) -> PyResult<()> {
-        match state.exports {
-            0 => Ok(()),
-            views => Err(PyBufferError::new_err(format!(
-                "cannot {doing} segment {:?}: {views} view(s) of its pages are still open; \
-                 release them first (del the array or memoryview, or memoryview.release())",
-                self.name
-            ))),
-        }
-    }
-}
-
-#[pymethods]
-impl Writer {
-    /// A new memfd named `name` of `size` zero bytes, mapped for writing.
-    /// With `hugetlb=True`, from the hugetlb pool where the machine can: a
-    /// size of whole huge pages (2 MiB) and room in the pool
-    /// (`vm.nr_hugepages`); otherwise a plain memfd, as without it.
-    #[new]
-    #[pyo3(signature = (name, size, *, hugetlb = false))]
-    fn new(py: Python<'_>, name: &str, size: u64, hugetlb: bool) -> PyResult<Writer> {
-        let writer = py
-            .detach(|| {
-                SealedSegment::builder(name)
-                    .pages(pages(hugetlb))
-                    .writer(size)
-            })
-            .map_err(Error)?;
-        let hugetlb = writer.pages() == Pages::HugeTlb;
-        Ok(Writer {
-            name: name.to_owned(),
-            size,
-            hugetlb,
-            state: Mutex::new(WriterState {
-                writer: Some(writer),
-                exports: 0,
-            }),
-        })
-    }
-
-    /// The memfd's name.
-    #[getter]
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Its size in bytes.
-    #[getter]
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Whether its pages come from the hugetlb pool.
-    #[getter]
-    fn hugetlb(&self) -> bool {
-        self.hugetlb
-    }
-
-    /// Unmaps the pages and seals the memfd with `seals` (default: SEAL,
-    /// SHRINK, GROW, WRITE); returns the `Segment` to send.
-    #[pyo3(signature = (seals = None))]
-    fn seal(&self, py: Python<'_>, seals: Option<&Bound<'_, PyAny>>) -> PyResult<Segment> {
-        let seals = seals_from(seals, Seals::SENDER_DEFAULT)?;
-        let writer = {
-            let mut state = lock(&self.state);
-            self.open_views(&state, "seal")?;
-            state.writer.take().ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "segment {:?} is sealed or closed already",
-                    self.name
-                ))
-            })?
-        };
-        let segment = py.detach(|| writer.seal(seals)).map_err(Error)?;
-        Ok(Segment::new(segment))
-    }
-
-    /// Discards the memfd unsealed.
-    fn close(&self) -> PyResult<()> {
-        let mut state = lock(&self.state);
-        self.open_views(&state, "close")?;
-        drop(state.writer.take());
-        Ok(())
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
-    }
-
-    /// Discards the memfd if it was not sealed; with views still open the
-    /// pages stay until the last one goes.
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, _exc: &Bound<'_, PyTuple>) {
-        let mut state = lock(&self.state);
-        if state.exports == 0 {
-            drop(state.writer.take());
-        }
-    }
-
-    fn __len__(&self) -> usize {
-        usize::try_from(self.size).unwrap_or(usize::MAX)
-    }
-
-    fn __repr__(&self) -> String {
-        let sealed = lock(&self.state).writer.is_none();
-        let state = if sealed { ", sealed or closed" } else { "" };
-        format!(
-            "SegmentWriter(name={:?}, size={}{state})",
-            self.name, self.size
-        )
-    }
-
-    /// # Safety
-    ///
-    /// Called by Python with a valid `view`.
-    // The buffer protocol's slots are unsafe by signature; what they rely on
-    // is `buffers::export`'s contract, kept by the export count.
-    #[allow(unsafe_code)]
-    unsafe fn __getbuffer__(
-        slf: Bound<'_, Self>,
-        view: *mut pyo3::ffi::Py_buffer,
-        flags: std::ffi::c_int,
-    ) -> PyResult<()> {
-        let this = slf.get();
-        let mut state = lock(&this.state);
-        let Some(writer) = state.writer.as_mut() else {
-            return Err(PyValueError::new_err(format!(
-                "segment {:?} is sealed or closed: its pages are gone",
-                this.name
-            )));
-        };
-        // No `&mut` to the pages: views exported before may be writing them.
-        let len = usize::try_from(writer.size()).unwrap_or(0);
-        let start = writer.as_mut_ptr().cast_const();
-        // SAFETY: Python passed `view`; the pages stay mapped while
-        // `exports` counts this view, because `seal` and `close` refuse to
-        // unmap them then, and the view holds a reference to this writer.
-        unsafe { buffers::export(slf.as_any(), view, flags, start, len, true)? };
-        state.exports += 1;
-        Ok(())
-    }
-
-    /// # Safety
-    ///
-    /// Called by Python with a view this object filled.
-    #[allow(unsafe_code)]
-    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {
-        let mut state = lock(&self.state);
-        state.exports = state.exports.saturating_sub(1);
     }
 }
 

@@ -43,7 +43,10 @@ mod verdict;
 pub use calls::{FanOutVerdict, fan_out, send_bytes, send_metadata};
 pub use client::Sender;
 pub use compat::{BARE_PAYLOAD_LEN, send_bare};
-pub use memfd::{Pages, SealedSegment, SegmentBuilder, SegmentError, SegmentWriter};
+pub use memfd::{
+    Pages, SealInPlaceError, SealedPages, SealedSegment, SegmentBuilder, SegmentError,
+    SegmentWriter,
+};
 pub use sealpass_proto::metadata::Fields;
 pub use sealpass_proto::size::{ParseSizeError, parse_size};
 pub use sealpass_proto::{Metadata, RejectReason, Seals};

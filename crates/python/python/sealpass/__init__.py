@@ -44,6 +44,7 @@ from ._sealpass import (
     fan_out,
     send,
 )
+from ._empty import empty
 
 __all__ = [
     "__version__",
@@ -65,6 +66,7 @@ __all__ = [
     "SegmentWriter",
     "Sender",
     "Transfer",
+    "empty",
     "fan_out",
     "send",
 ]

@@ -142,7 +142,8 @@ class Segment:
 @final
 class SegmentWriter:
     """A memfd filled in place through a writable buffer (memoryview, numpy.frombuffer),
-    zeroed to start with. seal() raises BufferError while any view is open."""
+    zeroed to start with. seal() raises BufferError while any view is open; sending a
+    view of all its pages (sealpass.empty's arrays) seals it in place instead."""
 
     def __new__(cls, name: str, size: int, *, hugetlb: bool = False) -> Self: ...
     @property

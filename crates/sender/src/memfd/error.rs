@@ -134,6 +134,41 @@ pub enum SegmentError {
         /// What the kernel said.
         errno: Errno,
     },
+    /// Hugetlb pages cannot be sealed in place
+    /// ([`SegmentWriter::seal_in_place`](super::SegmentWriter::seal_in_place)).
+    #[error(
+        "segment {name:?}: hugetlb pages cannot be sealed while views of them stay mapped \
+         (a private copy of them would need huge pages reserved from the pool); release \
+         the views and seal, or use pages that are not hugetlb"
+    )]
+    HugeTlbInPlace {
+        /// The name.
+        name: String,
+    },
+    /// Replacing the writable mapping by a copy-on-write one, before sealing
+    /// in place, failed; the writable mapping is back.
+    #[error("segment {name:?}: mapping its pages copy-on-write before sealing failed: {errno}")]
+    Remap {
+        /// The name.
+        name: String,
+        /// What the kernel said.
+        errno: Errno,
+    },
+    /// Sealing in place failed, and the memfd could not be mapped back at
+    /// its pages' addresses: views of them now read zeros, and the writer
+    /// is gone.
+    #[error(
+        "segment {name:?}: after {after}, mapping its pages back failed ({errno}); \
+         what was written is lost, and views of the pages read zeros"
+    )]
+    PagesLost {
+        /// The name.
+        name: String,
+        /// What the kernel said when mapping them back.
+        errno: Errno,
+        /// The failure that came first.
+        after: Box<SegmentError>,
+    },
     /// `F_ADD_SEALS` or `F_GET_SEALS` failed.
     #[error("segment {name:?}: sealing with {seals} failed: {errno}")]
     Seal {

@@ -25,7 +25,7 @@ use sealpass_proto::{Seals, Segment};
 pub use builder::SegmentBuilder;
 pub use error::SegmentError;
 pub use fill::DEFAULT_STREAM_LIMIT;
-pub use writer::SegmentWriter;
+pub use writer::{SealInPlaceError, SealedPages, SegmentWriter};
 
 use fill::{
     Source, back_every_page, copy_at_most, create, huge_pages, hugetlb_writer, open_source,
@@ -479,32 +479,9 @@ impl SealedSegment {
         fd: OwnedFd,
         size: u64,
         seals: Seals,
-        mut add_seals: impl FnMut(&OwnedFd, SealFlag) -> Result<(), Errno>,
+        add_seals: impl FnMut(&OwnedFd, SealFlag) -> Result<(), Errno>,
     ) -> Result<Self, SegmentError> {
-        /// Tries after the first `EBUSY`, each after a longer sleep.
-        const BUSY_RETRIES: u32 = 3;
-        let seal_error = |errno| SegmentError::Seal {
-            name: name.clone(),
-            seals,
-            errno,
-        };
-        back_every_page(&name, &fd, size)?;
-        // Seal bits are below 2^31, so the cast keeps them.
-        let flags = SealFlag::from_bits_retain(seals.bits() as i32);
-        let mut retries = 0;
-        loop {
-            match add_seals(&fd, flags) {
-                Err(Errno::EBUSY) if retries < BUSY_RETRIES => {
-                    retries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(25 << retries));
-                }
-                other => break other.map_err(seal_error)?,
-            }
-        }
-        // Declare what the kernel holds, which may be more than asked
-        // (MFD_NOEXEC_SEAL adds F_SEAL_EXEC).
-        let actual = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(seal_error)?;
-        let seals = Seals::from_bits_retain(actual as u32);
+        let seals = seal_fd(&name, &fd, size, seals, add_seals)?;
         Ok(SealedSegment {
             declared: Segment::new(name, size, seals),
             fd,
@@ -583,6 +560,42 @@ impl SealedSegment {
             fd: self.fd.try_clone()?,
         })
     }
+}
+
+/// Backs every page of `fd` and seals it with `seals` (see
+/// [`SealedSegment::seal_with`] for why `EBUSY` is retried); returns the
+/// seals the kernel then holds, which may be more than asked
+/// (`MFD_NOEXEC_SEAL` adds `F_SEAL_EXEC`). The fd stays the caller's, so a
+/// failure can be undone ([`SegmentWriter::seal_in_place`]).
+fn seal_fd(
+    name: &str,
+    fd: &OwnedFd,
+    size: u64,
+    seals: Seals,
+    mut add_seals: impl FnMut(&OwnedFd, SealFlag) -> Result<(), Errno>,
+) -> Result<Seals, SegmentError> {
+    /// Tries after the first `EBUSY`, each after a longer sleep.
+    const BUSY_RETRIES: u32 = 3;
+    let seal_error = |errno| SegmentError::Seal {
+        name: name.to_owned(),
+        seals,
+        errno,
+    };
+    back_every_page(name, fd, size)?;
+    // Seal bits are below 2^31, so the cast keeps them.
+    let flags = SealFlag::from_bits_retain(seals.bits() as i32);
+    let mut retries = 0;
+    loop {
+        match add_seals(fd, flags) {
+            Err(Errno::EBUSY) if retries < BUSY_RETRIES => {
+                retries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25 << retries));
+            }
+            other => break other.map_err(seal_error)?,
+        }
+    }
+    let actual = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(seal_error)?;
+    Ok(Seals::from_bits_retain(actual as u32))
 }
 
 impl AsFd for SealedSegment {

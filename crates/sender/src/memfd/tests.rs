@@ -484,3 +484,77 @@ fn fill_errors_are_reported() {
     let error = SealedSegment::filled("a\0b", 1, 1, Seals::empty()).unwrap_err();
     assert!(matches!(error, SegmentError::InvalidName(_)), "{error}");
 }
+
+/// Sealed in place, a writer's pages stay mapped at the same addresses:
+/// they read the sealed bytes, and a write there reaches neither the memfd
+/// nor anyone who maps it (the seal holds). The cases: a size of 0, less
+/// than a page, several pages, some never written (holes, filled before
+/// sealing).
+#[test]
+fn a_writer_sealed_in_place_keeps_its_pages_and_the_seal_holds() {
+    for (size, written) in [(0, 0), (10, 10), (3 * 4096 + 5, 4096), (1 << 20, 1 << 20)] {
+        let mut writer = SegmentWriter::new("in-place", size as u64).unwrap();
+        let start = writer.as_mut_ptr();
+        let pattern: Vec<u8> = (0..written).map(|at| (at % 251) as u8 + 1).collect();
+        writer.bytes_mut()[..written].copy_from_slice(&pattern);
+        let mut expected = pattern.clone();
+        expected.resize(size, 0);
+        let (segment, pages) = writer.seal_in_place(Seals::SENDER_DEFAULT).unwrap();
+        assert!(segment.seals().contains(Seals::SENDER_DEFAULT), "{size}");
+        assert_eq!(read_all(&segment), expected, "{size}: the memfd");
+        assert_eq!((pages.len(), pages.is_empty()), (size, size == 0));
+        if size == 0 {
+            continue;
+        }
+        assert_eq!(
+            pages.as_ptr(),
+            start.cast_const(),
+            "{size}: the same addresses"
+        );
+        // SAFETY: `pages` maps `size` bytes, read and written by this test
+        // alone.
+        let seen = unsafe { std::slice::from_raw_parts_mut(start, size) };
+        assert_eq!(&seen[..], &expected[..], "{size}: the pages read");
+        seen.fill(0xEE);
+        assert_eq!(
+            read_all(&segment),
+            expected,
+            "{size}: a write after the seal"
+        );
+        let mapped = segment.try_clone().unwrap();
+        let file = File::from(mapped.into_fd());
+        let mut again = vec![0; size];
+        FileExt::read_exact_at(&file, &mut again, 0).unwrap();
+        assert_eq!(again, expected, "{size}: read through another fd");
+        drop(pages);
+    }
+}
+
+/// A seal in place that fails gives the writer back as it was: its pages
+/// are the memfd's again, shared and writable, and a plain seal then works.
+#[test]
+fn a_failed_seal_in_place_gives_the_writer_back_writable() {
+    let mut writer = SegmentWriter::new("refused", 8192).unwrap();
+    writer.bytes_mut()[..4].copy_from_slice(b"head");
+    let failed = writer
+        .seal_in_place_with(Seals::SENDER_DEFAULT, |_, _| Err(Errno::EPERM))
+        .unwrap_err();
+    assert!(
+        matches!(
+            failed.error(),
+            SegmentError::Seal {
+                errno: Errno::EPERM,
+                ..
+            }
+        ),
+        "{failed}"
+    );
+    let mut writer = failed.into_writer().expect("the writer comes back");
+    writer.bytes_mut()[4..8].copy_from_slice(b"tail");
+    let unsealed = writer.fd.try_clone().unwrap();
+    let mut seen = [0; 8];
+    FileExt::read_exact_at(&File::from(unsealed), &mut seen, 0).unwrap();
+    assert_eq!(&seen, b"headtail", "writes reach the memfd again");
+    let segment = writer.seal(Seals::SENDER_DEFAULT).unwrap();
+    assert_eq!(&read_all(&segment)[..8], b"headtail");
+}
