@@ -191,10 +191,13 @@ fn python(args: &[String]) -> anyhow::Result<()> {
     if let Some(runs) = runs {
         command.args(["--runs", &runs]);
     }
-    if !thp {
-        return project::run(&mut command);
+    if thp {
+        run_with_huge_pages(&mut command)?;
+    } else {
+        project::run(&mut command)?;
     }
-    run_with_huge_pages(&mut command)
+    let invoked = format!("cargo xtask bench --python {}", args.join(" "));
+    summary::merge(&out.join("python.json"), invoked.trim_end())
 }
 
 /// Runs `command` under [`with_huge_pages`].

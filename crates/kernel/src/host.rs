@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use nix::sys::memfd::{MFdFlags, memfd_create};
+use crate::memfd::{MFdFlags, memfd_create};
 use nix::sys::resource::{Resource, getrlimit};
 
 /// The facts, each `None` where the machine does not say.

@@ -9,6 +9,9 @@
 //!   connection after its last answer.
 //! - [`host`]: what the machine offers sealpass (kernel, memfd flags, huge
 //!   pages, fd and mapping limits), read from `/proc` and `/sys`.
+//! - [`memfd`]: `memfd_create`, by its system call number (no glibc 2.27
+//!   wrapper needed).
 
 pub mod fdpass;
 pub mod host;
+pub mod memfd;

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-use nix::sys::memfd::{MFdFlags, memfd_create};
 use sealpass_kernel::fdpass::{self, ControlBuffer};
+use sealpass_kernel::memfd::{MFdFlags, memfd_create};
 use sealpass_proto::limits::MAX_MESSAGE_LEN;
 use sealpass_proto::{Message, Seals, Segment, Transfer, decode, encode};
 

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
-use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::unistd::ftruncate;
 use sealpass_kernel::host::ShmemHugePages;
+use sealpass_kernel::memfd::{MFdFlags, memfd_create};
 use sealpass_proto::{Seals, message::validate_name};
 
 use super::{SegmentError, SegmentWriter};
