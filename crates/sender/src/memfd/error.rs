@@ -120,11 +120,13 @@ pub enum SegmentError {
         /// Bytes copied before the signal.
         copied: u64,
     },
-    /// Backing every page of a sparse memfd before sealing (`fallocate`)
-    /// failed: the memory or the tmpfs limit ran out (`ENOSPC`, `ENOMEM`).
+    /// Allocating every page of a memfd (`fallocate` of a sparse one
+    /// before sealing; zeros written over a writer's, up front) failed: the
+    /// memory or the tmpfs limit ran out (`ENOSPC`, `ENOMEM`).
     #[error(
-        "segment {name:?}: backing all {size} bytes before sealing failed: {errno} \
-         (a receiver refuses a memfd with holes, so every page is allocated first)"
+        "segment {name:?}: allocating all {size} bytes failed: {errno} \
+         (every page of a segment is allocated before it is sealed: a receiver \
+         refuses a memfd with holes)"
     )]
     Back {
         /// The name.

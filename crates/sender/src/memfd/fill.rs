@@ -219,7 +219,7 @@ pub(super) fn hugetlb_writer(name: &str, size: u64) -> Result<Option<SegmentWrit
     }
     // The mapping reserves the pages, or fails (`ENOMEM`) when the pool has
     // no room: then the fd closes and the caller falls back.
-    Ok(SegmentWriter::mapping(name, size, fd, false).ok())
+    Ok(SegmentWriter::mapping(name, size, fd, super::writer::WriterPages::Reserved).ok())
 }
 
 /// The most bytes [`SealedSegment::from_reader`](crate::SealedSegment::from_reader)

@@ -488,8 +488,7 @@ fn fill_errors_are_reported() {
 /// Sealed in place, a writer's pages stay mapped at the same addresses:
 /// they read the sealed bytes, and a write there reaches neither the memfd
 /// nor anyone who maps it (the seal holds). The cases: a size of 0, less
-/// than a page, several pages, some never written (holes, filled before
-/// sealing).
+/// than a page, several pages, some never written (zeros).
 #[test]
 fn a_writer_sealed_in_place_keeps_its_pages_and_the_seal_holds() {
     for (size, written) in [(0, 0), (10, 10), (3 * 4096 + 5, 4096), (1 << 20, 1 << 20)] {
@@ -557,4 +556,28 @@ fn a_failed_seal_in_place_gives_the_writer_back_writable() {
     assert_eq!(&seen, b"headtail", "writes reach the memfd again");
     let segment = writer.seal(Seals::SENDER_DEFAULT).unwrap();
     assert_eq!(&read_all(&segment)[..8], b"headtail");
+}
+
+/// A writer on 4 KiB pages has every page allocated, zeroed, before it is
+/// written: a memory limit is met at creation, as an error, and not as a
+/// `SIGBUS` at some later write.
+#[test]
+fn a_writer_on_small_pages_allocates_every_page_up_front() {
+    for size in [1u64, 4096, 3 * 4096 + 5, 1 << 20] {
+        let fd = create("up-front").unwrap();
+        resize("up-front", &fd, size).unwrap();
+        let writer =
+            SegmentWriter::mapping("up-front", size, fd, writer::WriterPages::SmallUpFront)
+                .unwrap();
+        let stat = nix::sys::stat::fstat(&writer.fd).unwrap();
+        assert!(
+            stat.st_blocks as u64 * 512 >= size,
+            "{size}: {} blocks",
+            stat.st_blocks
+        );
+        assert!(
+            writer.bytes().iter().all(|&byte| byte == 0),
+            "{size}: zeroed"
+        );
+    }
 }
