@@ -1,7 +1,8 @@
 //! `cargo xtask bench --fanout [--quick] [--thp]`: one producer to 1, 2, 4
 //! and 8 consumer processes, sealpass (one sealed memfd per round, on every
-//! consumer's connection) against unix-stream copies (one per consumer),
-//! each consumer reading every byte, and the peak extra memory of each
+//! consumer's connection) against unix-stream copies (one per consumer) and
+//! iceoryx2 publish-subscribe (one loaned sample to N subscribers), each
+//! consumer reading every byte, and the peak extra memory of each
 //! (bench/peers' `--fanout`); ratios under stable ids in results.json.
 
 use std::process::Command;
@@ -92,22 +93,27 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
             .find(|r| r.mechanism == mechanism && r.consumers == consumers && r.bytes == bytes)
     };
     let suffix = if thp { "_thp" } else { "" };
-    // (id, consumers, time or memory, target: at least (time) or at most (memory))
-    let wanted: &[(&str, u64, bool, Option<f64>)] = if thp {
-        &[("fanout4_64m_vs_stream", 4, true, Some(4.0))]
+    // (id, the other mechanism, consumers, time or memory, target: at
+    // least (time) or at most (memory))
+    let wanted: &[(&str, &str, u64, bool, Option<f64>)] = if thp {
+        &[
+            ("fanout4_64m_vs_stream", "unix-stream", 4, true, Some(4.0)),
+            ("fanout4_64m_vs_iceoryx2", "iceoryx2", 4, true, Some(0.6)),
+        ]
     } else {
         &[
-            ("fanout4_64m_vs_stream", 4, true, Some(1.3)),
-            ("fanout8_64m_vs_stream", 8, true, Some(2.0)),
-            ("fanout4_64m_memory_vs_stream", 4, false, Some(0.35)),
+            ("fanout4_64m_vs_stream", "unix-stream", 4, true, Some(1.3)),
+            ("fanout8_64m_vs_stream", "unix-stream", 8, true, Some(2.0)),
+            ("fanout4_64m_memory_vs_stream", "unix-stream", 4, false, Some(0.35)),
+            ("fanout4_64m_vs_iceoryx2", "iceoryx2", 4, true, None),
         ]
     };
     let mut summary = Vec::new();
     println!();
-    for &(id, consumers, time, target) in wanted {
+    for &(id, other, consumers, time, target) in wanted {
         let (Some(ours), Some(stream)) = (
             find("sealpass", consumers, 64 << 20),
-            find("unix-stream", consumers, 64 << 20),
+            find(other, consumers, 64 << 20),
         ) else {
             continue;
         };
@@ -117,9 +123,7 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
             let met = target.map(|bound| ratio >= bound);
             (
                 ratio,
-                format!(
-                    "unix-stream copies to {consumers} / sealpass to {consumers}, 64 MiB, {pages}"
-                ),
+                format!("{other} to {consumers} / sealpass to {consumers}, 64 MiB, {pages}"),
                 met,
             )
         } else {
@@ -127,9 +131,7 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
             let met = target.map(|bound| ratio <= bound);
             (
                 ratio,
-                format!(
-                    "sealpass peak extra memory / unix-stream's, {consumers} consumers, 64 MiB"
-                ),
+                format!("sealpass peak extra memory / {other}'s, {consumers} consumers, 64 MiB"),
                 met,
             )
         };
@@ -161,7 +163,7 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "quick": quick,
             "pages": pages,
-            "producer": "one process on the first allowed CPU; stream copies written one after another",
+            "producer": "one process on the first allowed CPU; stream copies written one after another; iceoryx2 writes one loaned sample in place",
             "results": results,
             "summary": summary,
         }))?,

@@ -47,6 +47,9 @@ const ROLE: &str = "SEALPASS_PEERS_ROLE";
 const SIZE: &str = "SEALPASS_PEERS_SIZE";
 const PLACE: &str = "SEALPASS_PEERS_PLACE";
 const CPU: &str = "SEALPASS_PEERS_CPU";
+/// For an iceoryx2 fan-out consumer: `N:SCOPE`, the number of consumers and
+/// the services' scope, which all N share.
+const ICEORYX2_FAN_OUT: &str = "SEALPASS_PEERS_ICEORYX2_FAN_OUT";
 
 const MECHANISMS: &[&str] = &["sealpass", "unix-stream", "pipe", "ipc-channel", "iceoryx2"];
 
@@ -123,7 +126,10 @@ fn main() {
 /// sealed memfd per round and submits it on each consumer's connection,
 /// then takes each verdict; a unix stream copies the round's buffer to each
 /// consumer in turn (one after another: with every other CPU busy reading,
-/// a thread per consumer has no CPU to run on here), then reads each sum.
+/// a thread per consumer has no CPU to run on here), then reads each sum;
+/// iceoryx2 publishes one loaned sample, written in place, that all N
+/// subscribers read, and collects N answers (every side sleeps in blocking
+/// event waits).
 /// Every consumer reads every byte and answers its sum. Alongside, the peak
 /// extra memory system-wide while the rounds run: `Shmem` from
 /// /proc/meminfo, less what it was before, plus the consumers' anonymous
@@ -138,7 +144,7 @@ fn fan_out_rows(counts: &[usize], sizes: &[usize], runs: usize, quick: bool) {
     for &size in sizes {
         let rounds = rounds_for(size, quick).min(if quick { 40 } else { 200 });
         for &n in counts {
-            for mechanism in ["sealpass", "unix-stream"] {
+            for mechanism in ["sealpass", "unix-stream", "iceoryx2"] {
                 let (mut times, mut peaks) = (Vec::new(), Vec::new());
                 for _ in 0..runs {
                     let (micros, peak) = fan_out(mechanism, size, rounds, n, &others);
@@ -189,13 +195,18 @@ fn kib(path: &str, fields: &[&str]) -> u64 {
 /// peak extra memory (KiB) while it ran.
 fn fan_out(mechanism: &str, size: usize, rounds: usize, n: usize, cpus: &[usize]) -> (f64, f64) {
     let baseline = kib("/proc/meminfo", &["Shmem"]);
+    // iceoryx2's consumers share one set of services, scoped to this
+    // measurement.
+    let scope = tempfile::tempdir().unwrap();
+    let shared = format!("{n}:{}", ice::scope_of(scope.path()));
+    let extra = (mechanism == "iceoryx2").then_some((ICEORYX2_FAN_OUT, shared.as_str()));
     let consumers: Vec<Consumer> = (0..n)
         .map(|i| {
             Consumer::start(
                 mechanism,
                 size,
                 cpus.get(i % cpus.len().max(1)).copied(),
-                None,
+                extra,
             )
         })
         .collect();
@@ -219,6 +230,7 @@ fn fan_out(mechanism: &str, size: usize, rounds: usize, n: usize, cpus: &[usize]
     };
     let warm = rounds.div_ceil(10);
     let mut started = None;
+    let mut iceoryx2_producer = None;
     match mechanism {
         "sealpass" => {
             let mut senders: Vec<Sender> = consumers
@@ -264,9 +276,25 @@ fn fan_out(mechanism: &str, size: usize, rounds: usize, n: usize, cpus: &[usize]
                 }
             }
         }
+        "iceoryx2" => {
+            let producer = ice::Producer::open(&ice::scope_of(scope.path()), size, n);
+            for round in 0..warm + rounds {
+                if round == warm {
+                    started = Some(Instant::now());
+                }
+                let expected = expected_sum(byte_of(round), size);
+                for answer in producer.round(byte_of(round), size, n) {
+                    assert_eq!(answer, expected);
+                }
+            }
+            iceoryx2_producer = Some(producer);
+        }
         other => panic!("no fan-out for {other}"),
     }
     let micros = started.unwrap().elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    if let Some(producer) = iceoryx2_producer {
+        producer.stop();
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().unwrap();
     for consumer in consumers {
@@ -444,12 +472,12 @@ fn measure(mechanism: &str, size: usize, rounds: usize, cpu: Option<usize>) -> f
             }
         }
         "iceoryx2" => {
-            let producer = ice::Producer::open(&place, size);
+            let producer = ice::Producer::open(&ice::scope_of(&place), size, 1);
             for round in 0..warm + rounds {
                 if round == warm {
                     started = Some(Instant::now());
                 }
-                assert_eq!(producer.round(byte_of(round), size), expected(round));
+                assert_eq!(producer.round(byte_of(round), size, 1), [expected(round)]);
             }
             iceoryx2_producer = Some(producer);
         }
@@ -537,7 +565,13 @@ fn consume(role: &str, size: usize, place: &Path) {
                 }
             }
         }
-        "iceoryx2" => ice::consume(place, size),
+        "iceoryx2" => match std::env::var(ICEORYX2_FAN_OUT) {
+            Ok(shared) => {
+                let (n, scope) = shared.split_once(':').unwrap();
+                ice::consume(scope, n.parse().unwrap());
+            }
+            Err(_) => ice::consume(&ice::scope_of(place), 1),
+        },
         other => panic!("unknown role {other}"),
     }
 }
@@ -550,14 +584,18 @@ mod ice {
 
     use iceoryx2::prelude::*;
 
-    /// Service names unique to this measurement.
-    fn name(place: &Path, what: &str) -> ServiceName {
-        let unique = place
+    /// A scope for service names unique to one measurement: the name of
+    /// its temporary directory.
+    pub(crate) fn scope_of(place: &Path) -> String {
+        place
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .replace('.', "");
-        format!("sealpass-peers/{unique}/{what}")
+            .replace('.', "")
+    }
+
+    fn name(scope: &str, what: &str) -> ServiceName {
+        format!("sealpass-peers/{scope}/{what}")
             .as_str()
             .try_into()
             .unwrap()
@@ -585,26 +623,35 @@ mod ice {
     }
 
     impl Services {
-        fn open(place: &Path) -> Services {
+        /// For one producer and `consumers` consumers: the data service has
+        /// room for that many subscribers, the answers for that many
+        /// publishers, the events for that many listeners and notifiers
+        /// (never less than iceoryx2's defaults, so that one to one runs
+        /// as configured out of the box).
+        fn open(scope: &str, consumers: usize) -> Services {
             // Without this each node warns that no config file was loaded;
             // the defaults are what this benchmark wants.
             set_log_level(LogLevel::Error);
             let node = NodeBuilder::new().create::<ipc::Service>().unwrap();
             let event = |what| {
-                node.service_builder(&name(place, what))
+                node.service_builder(&name(scope, what))
                     .event()
+                    .max_listeners(consumers.max(16))
+                    .max_notifiers(consumers.max(16))
                     .open_or_create()
                     .unwrap()
             };
             let (go, done) = (event("go"), event("done"));
             let data = node
-                .service_builder(&name(place, "data"))
+                .service_builder(&name(scope, "data"))
                 .publish_subscribe::<[u8]>()
+                .max_subscribers(consumers.max(8))
                 .open_or_create()
                 .unwrap();
             let answers = node
-                .service_builder(&name(place, "answers"))
+                .service_builder(&name(scope, "answers"))
                 .publish_subscribe::<u64>()
+                .max_publishers(consumers.max(2))
                 .open_or_create()
                 .unwrap();
             Services {
@@ -618,8 +665,8 @@ mod ice {
     }
 
     impl Producer {
-        pub(crate) fn open(place: &Path, size: usize) -> Producer {
-            let services = Services::open(place);
+        pub(crate) fn open(scope: &str, size: usize, consumers: usize) -> Producer {
+            let services = Services::open(scope, consumers);
             Producer {
                 data: services
                     .data
@@ -634,19 +681,24 @@ mod ice {
             }
         }
 
-        /// One round: write every byte of a loaned sample, send, wake the
-        /// consumer, sleep until it answers; returns its sum.
-        pub(crate) fn round(&self, byte: u8, size: usize) -> u64 {
+        /// One round: write every byte of a loaned sample, send it to
+        /// every subscriber, wake them, sleep until all `consumers` have
+        /// answered; returns their sums.
+        pub(crate) fn round(&self, byte: u8, size: usize, consumers: usize) -> Vec<u64> {
             let sample = self.data.loan_slice_uninit(size).unwrap();
             let sample = sample.write_from_fn(|_| byte);
             sample.send().unwrap();
             self.go.notify().unwrap();
-            loop {
-                if let Some(answer) = self.answers.receive().unwrap() {
-                    return *answer;
+            let mut sums = Vec::with_capacity(consumers);
+            while sums.len() < consumers {
+                match self.answers.receive().unwrap() {
+                    Some(answer) => sums.push(*answer),
+                    None => {
+                        self.done.blocking_wait(|_| {}).unwrap();
+                    }
                 }
-                self.done.blocking_wait(|_| {}).unwrap();
             }
+            sums
         }
 
         /// Tells the consumer to end (an empty sample), so that both sides
@@ -662,13 +714,12 @@ mod ice {
         }
     }
 
-    pub(crate) fn consume(place: &Path, size: usize) {
-        let services = Services::open(place);
+    pub(crate) fn consume(scope: &str, consumers: usize) {
+        let services = Services::open(scope, consumers);
         let data = services.data.subscriber_builder().create().unwrap();
         let answers = services.answers.publisher_builder().create().unwrap();
         let go = services.go.listener_builder().create().unwrap();
         let done = services.done.notifier_builder().create().unwrap();
-        let _ = size;
         super::ready();
         loop {
             match data.receive().unwrap() {
