@@ -250,7 +250,7 @@ impl Writer {
         let mut state = lock(&this.state);
         let Some(writer) = state.writer.as_mut() else {
             return Err(PyValueError::new_err(format!(
-                "segment {:?} is sealed or closed: its pages are gone",
+                "segment {:?} is sealed or closed: no new view of its pages can be made",
                 this.name
             )));
         };
