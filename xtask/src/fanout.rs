@@ -104,7 +104,13 @@ pub(crate) fn run(quick: bool, thp: bool) -> anyhow::Result<()> {
         &[
             ("fanout4_64m_vs_stream", "unix-stream", 4, true, Some(1.3)),
             ("fanout8_64m_vs_stream", "unix-stream", 8, true, Some(2.0)),
-            ("fanout4_64m_memory_vs_stream", "unix-stream", 4, false, Some(0.35)),
+            (
+                "fanout4_64m_memory_vs_stream",
+                "unix-stream",
+                4,
+                false,
+                Some(0.35),
+            ),
             ("fanout4_64m_vs_iceoryx2", "iceoryx2", 4, true, None),
         ]
     };
