@@ -559,8 +559,7 @@ fn a_failed_seal_in_place_gives_the_writer_back_writable() {
 }
 
 /// A writer on 4 KiB pages has every page allocated, zeroed, before it is
-/// written: a memory limit is met at creation, as an error, and not as a
-/// `SIGBUS` at some later write.
+/// written, and mapped.
 #[test]
 fn a_writer_on_small_pages_allocates_every_page_up_front() {
     for size in [1u64, 4096, 3 * 4096 + 5, 1 << 20] {

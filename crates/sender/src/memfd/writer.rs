@@ -318,8 +318,9 @@ pub(super) enum WriterPages {
     /// 4 KiB shmem pages, allocated up front by writing zeros (as `pwrite`
     /// fills a memfd, with no page fault) and mapped in batches: writing
     /// through a mapping costs a fault per 4 KiB page otherwise, 2.8 µs
-    /// against `pwrite`'s 1.7 on the machine of docs/performance.md. A
-    /// memory limit met here is an error, not a `SIGBUS` at a later write.
+    /// against `pwrite`'s 1.7 on the machine of docs/performance.md. The
+    /// memory is charged at creation, not at some later write (a memory
+    /// cgroup at its limit reclaims or kills there, as a fault would).
     SmallUpFront,
 }
 
