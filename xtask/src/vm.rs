@@ -550,7 +550,7 @@ tests_ran() {
     cat /tmp/tests.log
     [ $status = 0 ] && grep -q 'test result: ok\. [1-9][0-9]* passed' /tmp/tests.log
 }
-step fd-passing-unit-tests tests_ran kernel_tests fdpass:: --test-threads 1
+step fd-passing-unit-tests tests_ran kernel_tests fdpass:: memfd:: --test-threads 1
 step peer-pidfd-as-the-kernel-can tests_ran owned_tests --exact a_transfer_names_its_sender_by_pidfd_where_the_kernel_can
 step json-says-pidfd-as-the-kernel-can json_says_pidfd_as_the_kernel_can
 step conformance-of-sealpass-recv-and-sealpass-send xtask conformance --receiver /sealpass/sealpass-recv --sender "/sealpass/sealpass-send --fill conformance=C:64KiB"
@@ -562,6 +562,7 @@ step sparse-memfd-in-a-memory-cgroup sparse_in_a_memory_cgroup
 step out-on-a-full-tmpfs-is-all-or-nothing out_on_a_full_tmpfs
 step out-after-kill-9-leaves-no-file out_after_kill_9
 step out-of-mappings-is-refused-never-an-abort out_of_mappings
+step writers-made-up-front-and-sealed-in-place tests_ran sender_tests writer
 step hugetlb-taken-where-the-pool-has-room tests_ran sender_tests hugetlb
 step hugetlb-segments-from-sealpass-send-to-sealpass-recv hugetlb
 step hugetlb-segment-taking-the-whole-pool hugetlb_whole_pool
