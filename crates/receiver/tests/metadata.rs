@@ -153,6 +153,11 @@ fn async_metadata_arrives_intact_through_the_async_service() {
         let running = tokio::spawn(service.run(move |delivery| {
             let tell = tell.clone();
             async move {
+                // By name, as a blocking delivery's transfer finds it.
+                let frame = delivery.segment("frame").map(|s| s.bytes().to_vec());
+                assert_eq!(frame.is_some(), !delivery.segments.is_empty());
+                assert!(frame.is_none_or(|bytes| bytes == b"f"));
+                assert!(delivery.segment("absent").is_none());
                 tell.send((delivery.segments.len(), delivery.metadata))
                     .unwrap();
                 Ok::<(), String>(())

@@ -42,6 +42,15 @@ pub struct OwnedDelivery {
     pub metadata: sealpass_proto::Metadata,
 }
 
+impl OwnedDelivery {
+    /// The segment named `name` (names are unique within a transfer), as
+    /// [`IncomingTransfer::segment`](crate::IncomingTransfer::segment) finds
+    /// it.
+    pub fn segment(&self, name: &str) -> Option<&VerifiedSegment> {
+        self.segments.iter().find(|segment| segment.name() == name)
+    }
+}
+
 /// A receiving service on one tokio runtime: every connection a task, with
 /// the limits, access rules and shutdown of the blocking
 /// [`Service`](crate::Service).
