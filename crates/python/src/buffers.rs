@@ -110,6 +110,12 @@ impl Borrowed {
         Ok(borrowed)
     }
 
+    /// Whether the exporter lent the bytes writable (a `SegmentWriter`'s
+    /// pages are; bytes objects are not).
+    pub(crate) fn writable(&self) -> bool {
+        self.view.readonly == 0
+    }
+
     /// Where the bytes are: their address and length.
     pub(crate) fn span(&self) -> (usize, usize) {
         let len = usize::try_from(self.view.len).unwrap_or(0);

@@ -125,8 +125,10 @@ pub(crate) fn transfer_segments(
                 let borrowed = buffers::Borrowed::get(&value)?;
                 describe_array(&name, &value, metadata)?;
                 // All the pages of a `sealpass.empty` array: sealed in
-                // place, not copied.
-                let in_place = match Writer::behind(&value) {
+                // place, not copied. A writer lends its pages writable, so
+                // a read-only buffer (bytes) is not looked through.
+                let writer = borrowed.writable().then(|| Writer::behind(&value));
+                let in_place = match writer.flatten() {
                     Some(writer) => {
                         writer
                             .get()
